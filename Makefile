@@ -1,0 +1,28 @@
+# The two commands of the README. Both create the virtual environment .venv when it is missing.
+#   make run    train PuXIM (tiny preset) on the built-in synthetic benchmark, then evaluate it
+#   make test   run the test suite (CPU, offline)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXP    ?= synthetic_demo
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: run test venv clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+run: venv
+	$(PY) train.py --exp $(EXP) --overwrite --no_progress
+	$(PY) test.py --exp $(EXP) --no_progress
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

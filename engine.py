@@ -1,0 +1,184 @@
+"""The loops: one training epoch, feature extraction, evaluation. No other file loops over a DataLoader."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from utils import distributed as dist_utils
+from utils.checkpoint import strip_wrappers
+from utils.metrics import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint stays."""
+
+    def __init__(self, step: int, terms: dict):
+        self.step = step
+        self.terms = terms
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        super().__init__(
+            f"non-finite loss at optimizer step {step} ({shown}). The run stops here; the last good "
+            f"checkpoint is untouched. Lower --lr, or try --amp none if mixed precision is on."
+        )
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    global_step: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    exp_logger=None,
+    log_every: int = 10,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+) -> dict:
+    """Train for one pass over ``loader``; return averaged loss terms and throughput.
+
+    ``should_stop`` is polled after every step (a signal handler sets it): the epoch then ends early
+    and the result says ``interrupted``. The returned ``steps`` is the number of optimizer steps taken.
+    """
+    model.train()
+    criterion.train()
+    sums: dict[str, float] = {}
+    steps = samples = 0
+    interrupted = False
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
+    for batch in bar:
+        batch = move_to(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(batch)
+        # Losses in fp32: the triplet margin and the MSE are sensitive to bf16 rounding.
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        losses = criterion(outputs)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(global_step + 1, {k: float(v) for k, v in losses.items()})
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        steps += 1
+        global_step += 1
+        samples += batch["sketch"].shape[0]
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+        if exp_logger is not None and global_step % log_every == 0:
+            exp_logger.scalars({k: float(v) for k, v in losses.items()}, global_step, prefix="train_step/")
+        if should_stop():
+            interrupted = True
+            break
+    bar.close()
+    elapsed = time.perf_counter() - start
+    stats = {k: dist_utils.all_reduce_mean(v / max(steps, 1), device) for k, v in sums.items()}
+    world = dist_utils.get_world_size()
+    stats.update(
+        steps=steps,
+        global_step=global_step,
+        epoch_time=elapsed,
+        samples_per_s=samples * world / elapsed if elapsed > 0 else math.nan,
+        lr=optimizer.param_groups[0]["lr"],
+        interrupted=interrupted,
+    )
+    return stats
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    modality: str,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed every item of ``loader`` once, in eval mode: ``(features [N, D] fp32, labels [N], indices [N])``.
+
+    With several processes each rank embeds its share (the loader's sampler decides which) and every
+    rank receives all embeddings, ordered by dataset index.
+    """
+    net = strip_wrappers(model)
+    was_training = net.training
+    net.eval()
+    feats, labels, indices = [], [], []
+    for batch in tqdm(loader, desc=f"embed {modality}", disable=not progress, dynamic_ncols=True, leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            emb = net.encode(images, modality)  # [b, D]
+        feats.append(emb.float())
+        labels.append(batch["label"].to(device))
+        indices.append(batch["index"].to(device))
+    net.train(was_training)
+    dim = getattr(getattr(net, "encoder", None), "embed_dim", 0)
+    feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
+    feats = dist_utils.all_gather_concat(feats)
+    labels = dist_utils.all_gather_concat(labels)
+    indices = dist_utils.all_gather_concat(indices)
+    order = torch.argsort(indices)
+    return feats[order], labels[order], indices[order]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    query_loader,
+    gallery_loader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    class_names: list[str] | None = None,
+    progress: bool = True,
+    return_features: bool = False,
+) -> dict:
+    """Zero-shot retrieval on the unseen classes: sketches query, photos are the gallery.
+
+    Returns the metrics of :func:`utils.metrics.retrieval_metrics` (mAP@all, mAP@200, P@100, P@200,
+    the SAKE-convention mAP@200 and per-class mAP@all), plus query/gallery counts.
+    """
+    q_feats, q_labels, _ = extract_features(
+        model, query_loader, device=device, modality="sketch", amp_dtype=amp_dtype, progress=progress
+    )
+    g_feats, g_labels, _ = extract_features(
+        model, gallery_loader, device=device, modality="photo", amp_dtype=amp_dtype, progress=progress
+    )
+    names = dict(enumerate(class_names)) if class_names is not None else None
+    metrics = retrieval_metrics(q_feats, q_labels, g_feats, g_labels, per_class=True, class_names=names)
+    metrics["num_queries"] = int(q_feats.shape[0])
+    metrics["num_gallery"] = int(g_feats.shape[0])
+    # Chance level: the fraction of the gallery that is relevant, averaged over queries.
+    counts = torch.bincount(g_labels.long(), minlength=int(max(q_labels.max(), g_labels.max())) + 1)
+    metrics["chance_mAP"] = float(counts[q_labels.long()].double().mean() / max(g_labels.numel(), 1))
+    if return_features:
+        metrics["_features"] = {
+            "query": q_feats.cpu(), "query_labels": q_labels.cpu(),
+            "gallery": g_feats.cpu(), "gallery_labels": g_labels.cpu(),
+        }
+    return metrics

@@ -1,0 +1,158 @@
+"""Evaluate a trained PuXIM checkpoint on the unseen classes (zero-shot SBIR).
+
+    python test.py --exp NAME                 # uses results/NAME/best.pth
+    python test.py --checkpoint PATH [--data_path ROOT]
+
+The checkpoint's own saved arguments rebuild the model and the dataset split, so nothing else is
+needed. Writes ``metrics.json`` (every metric, its convention, the checkpoint, the split, the counts)
+and ``per_class.csv`` beside the checkpoint's experiment, and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import engine
+from train import UserError, select_amp, select_device
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from utils.logger import setup_logging
+from utils.metrics import metric_conventions
+
+log = logging.getLogger("test")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("PuXIM evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--exp", default="puxim", help="experiment name: reads OUTPUT_DIR/EXP/best.pth")
+    p.add_argument("--output_dir", default="results")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (overrides --exp's best.pth)")
+    p.add_argument("--out", default=None, help="folder for metrics.json/per_class.csv (default: the experiment's)")
+    p.add_argument("--data_path", default=None, help="override the dataset root saved in the checkpoint")
+    p.add_argument("--synthetic_dir", default=None, help="override the synthetic benchmark cache folder")
+    p.add_argument("--eval_per_class", type=int, default=None, help="quick check: at most N items per class")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--gpu", default="0")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--save_features", action="store_true", help="also write features.npz (embeddings + labels)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def eval_args_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> argparse.Namespace:
+    """The training arguments saved in the checkpoint, with this command's overrides applied."""
+    saved = argparse.Namespace(**ckpt["args"])
+    if args.data_path is not None:
+        saved.data_path, saved.synthetic = args.data_path, False
+    if args.synthetic_dir is not None:
+        saved.synthetic_dir = args.synthetic_dir
+    saved.eval_per_class = args.eval_per_class
+    saved.testall = args.eval_per_class is None
+    # Embedding needs only the trained encoder: no pretrained initialisation, no CLIP download.
+    saved.vit_weights = None
+    return saved
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return run(args)
+    except (UserError, CheckpointError) as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    except Exception as e:
+        from datasets.filelist import DatasetError
+
+        if not isinstance(e, DatasetError):
+            raise
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+def run(args) -> dict:
+    from datasets import build_datasets
+    from models import build_model
+
+    exp_dir = Path(args.output_dir) / args.exp
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else exp_dir / "best.pth"
+    out_dir = Path(args.out) if args.out else (exp_dir if not args.checkpoint else ckpt_path.parent)
+    ckpt = load_checkpoint(ckpt_path)
+    if "args" not in ckpt:
+        raise CheckpointError(f"{ckpt_path} carries no training arguments; it was not written by train.py.")
+    eval_args = eval_args_from_checkpoint(ckpt, args)
+    device = select_device(args)
+    amp_dtype = select_amp(args, device)
+
+    data = build_datasets(eval_args)
+    model = build_model(eval_args, with_sampler=False).to(device)
+    load_model_weights(model, ckpt["model"], source=str(ckpt_path))
+    loader_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                     pin_memory=device.type == "cuda")
+    class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
+    metrics = engine.evaluate(
+        model, DataLoader(data["query"], **loader_kw), DataLoader(data["gallery"], **loader_kw),
+        device=device, amp_dtype=amp_dtype, class_names=class_names, progress=not args.no_progress,
+        return_features=args.save_features,
+    )
+    features = metrics.pop("_features", None)
+    per_class = metrics.pop("per_class", {})
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "metrics": metrics,
+        "conventions": metric_conventions(),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_epoch": ckpt.get("next_epoch", 0) - 1,
+        "arch": eval_args.arch,
+        "split": {"data_path": eval_args.data_path or "synthetic", "dataset": eval_args.dataset,
+                  "test_class": eval_args.test_class, "unseen_classes": class_names,
+                  "testall": eval_args.testall, "eval_per_class": eval_args.eval_per_class},
+        "num_queries": metrics["num_queries"],
+        "num_gallery": metrics["num_gallery"],
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    q_counts = np.bincount(np.asarray(data["query"].labels), minlength=len(class_names)) \
+        if hasattr(data["query"], "labels") else None
+    with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "mAP@all"] + (["queries"] if q_counts is not None else []))
+        for i, name in enumerate(class_names):
+            row = [name, f"{per_class.get(name, float('nan')):.6f}"]
+            w.writerow(row + ([int(q_counts[i])] if q_counts is not None else []))
+    if features is not None:
+        np.savez_compressed(out_dir / "features.npz", **{k: v.numpy() for k, v in features.items()},
+                            class_names=np.array(class_names))
+    print_table(metrics, ckpt_path)
+    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "per_class.csv")
+    return report
+
+
+def print_table(metrics: dict, ckpt_path: Path) -> None:
+    rows = [("mAP@all", "AP over the full ranking"),
+            ("P@100", "fraction relevant in the top 100"),
+            ("mAP@200", "AP@200, torchmetrics normaliser (PuXIM code)"),
+            ("mAP@200_sake", "AP@200, SAKE/ZSE-SBIR convention"),
+            ("P@200", "fraction relevant in the top 200"),
+            ("chance_mAP", "fraction of the gallery that is relevant")]
+    print(f"\nZero-shot retrieval, {metrics['num_queries']} sketch queries x {metrics['num_gallery']} photos "
+          f"({ckpt_path})")
+    for key, what in rows:
+        if key in metrics:
+            print(f"  {key:<13} {metrics[key]:.4f}   {what}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

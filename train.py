@@ -1,0 +1,390 @@
+"""Train PuXIM for zero-shot sketch-based image retrieval.
+
+    python train.py --exp NAME [--data_path ROOT --dataset sketchy_extend --test_class test_class_sketchy25]
+    torchrun --nproc_per_node=4 train.py --exp NAME ...        # several GPUs (DDP)
+
+Without ``--data_path`` it trains the ``tiny`` preset on the built-in synthetic benchmark (CPU-friendly).
+Everything lands in ``results/NAME/``: args.json, train.log, log.txt (one JSON line per epoch),
+tb/ (TensorBoard), checkpoint.pth (latest, atomic), best.pth (best unseen-class mAP@all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import engine
+from utils import distributed as dist_utils
+from utils.checkpoint import (
+    CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state, save_checkpoint,
+    set_rng_state, strip_wrappers,
+)
+from utils.experiment import ExperimentError, RunLock, prepare_output_dir, write_args_json
+from utils.logger import ExperimentLogger, setup_logging
+
+log = logging.getLogger("train")
+
+# Per-architecture defaults for flags left unset. ``b16`` is the released recipe (Adam 1e-5, wd 1e-3,
+# 50 epochs of 5,000 triplets) with batch 16 instead of 2; ``tiny`` trains from scratch on a CPU.
+ARCH_DEFAULTS = {
+    "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=16, epoch=50, image_size=224, datasetLen=5000),
+    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=6, image_size=64, datasetLen=3200),
+}
+DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw")
+TEST_CLASSES = (
+    "test_class_sketchy25", "test_class_sketchy21", "test_class_sketchyam",
+    "test_class_tuberlin30", "test_class_quickdraw30",
+)
+
+
+class UserError(RuntimeError):
+    """A problem with the command line or environment; printed without a traceback."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("PuXIM training", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--exp", default="puxim", help="experiment name: outputs go to OUTPUT_DIR/EXP")
+    g.add_argument("--output_dir", default="results", help="parent folder of experiment folders")
+    g.add_argument("--resume", action="store_true", help="continue results/EXP from its checkpoint.pth")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing results/EXP first")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None,
+                   help="dataset root holding Sketchy/, TUBerlin/, QuickDraw/; omit for the synthetic benchmark")
+    g.add_argument("--dataset", default="sketchy_extend", choices=DATASETS)
+    g.add_argument("--test_class", default="test_class_sketchy25", choices=TEST_CLASSES,
+                   help="which zero-shot split (see README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...)")
+    g.add_argument("--datasetLen", type=int, default=None,
+                   help="sampled triplets per epoch (released code: 5000; tiny preset: 3200)")
+    g.add_argument("--testall", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate on all unseen sketches and photos (--no-testall with --eval_per_class)")
+    g.add_argument("--eval_per_class", type=int, default=None,
+                   help="quick validation: at most this many queries and gallery photos per class")
+    g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
+    g.add_argument("--image_size", type=int, default=None, help="input size (default: the preset's)")
+    g.add_argument("--num_workers", type=int, default=2)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
+                   help="b16 = the paper's ViT-B/16; tiny = CPU preset (default without --data_path)")
+    g.add_argument("--vit_weights", default=None,
+                   help="local timm-format .safetensors/.pth, a timm tag, or 'none' "
+                        "(b16 default: vit_base_patch16_224.orig_in21k, downloaded only if online)")
+    g.add_argument("--clip_weights", default=None,
+                   help="OpenAI-format CLIP ViT-B/16 file (.pt state dict or TorchScript), or 'openai' to "
+                        "download; tiny preset: a fixed random tiny CLIP when omitted")
+    g.add_argument("--variant", default="puxim", choices=["puxim", "non-mask"],
+                   help="non-mask = the ablation without VxL masking (cosine triplet, margin 0.2)")
+    g.add_argument("--keep_ratio", type=float, default=0.3, help="fraction of patches the VxL mask keeps")
+    g.add_argument("--prompt", default="{}", help="text template for the class name; paper figure: 'a photo of {}'")
+    g.add_argument("--vxl_norm", default="token", choices=["token", "channel"],
+                   help="L2 axis of CLIP Surgery features (released code: token axis)")
+    g.add_argument("--clip_input_norm", default="encoder", choices=["encoder", "clip"],
+                   help="photo normalisation seen by CLIP (released code: the encoder's 0.5/0.5)")
+    g.add_argument("--int_memory", default="masked", choices=["masked", "unmasked"],
+                   help="interaction decoder memory: masked photo tokens (paper) or unmasked (released code)")
+    g.add_argument("--separate_encoders", action="store_true", help="untied sketch and photo encoders")
+    g.add_argument("--dropout", type=float, default=None, help="encoder dropout (default: the preset's, 0.1)")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--margin", type=float, default=None, help="triplet margin (1.0; non-mask: 0.2)")
+    g.add_argument("--w_tri", type=float, default=1.0)
+    g.add_argument("--w_rec", type=float, default=0.05)
+    g.add_argument("--w_int", type=float, default=0.1)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 6)")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="global batch of triplets (b16: 16, tiny: 32; released code: 2)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
+    g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3)")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available, else CPU with a warning")
+    g.add_argument("--gpu", default="0", help="CUDA device index for single-process runs (torchrun sets it)")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="mixed precision on CUDA (auto: bf16 where supported); fp32 on CPU")
+    g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="default: 2x the per-process batch")
+    g.add_argument("--log_every", type=int, default=10, help="TensorBoard step-loss interval")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bars (for logs of batch jobs)")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill flags left unset from the preset and check combinations; no side effects."""
+    args.synthetic = args.data_path is None
+    if args.arch is None:
+        args.arch = "tiny" if args.synthetic else "b16"
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.vit_weights is None and args.arch == "b16":
+        args.vit_weights = "vit_base_patch16_224.orig_in21k"
+    if isinstance(args.vit_weights, str) and args.vit_weights.lower() == "none":
+        args.vit_weights = None
+    if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
+        args.clip_weights = None
+    if not args.testall and args.eval_per_class is None:
+        raise UserError("--no-testall needs --eval_per_class N (how many queries/photos per class)")
+    for name in ("epoch", "batch_size", "datasetLen", "image_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    if not 0.0 < args.keep_ratio < 1.0:
+        raise UserError(f"--keep_ratio must be in (0, 1), got {args.keep_ratio}")
+    return args
+
+
+def select_device(args) -> torch.device:
+    if args.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if args.device == "cuda":
+            raise UserError("--device cuda was asked but CUDA is not available here (use --device cpu).")
+        log.warning("CUDA is not available: training on the CPU.")
+        return torch.device("cpu")
+    if dist_utils.launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        index = int(args.gpu.split(",")[0])
+    except ValueError:
+        raise UserError(f"--gpu must be a device index such as 0, got {args.gpu!r}") from None
+    if not 0 <= index < torch.cuda.device_count():
+        raise UserError(
+            f"--gpu {index} names a missing GPU: {torch.cuda.device_count()} visible. "
+            f"For several GPUs use torchrun --nproc_per_node=N."
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def select_amp(args, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if args.amp in ("bf16", "fp16"):
+            raise UserError(f"--amp {args.amp} needs a CUDA GPU; on the CPU training runs in fp32 (--amp none).")
+        return None
+    if args.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if args.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU has no bf16 support; use --amp fp16 or --amp none.")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Wraps the triplet id sampler so an epoch can start after ``skip`` ids (mid-epoch resume)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.base)[self.skip:])
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.skip, 0)
+
+
+def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.device) -> dict:
+    from datasets.sampling import TripletIndexSampler
+
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes.")
+    per_rank = args.batch_size // world
+    pin = device.type == "cuda"
+    workers = dict(num_workers=args.num_workers, pin_memory=pin,
+                   persistent_workers=args.num_workers > 0,
+                   prefetch_factor=4 if args.num_workers > 0 else None)
+    sampler = EpochSampler(TripletIndexSampler(len(data["train"]), rank=rank, world_size=world))
+    train = DataLoader(data["train"], batch_size=per_rank, sampler=sampler, drop_last=False, **workers)
+    eval_bs = args.eval_batch_size or 2 * per_rank
+
+    def eval_loader(ds):
+        share = Subset(ds, range(rank, len(ds), world)) if world > 1 else ds
+        return DataLoader(share, batch_size=eval_bs, shuffle=False, **workers)
+
+    return {"train": train, "sampler": sampler, "query": eval_loader(data["query"]),
+            "gallery": eval_loader(data["gallery"])}
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop stops after the current step and a checkpoint is written."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def install(self):
+        def handler(signum, frame):
+            if self.signal is not None:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(signum).name
+            log.warning("%s received: finishing this step, then saving a checkpoint.", self.signal)
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+        return self
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    setup_logging(rank=int(os.environ.get("RANK", "0")))
+    try:
+        return run(args)
+    except (UserError, ExperimentError, CheckpointError, engine.NonFiniteLossError) as e:
+        logging.getLogger("train").error("%s", e)
+        raise SystemExit(2) from None
+    except Exception as e:
+        from datasets.filelist import DatasetError  # bad data: a message, not a traceback
+
+        if not isinstance(e, DatasetError):
+            raise
+        logging.getLogger("train").error("%s", e)
+        raise SystemExit(2) from None
+
+
+def run(args) -> dict:
+    args = resolve_args(args)
+    output_dir = Path(args.output_dir) / args.exp
+    device = select_device(args)
+    rank, world, _ = dist_utils.init_distributed(device.type)
+    is_main = rank == 0
+    if is_main:
+        prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    dist_utils.barrier()
+    setup_logging(output_dir if is_main else None, rank=rank)
+    lock = RunLock(output_dir).acquire() if is_main else None
+    try:
+        return _train(args, output_dir, device, rank, world, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+        dist_utils.cleanup()
+
+
+def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool) -> dict:
+    from datasets import build_datasets
+    from losses import build_criterion
+    from models import build_model, model_summary
+
+    amp_dtype = select_amp(args, device)
+    torch.manual_seed(args.seed + rank)
+    if args.synthetic:
+        log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.", args.arch)
+    data = build_datasets(args)
+    split = data["split"]
+    log.info("data: %s", json.dumps(split.summary()))
+    model = build_model(args).to(device)
+    log.info("model: %s", json.dumps(model_summary(model)))
+    criterion = build_criterion(args).to(device)
+    params = list(model.trainable_parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_epoch, skip_batches, global_step, best = 0, 0, 0, {"mAP@all": -1.0, "epoch": -1}
+    if args.resume:
+        ckpt = load_checkpoint(output_dir / "checkpoint.pth")
+        load_model_weights(model, ckpt["model"], source=str(output_dir / "checkpoint.pth"))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, skip_batches = ckpt["next_epoch"], ckpt.get("skip_batches", 0)
+        global_step, best = ckpt["global_step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %.4f",
+                 start_epoch, skip_batches, global_step, best["mAP@all"])
+    if is_main:
+        write_args_json(output_dir, vars(args))
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    loaders = build_loaders(data, args, rank=rank, world=world, device=device)
+    exp_logger = ExperimentLogger(output_dir, enabled=is_main, purge_step=global_step if args.resume else None)
+    stop = StopFlag().install()
+    class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
+    progress = is_main and not args.no_progress
+
+    def save(next_epoch: int, skip: int, name: str = "checkpoint.pth") -> None:
+        if not is_main:
+            return
+        state = {
+            "model": model_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
+            "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": 1,
+        }
+        save_checkpoint(state, output_dir / name)
+
+    metrics: dict = {}
+    for epoch in range(start_epoch, args.epoch):
+        loaders["sampler"].set_epoch(epoch, skip=skip_batches * (args.batch_size // world))
+        stats = engine.train_one_epoch(
+            ddp_model, criterion, loaders["train"], optimizer, device=device, epoch=epoch,
+            global_step=global_step, amp_dtype=amp_dtype, scaler=scaler, exp_logger=exp_logger,
+            log_every=args.log_every, should_stop=stop, progress=progress,
+        )
+        global_step = stats["global_step"]
+        if stats["interrupted"]:
+            save(epoch, skip_batches + stats["steps"])
+            log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
+                        "Continue with --resume.", stop.signal, epoch, global_step, output_dir / "checkpoint.pth")
+            exp_logger.close()
+            raise SystemExit(130 if stop.signal == "SIGINT" else 143)
+        skip_batches = 0
+        line = {"epoch": epoch, "step": global_step, **{f"train_{k}": v for k, v in stats.items()
+                                                         if k not in ("interrupted", "global_step")}}
+        exp_logger.scalars({k: v for k, v in stats.items() if k.startswith("loss")}, epoch, prefix="train/")
+        exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],
+                            "samples_per_s": stats["samples_per_s"]}, epoch, prefix="speed/")
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epoch:
+            metrics = engine.evaluate(ddp_model, loaders["query"], loaders["gallery"], device=device,
+                                      amp_dtype=amp_dtype, class_names=class_names, progress=progress)
+            scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            exp_logger.scalars(scalar_metrics, epoch, prefix="test/")
+            line.update({f"test_{k}": v for k, v in scalar_metrics.items()})
+            log.info("epoch %d: loss %.4f | unseen mAP@all %.4f  P@100 %.4f  mAP@200 %.4f  P@200 %.4f "
+                     "(chance %.4f)", epoch, stats["loss"], metrics["mAP@all"], metrics["P@100"],
+                     metrics["mAP@200"], metrics["P@200"], metrics["chance_mAP"])
+            if metrics["mAP@all"] > best["mAP@all"]:
+                best = {"mAP@all": metrics["mAP@all"], "epoch": epoch,
+                        **{k: metrics[k] for k in ("mAP@200", "P@100", "P@200")}}
+                save(epoch + 1, 0, name="best.pth")
+        else:
+            log.info("epoch %d: loss %.4f", epoch, stats["loss"])
+        save(epoch + 1, 0)
+        exp_logger.epoch_line(line)
+        exp_logger.flush()
+        if stop():
+            log.warning("stopped by %s after epoch %d; continue with --resume.", stop.signal, epoch)
+            exp_logger.close()
+            raise SystemExit(130 if stop.signal == "SIGINT" else 143)
+    exp_logger.close()
+    if is_main and metrics:
+        chance = metrics["chance_mAP"]
+        verdict = "at least" if metrics["mAP@all"] >= 2 * chance else "BELOW"
+        log.info("final unseen-class mAP@all %.4f, P@100 %.4f; chance level %.4f: mAP@all is %s 2x chance "
+                 "(%.1fx). Best mAP@all %.4f at epoch %d.", metrics["mAP@all"], metrics["P@100"], chance,
+                 verdict, metrics["mAP@all"] / max(chance, 1e-12), best["mAP@all"], best["epoch"])
+    return {"final": metrics, "best": best, "global_step": global_step, "output_dir": str(output_dir)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The experiment folder ``results/<exp>/``: creation rules, the run lock, and ``args.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class ExperimentError(RuntimeError):
+    """The experiment folder cannot be used as asked; the message says why and what to do."""
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create ``output_dir``; refuse to reuse one that holds a previous run unless asked to.
+
+    A folder "holds a run" when it has ``args.json``, ``log.txt`` or a checkpoint. ``--resume``
+    continues it; ``--overwrite`` deletes it first; anything else is an error, so an existing
+    experiment is never overwritten by accident.
+    """
+    markers = ["args.json", "log.txt", "checkpoint.pth", "best.pth"]
+    has_run = output_dir.is_dir() and any((output_dir / m).exists() for m in markers)
+    if resume:
+        if not (output_dir / "checkpoint.pth").is_file():
+            raise ExperimentError(
+                f"--resume: no checkpoint at {output_dir / 'checkpoint.pth'}. Start the run without "
+                f"--resume (or check --exp / --output_dir)."
+            )
+        return
+    if has_run and not overwrite:
+        raise ExperimentError(
+            f"experiment folder {output_dir} already holds a run. Use --resume to continue it, "
+            f"--overwrite to replace it, or choose another --exp."
+        )
+    if has_run and overwrite:
+        lock = RunLock(output_dir)
+        lock.check_free()
+        log.warning("--overwrite: deleting the previous run in %s", output_dir)
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """A lock file in the experiment folder: one live training process per experiment.
+
+    The file holds ``host pid``. A lock whose process is gone (same host) is stale and is taken over;
+    a lock held by a live process makes the second run stop with a message naming that process.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.held = False
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def check_free(self) -> None:
+        owner = self._owner()
+        if owner is None:
+            return
+        host, pid = owner
+        if host != socket.gethostname():
+            raise ExperimentError(
+                f"{self.path} says process {pid} on host {host} is training this experiment. If that run "
+                f"is over, delete the lock file and try again."
+            )
+        if pid != os.getpid() and _pid_alive(pid):
+            raise ExperimentError(
+                f"another training process (pid {pid}) is running this experiment ({self.path}). "
+                f"Wait for it, stop it, or choose another --exp."
+            )
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check_free()  # raises when a live process owns it
+                log.warning("removing a stale lock %s left by a process that is gone", self.path)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.held = True
+            return self
+        raise ExperimentError(f"could not take the lock {self.path}; another process keeps creating it.")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True, text=True, timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict:
+    import numpy
+    import open_clip
+    import timm
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "open_clip": open_clip.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "git_commit": git_commit(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_args_json(output_dir: Path, args_dict: dict, name: str = "args.json") -> Path:
+    path = Path(output_dir) / name
+    payload = {"args": args_dict, "environment": environment_info()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
