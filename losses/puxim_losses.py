@@ -1,0 +1,117 @@
+"""PuXIM's losses: triplet (retrieval), reconstruction (PMM-rec) and matching (PMM-int).
+
+``PuXIMCriterion`` returns a dict of named terms plus their weighted sum ``loss``; its
+``weight_dict`` says how each term is weighted (DETR's pattern), so the engine can log every term.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "PuXIMCriterion", "build_criterion",
+           "cosine_distance", "DEFAULT_WEIGHTS"]
+
+DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(x, y)`` per row: ``[B, D], [B, D] -> [B]``."""
+    return 1.0 - F.cosine_similarity(x, y, dim=-1)
+
+
+class TripletLoss(nn.Module):
+    """Triplet margin loss on the (unnormalised) CLS embeddings of sketch, positive, negative.
+
+    ``distance="euclidean"``: ``TripletMarginLoss(margin, p=2)`` (PuXIM, margin 1.0);
+    ``distance="cosine"``: ``1 - cos`` distance (the released ``non-mask`` ablation, margin 0.2).
+    """
+
+    def __init__(self, margin: float = 1.0, distance: str = "euclidean"):
+        super().__init__()
+        if distance == "euclidean":
+            self.loss = nn.TripletMarginLoss(margin=margin, p=2)
+        elif distance == "cosine":
+            self.loss = nn.TripletMarginWithDistanceLoss(distance_function=cosine_distance, margin=margin)
+        else:
+            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+        self.margin = margin
+        self.distance = distance
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        return self.loss(anchor, positive, negative)  # scalar, mean over the batch
+
+
+class ReconstructionLoss(nn.Module):
+    """PMM-rec: ``MSE(X, X ⊙ M)`` over every element, gradients through both sides.
+
+    ``X`` ``[2B, N, D]`` are the photo patch tokens, ``M`` ``[2B, N]`` the keep-mask; the value is
+    ``mean((1 - M) · X²)``: it pulls the features of irrelevant (masked) patches towards zero.
+    """
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.shape != tokens.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}")
+        return F.mse_loss(tokens, tokens * mask.unsqueeze(-1).to(tokens.dtype))
+
+
+class MatchingLoss(nn.Module):
+    """PMM-int: cross-entropy of the (s, p) / (s, n) match logits, labels 1 / 0."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+
+class PuXIMCriterion(nn.Module):
+    """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper).
+
+    ``forward(outputs)`` takes ``PuXIM.forward``'s dict and returns ``loss_tri``, ``loss_rec``,
+    ``loss_int`` and ``loss``. Without reconstruction (``non-mask``) ``loss_rec`` is a detached
+    zero that adds nothing.
+    """
+
+    def __init__(self, *, weight_dict: Optional[Dict[str, float]] = None, margin: float = 1.0,
+                 distance: str = "euclidean", use_reconstruction: bool = True):
+        super().__init__()
+        weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
+        if set(weight_dict) != set(DEFAULT_WEIGHTS):
+            raise ValueError(f"weight_dict needs exactly the keys {sorted(DEFAULT_WEIGHTS)}, got {sorted(weight_dict)}")
+        self.weight_dict = weight_dict
+        self.use_reconstruction = use_reconstruction
+        self.triplet = TripletLoss(margin=margin, distance=distance)
+        self.reconstruction = ReconstructionLoss()
+        self.matching = MatchingLoss()
+
+    def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        losses = {
+            "loss_tri": self.triplet(outputs["sketch_emb"], outputs["positive_emb"], outputs["negative_emb"]),
+            "loss_int": self.matching(outputs["match_logits"], outputs["match_labels"]),
+        }
+        if self.use_reconstruction:
+            losses["loss_rec"] = self.reconstruction(outputs["photo_patch_tokens"], outputs["photo_mask"])
+        else:
+            losses["loss_rec"] = losses["loss_tri"].new_zeros(())  # detached: contributes nothing
+        losses["loss"] = sum(self.weight_dict[k] * losses[k] for k in ("loss_tri", "loss_rec", "loss_int"))
+        return losses
+
+
+def build_criterion(args) -> PuXIMCriterion:
+    """Criterion from parsed arguments: ``variant`` ("puxim" | "non-mask"), ``margin`` (None: 1.0 for
+    puxim, 0.2 for non-mask), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1)."""
+    variant = getattr(args, "variant", "puxim")
+    if variant not in ("puxim", "non-mask"):
+        raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
+    masked = variant == "puxim"
+    margin = getattr(args, "margin", None)
+    if margin is None:
+        margin = 1.0 if masked else 0.2
+    weights = {
+        "loss_tri": getattr(args, "w_tri", None),
+        "loss_rec": getattr(args, "w_rec", None),
+        "loss_int": getattr(args, "w_int", None),
+    }
+    weights = {k: DEFAULT_WEIGHTS[k] if v is None else float(v) for k, v in weights.items()}
+    return PuXIMCriterion(weight_dict=weights, margin=margin, distance="euclidean" if masked else "cosine",
+                          use_reconstruction=masked)

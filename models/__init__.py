@@ -1,0 +1,87 @@
+"""PuXIM models: the encoder, the VxL sampler, the interaction head and their composition.
+
+``build_model(args)`` is the one place that reads an ``args`` object; the classes take typed
+keyword arguments.
+"""
+from __future__ import annotations
+
+from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
+from .interaction import InteractionHead
+from .puxim import PuXIM
+from .vxl_sampler import VxLSampler, build_vxl_sampler
+
+__all__ = [
+    "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
+    "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary",
+]
+
+# The paper's PMM-int decoder (b16) and a small CPU version (tiny).
+INTERACTION_PRESETS = {
+    "b16": dict(d_model=768, nhead=4, num_layers=4, dim_feedforward=1024, dropout=0.1),
+    "tiny": dict(d_model=192, nhead=4, num_layers=2, dim_feedforward=256, dropout=0.1),
+}
+
+VARIANTS = ("puxim", "non-mask")
+
+
+def _arg(args, name: str, default):
+    """``args.name``, or ``default`` when it is missing or None (argparse's unset value)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def build_model(args, with_sampler: bool = True) -> PuXIM:
+    """Build PuXIM from parsed arguments (see train.py), every field optional with its default.
+
+    Fields: ``arch`` ("b16" | "tiny"), ``vit_weights``, ``clip_weights`` (paths or None),
+    ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
+    ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
+    ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
+    ``dropout`` (None: the preset's 0.1).
+
+    ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
+    ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
+    """
+    arch = _arg(args, "arch", "b16")
+    if arch not in ENCODER_PRESETS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ENCODER_PRESETS)}")
+    variant = _arg(args, "variant", "puxim")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown --variant {variant!r}; choose one of {VARIANTS}")
+    int_memory = _arg(args, "int_memory", "masked")
+    if int_memory not in ("masked", "unmasked"):
+        raise ValueError(f"--int_memory must be 'masked' or 'unmasked', got {int_memory!r}")
+
+    use_mask = variant == "puxim"
+    sampler = None
+    if use_mask and with_sampler:
+        sampler = build_vxl_sampler(
+            arch, _arg(args, "clip_weights", None),
+            keep_ratio=_arg(args, "keep_ratio", 0.3),
+            prompt=_arg(args, "prompt", "{}"),
+            feature_norm=_arg(args, "vxl_norm", "token"),
+            input_norm=_arg(args, "clip_input_norm", "encoder"),
+        )
+    # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
+    encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
+                            dropout=_arg(args, "dropout", None))
+    vit_weights = _arg(args, "vit_weights", None)
+    if vit_weights:
+        load_vit_weights(encoder, vit_weights)
+    interaction = InteractionHead(**INTERACTION_PRESETS[arch])
+    return PuXIM(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
+                 mask_memory=int_memory == "masked")
+
+
+def model_summary(model: PuXIM) -> dict:
+    """Parameter counts: encoder (stem included), stem, frozen sampler, interaction, trainable."""
+    def count(params):
+        return sum(p.numel() for p in params)
+
+    return {
+        "encoder": count(model.encoder.parameters()),
+        "stem": count(model.encoder.stem_parameters()),
+        "sampler_frozen": count(model.sampler.parameters()) if model.sampler is not None else 0,
+        "interaction": count(model.interaction.parameters()),
+        "trainable": count(model.trainable_parameters()),
+    }

@@ -1,0 +1,321 @@
+"""The sketch/photo encoder of PuXIM: a timm ViT whose patch embedding is averaged with a conv stem.
+
+PuXIM (following ZSE-SBIR) embeds an image with the *average* of two patch embeddings that both
+produce the ``grid x grid x D`` token map:
+
+* the usual ViT patch projection (a ``patch x patch`` conv with stride ``patch``), and
+* a 4-conv stem without biases: ``3->c1 (k7 s2 p3), ReLU, c1->c2 (k3 s2 p1), ReLU,
+  c2->c3 (k3 s2 p1), ReLU, c3->D (k3 s? p1)``.
+
+Everything else is timm's ``VisionTransformer`` (pre-norm blocks, CLS token, learned position
+embedding, final LayerNorm), so timm / ImageNet-21k checkpoints load by their own key names
+(``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). The stem has no pretrained
+counterpart and starts from its random init.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import partial
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ENCODER_PRESETS",
+    "ConvStemPatchEmbed",
+    "SketchPhotoEncoder",
+    "build_encoder",
+    "load_vit_weights",
+    "WeightLoadError",
+]
+
+# The paper's encoder (ViT-B/16) and a small CPU preset built by the very same code.
+ENCODER_PRESETS: Dict[str, dict] = {
+    "b16": dict(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+        dropout=0.1, stem_channels=(64, 128, 256),
+    ),
+    "tiny": dict(
+        img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
+        dropout=0.1, stem_channels=(16, 32, 64),
+    ),
+}
+
+MODALITIES = ("photo", "sketch")
+
+# Checkpoint keys of timm's classifier (and pooling) that the encoder does not have.
+_HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "pre_logits.", "attn_pool.")
+
+
+class WeightLoadError(RuntimeError):
+    """A pretrained-weight source could not be read (missing file, offline hub, bad format)."""
+
+
+def _stem_strides(patch_size: int) -> Tuple[int, int, int, int]:
+    """Strides of the 4 stem convs: 2 while needed to reach ``patch_size``, then 1.
+
+    ViT-B/16 gets (2, 2, 2, 2) = the released stem; patch 8 gets (2, 2, 2, 1).
+    """
+    log2 = math.log2(patch_size)
+    if not log2.is_integer() or not 1 <= log2 <= 4:
+        raise ValueError(
+            f"the conv stem needs a patch size of 2, 4, 8 or 16 (a product of 4 strides of 1 or 2), "
+            f"got {patch_size}")
+    n_down = int(log2)
+    return tuple(2 if i < n_down else 1 for i in range(4))  # type: ignore[return-value]
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` whose output is averaged with a 4-conv stem (ZSE-SBIR / PuXIM).
+
+    Keeps timm's ``proj`` conv (so ``patch_embed.proj.*`` loads from any timm ViT checkpoint) and
+    adds ``stem`` (``patch_embed.stem.*``, no pretrained counterpart). Only the fixed-size,
+    flattened output that ``VisionTransformer`` uses by default is supported.
+    """
+
+    def __init__(self, *, stem_channels: Sequence[int] = (64, 128, 256), **kwargs):
+        if kwargs.get("output_fmt") is not None or kwargs.get("dynamic_img_pad", False):
+            raise ValueError("ConvStemPatchEmbed supports only the default flattened, fixed-size output")
+        super().__init__(**kwargs)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"ConvStemPatchEmbed needs a square patch, got {self.patch_size}")
+        c1, c2, c3 = stem_channels
+        s1, s2, s3, s4 = _stem_strides(self.patch_size[0])
+        embed_dim = self.proj.out_channels
+        in_chans = self.proj.in_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, c1, kernel_size=7, stride=s1, padding=3, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, kernel_size=3, stride=s2, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, kernel_size=3, stride=s3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, embed_dim, kernel_size=3, stride=s4, padding=1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape  # [B, 3, H, W]
+        if self.strict_img_size and (h, w) != tuple(self.img_size):
+            raise ValueError(f"the encoder expects {self.img_size[0]}x{self.img_size[1]} images, got {h}x{w}")
+        x = (self.proj(x) + self.stem(x)) / 2  # [B, D, H/p, W/p]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        return self.norm(x)
+
+
+def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+              mlp_ratio: float, dropout: float, stem_channels: Sequence[int]) -> VisionTransformer:
+    # Dropout as in the released ViT: 0.1 on the embeddings (pos_drop), on the attention output
+    # projection and inside the MLP (both via proj_drop_rate); none on the attention weights.
+    # timm's `drop_rate` is only the classifier-head dropout, unused here (no head).
+    return VisionTransformer(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
+        global_pool="token", num_classes=0, drop_rate=0.0, pos_drop_rate=dropout,
+        proj_drop_rate=dropout, attn_drop_rate=0.0, drop_path_rate=0.0,
+        embed_layer=partial(ConvStemPatchEmbed, stem_channels=tuple(stem_channels)),
+    )
+
+
+class SketchPhotoEncoder(nn.Module):
+    """ViT encoder for sketches and photos (shared weights by default).
+
+    ``forward(images, modality) -> [B, 1 + N, D]`` tokens after the final LayerNorm;
+    ``embed(images, modality) -> [B, D]`` the CLS token, PuXIM's retrieval embedding.
+    With ``separate_photo_encoder=True`` sketches go through ``vit`` and photos through a second,
+    untied ``photo_vit`` (the paper's figure draws two encoders; the released code shares one).
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, separate_photo_encoder: bool = False,
+                 stem_channels: Sequence[int] = (64, 128, 256)):
+        super().__init__()
+        vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                          num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                          stem_channels=stem_channels)
+        self.vit = _make_vit(**vit_kwargs)  # sketches (and photos unless separate)
+        self.photo_vit: Optional[VisionTransformer] = _make_vit(**vit_kwargs) if separate_photo_encoder else None
+        self._img_size = img_size
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def img_size(self) -> int:
+        return self._img_size
+
+    @property
+    def separate_photo_encoder(self) -> bool:
+        return self.photo_vit is not None
+
+    def vits(self) -> Tuple[VisionTransformer, ...]:
+        """All ViTs of this encoder (one when shared, sketch then photo when separate)."""
+        return (self.vit,) if self.photo_vit is None else (self.vit, self.photo_vit)
+
+    def stem_parameters(self):
+        """Parameters of the conv stem(s), which have no pretrained counterpart."""
+        for vit in self.vits():
+            yield from vit.patch_embed.stem.parameters()
+
+    # ----------------------------------------------------------------- forward
+    def _vit_for(self, modality: str) -> VisionTransformer:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if modality == "photo" and self.photo_vit is not None:
+            return self.photo_vit
+        return self.vit
+
+    def forward(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
+        vit = self._vit_for(modality)
+        return vit.forward_features(images)  # [B, 1 + N, D], after the final norm
+
+    def embed(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
+        return self.forward(images, modality)[:, 0]  # [B, D] CLS token
+
+
+def build_encoder(arch: str, separate_photo_encoder: bool = False,
+                  dropout: Optional[float] = None) -> SketchPhotoEncoder:
+    """Encoder of a preset (``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests)."""
+    if arch not in ENCODER_PRESETS:
+        raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(ENCODER_PRESETS)}")
+    cfg = dict(ENCODER_PRESETS[arch])
+    if dropout is not None:
+        cfg["dropout"] = dropout
+    return SketchPhotoEncoder(**cfg, separate_photo_encoder=separate_photo_encoder)
+
+
+# --------------------------------------------------------------------- weights
+def _read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """Read a timm-format state dict from ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from e
+    if path.endswith(".npz"):
+        raise WeightLoadError(
+            f"{path}: JAX .npz checkpoints are not read here; convert it with timm "
+            f"(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))) and save "
+            f"its state_dict() as .pth or .safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightLoadError(f"{path}: not a readable PyTorch state dict ({e})") from e
+    # Unwrap the usual training-checkpoint containers.
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightLoadError(f"{path}: expected a dict of tensors (a timm state dict)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _state_dict_from_timm_tag(tag: str) -> Dict[str, torch.Tensor]:
+    """Download ``tag`` (e.g. ``vit_base_patch16_224.orig_in21k``) through timm, only when asked."""
+    import timm
+    try:
+        model = timm.create_model(tag, pretrained=True)
+    except Exception as e:  # offline hub, unknown tag, ...
+        raise WeightLoadError(
+            f"could not get the timm weights {tag!r} ({type(e).__name__}: {e}). Without internet pass a "
+            f"local timm-format file instead, e.g. --vit_weights /path/to/vit_base_patch16_224.safetensors"
+        ) from e
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _load_into_vit(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], source: str) -> dict:
+    target = vit.state_dict()
+    report = dict(source=source, loaded=[], missing=[], unexpected=[], ignored_head=[],
+                  random_init=[], resampled={})
+    new_sd = {}
+    for key, value in source_sd.items():
+        if key.startswith(_HEAD_PREFIXES):
+            report["ignored_head"].append(key)
+            continue
+        if key not in target:
+            report["unexpected"].append(key)
+            continue
+        want = target[key].shape
+        if value.shape != want:
+            if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
+                # Another grid size (e.g. a 384px checkpoint): resample the patch part with timm.
+                value = resample_abs_pos_embed(
+                    value.float(), new_size=list(vit.patch_embed.grid_size),
+                    num_prefix_tokens=vit.num_prefix_tokens)
+                report["resampled"][key] = (tuple(source_sd[key].shape), tuple(want))
+            else:
+                raise ValueError(
+                    f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{tuple(want)} in the encoder")
+        new_sd[key] = value.to(target[key].dtype)
+        report["loaded"].append(key)
+    if not new_sd:
+        raise ValueError(
+            f"{source}: none of its {len(source_sd)} keys is a timm VisionTransformer key (e.g. "
+            f"'blocks.0.attn.qkv.weight'); convert the checkpoint to timm's naming first")
+    for key in target:
+        if key in new_sd:
+            continue
+        if key.startswith("patch_embed.stem."):
+            report["random_init"].append(key)
+        else:
+            report["missing"].append(key)
+    # Every key of the model is given (loaded or its current value): a strict load.
+    full = dict(target)
+    full.update(new_sd)
+    vit.load_state_dict(full, strict=True)
+    return report
+
+
+def load_vit_weights(encoder: SketchPhotoEncoder, source: str) -> dict:
+    """Load timm-format ViT weights into the encoder (into both ViTs when untied).
+
+    ``source`` is a local ``.safetensors`` / ``.pth`` / ``.pt`` state dict, or a timm tag such as
+    ``vit_base_patch16_224.orig_in21k`` (downloaded through timm, so it needs internet).
+    Position embeddings of another grid are resampled; classifier-head keys are ignored; the
+    conv stem keeps its random init. A shape mismatch of any other key raises ``ValueError``.
+
+    Returns a report: ``loaded``, ``missing``, ``unexpected``, ``ignored_head``, ``random_init``
+    (key lists of the first ViT) and ``resampled`` (key -> (old shape, new shape)).
+    """
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        source_sd = _read_state_dict_file(source)
+    elif os.sep in source or source.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz")):
+        raise FileNotFoundError(f"ViT weights file not found: {source}")
+    else:
+        source_sd = _state_dict_from_timm_tag(source)
+
+    reports = [_load_into_vit(vit, source_sd, source) for vit in encoder.vits()]
+    report = reports[0]
+    if report["ignored_head"]:
+        _logger.info("%s: ignored classifier-head keys %s", source, report["ignored_head"])
+    if report["resampled"]:
+        _logger.info("%s: resampled %s", source, report["resampled"])
+    _logger.info("%s: conv stem initialised randomly (%d tensors, no pretrained counterpart)",
+                 source, len(report["random_init"]))
+    if report["missing"]:
+        _logger.warning("%s: keys missing from the checkpoint (left at their init): %s",
+                        source, report["missing"])
+    if report["unexpected"]:
+        _logger.warning("%s: unexpected checkpoint keys (not used): %s", source, report["unexpected"])
+    _logger.info("%s: loaded %d tensors into %d encoder(s)", source, len(report["loaded"]), len(reports))
+    return report

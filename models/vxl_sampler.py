@@ -1,0 +1,374 @@
+"""The VxL sampler: a frozen CLIP + CLIP Surgery that scores photo patches by class relevance.
+
+For each photo and its class name the sampler
+
+1. runs the CLIP image tower with *architecture surgery* (CLIP Surgery, Li et al. 2023) on the
+   last ``surgery_depth`` blocks: beside the normal path a second path accumulates, block after
+   block, v-v self-attention (``softmax(v vᵀ · scale) v``, the block's own qkv / out projections,
+   no MLP) of the normal path's ``ln_1`` input. Patch tokens come from that path, the CLS token
+   from the normal one; then ``ln_post`` and the visual projection -> ``[B, 1 + N, E]``;
+2. L2-normalises these features over the **token** axis (the released code's quirk, default) or
+   the channel axis;
+3. runs *feature surgery* against the texts ``["a", prompt.format(class)]``: with image features
+   F ``[1+N, E]`` and text features T ``[2, E]``, ``w = softmax(2 F[0] Tᵀ)``, ``w /= mean(w)``,
+   ``G[n, t] = F[n] ⊙ T[t] · w[t]``, ``G -= mean_t G``, ``S[n, t] = Σ_c G[n, t, c]``; the
+   relevance of patch n is ``S[n, class]``;
+4. keeps the most relevant patches: the ``floor(N · (1 - keep_ratio)) + 1`` lowest get 0
+   (138 of 196 for ViT-B/16 at keep ratio 0.3, leaving 58).
+
+The CLIP model is open_clip's; the surgery is a thin loop over its own blocks (``ln_1``,
+``attn.in_proj_weight/bias``, ``attn.out_proj``). Everything runs frozen under ``no_grad``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["VxLSampler", "build_vxl_sampler", "build_tiny_clip", "load_openai_state_dict",
+           "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
+
+# OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
+CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
+
+# A tiny random CLIP for CPU tests and the `tiny` preset. Head width 64 (vision 2 heads, text 1)
+# follows OpenAI's convention, so open_clip's OpenAI loader infers the same architecture; the
+# text side keeps context 77 / vocab 49408 so open_clip's shipped BPE tokenizer works offline.
+TINY_CLIP_CFG = dict(
+    embed_dim=64,
+    quick_gelu=True,
+    vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=64, mlp_ratio=4.0),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+)
+TINY_SURGERY_DEPTH = 2
+
+# Entries of OpenAI checkpoints (and TorchScript archives) that are not model weights.
+_OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+# Normalisation of the encoder's inputs (see datasets.transforms): mean 0.5, std 0.5.
+_ENCODER_MEAN = (0.5, 0.5, 0.5)
+_ENCODER_STD = (0.5, 0.5, 0.5)
+
+
+class VxLSampler(nn.Module):
+    """Frozen CLIP-Surgery sampler: ``relevance(images, names) -> [B, N]``, ``forward -> [B, N]`` mask.
+
+    Args:
+        clip_model: an ``open_clip.CLIP`` with a ViT image tower (OpenAI-style blocks).
+        tokenizer: open_clip tokenizer (``list[str] -> LongTensor [n, context]``).
+        keep_ratio: fraction of patches kept (0.3 in the paper).
+        prompt: text template for the class name; ``"{}"`` (bare name) as in the released code,
+            ``"a photo of {}"`` as in the paper's figure.
+        feature_norm: ``"token"`` (L2 over the token axis, the released code) or ``"channel"``.
+        input_norm: ``"encoder"`` feeds the encoder-normalised photos as they are (released code);
+            ``"clip"`` converts them to CLIP's own mean/std first.
+        surgery_depth: number of last visual blocks with the surgery path (6 for ViT-B/16).
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = 0.3, prompt: str = "{}",
+                 feature_norm: str = "token", input_norm: str = "encoder", surgery_depth: int = 6):
+        super().__init__()
+        import open_clip
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        visual = getattr(clip_model, "visual", None)
+        if not isinstance(visual, VisionTransformer) or not hasattr(clip_model, "encode_text"):
+            raise TypeError("VxLSampler needs an open_clip CLIP model with a ViT image tower "
+                            f"(got {type(clip_model).__name__})")
+        if visual.attn_pool is not None or getattr(visual, "final_ln_after_pool", False):
+            raise TypeError("VxLSampler supports OpenAI-style CLIP ViTs (token pooling, no attention pool)")
+        blocks = visual.transformer.resblocks
+        if not all(isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, nn.MultiheadAttention)
+                   for b in blocks):
+            raise TypeError("VxLSampler needs open_clip ResidualAttentionBlocks with nn.MultiheadAttention")
+        if not 1 <= surgery_depth <= len(blocks):
+            raise ValueError(f"surgery_depth must be in [1, {len(blocks)}], got {surgery_depth}")
+        if not 0.0 < keep_ratio < 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1), got {keep_ratio}")
+        if feature_norm not in ("token", "channel"):
+            raise ValueError(f"feature_norm must be 'token' or 'channel', got {feature_norm!r}")
+        if input_norm not in ("encoder", "clip"):
+            raise ValueError(f"input_norm must be 'encoder' or 'clip', got {input_norm!r}")
+        try:
+            takes_name = prompt.format("\0") != prompt
+        except (IndexError, KeyError, ValueError):
+            takes_name = False
+        if not takes_name:
+            raise ValueError(f"prompt must be a template with one '{{}}' for the class name, got {prompt!r}")
+
+        self.clip = clip_model
+        self.tokenizer = tokenizer
+        self.keep_ratio = float(keep_ratio)
+        self.prompt = prompt
+        self.feature_norm = feature_norm
+        self.input_norm = input_norm
+        self.surgery_depth = int(surgery_depth)
+
+        # CLIP's own normalisation, for input_norm="clip" (open_clip sets it on OpenAI models).
+        clip_mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        clip_std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.register_buffer("_clip_mean", torch.tensor(clip_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_clip_std", torch.tensor(clip_std).view(1, 3, 1, 1), persistent=False)
+
+        # Text features per text ("a" and each prompted class name), computed once: the released
+        # code re-ran the text encoder for every sample of every step.
+        self._text_cache: Dict[str, torch.Tensor] = {}
+
+        self.clip.requires_grad_(False)
+        self.train(False)
+
+    # ----------------------------------------------------------------- frozen
+    def train(self, mode: bool = True) -> "VxLSampler":
+        """Always stays in eval mode: CLIP is a fixed teacher here."""
+        return super().train(False)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip.visual.image_size[0])
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.clip.visual.grid_size
+        return gh * gw
+
+    @property
+    def num_masked(self) -> int:
+        """Patches set to 0 per image: ``floor(N * (1 - keep_ratio)) + 1`` (as the released code)."""
+        # The tiny epsilon keeps e.g. 100 * (1 - 0.3) = 69.999... from flooring to 69.
+        return min(self.num_patches, math.floor(self.num_patches * (1.0 - self.keep_ratio) + 1e-9) + 1)
+
+    # ----------------------------------------------------------------- image side
+    def _to_clip_input(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_norm == "encoder":
+            return images
+        mean = images.new_tensor(_ENCODER_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(_ENCODER_STD).view(1, 3, 1, 1)
+        pixels = images * std + mean  # [B, 3, H, W] back to [0, 1]
+        return (pixels - self._clip_mean.to(images)) / self._clip_std.to(images)
+
+    @staticmethod
+    def _vv_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """CLIP Surgery's v-v self-attention of one open_clip block on ``x`` ``[B, L, W]``."""
+        attn: nn.MultiheadAttention = block.attn
+        width, heads = attn.embed_dim, attn.num_heads
+        b, l, _ = x.shape
+        h = block.ln_1(x)  # [B, L, W]
+        w_v = attn.in_proj_weight[2 * width:]  # rows of v in the packed [q; k; v] projection
+        b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+        v = F.linear(h, w_v, b_v).view(b, l, heads, width // heads).transpose(1, 2)  # [B, H, L, d]
+        # softmax(v vᵀ / sqrt(d)) v: query = key = value = v
+        out = F.scaled_dot_product_attention(v, v, v)  # [B, H, L, d]
+        out = out.transpose(1, 2).reshape(b, l, width)  # [B, L, W]
+        return block.ls_1(attn.out_proj(out))
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-Surgery image features ``[B, 1 + N, E]`` (before any L2 normalisation)."""
+        visual = self.clip.visual
+        if tuple(images.shape[-2:]) != tuple(visual.image_size):
+            raise ValueError(f"the VxL sampler's CLIP expects {tuple(visual.image_size)} images, "
+                             f"got {tuple(images.shape[-2:])}")
+        dtype = visual.conv1.weight.dtype
+        x = self._to_clip_input(images).to(dtype)
+
+        # Embedding, as open_clip's VisionTransformer does it: patches, CLS, position, ln_pre.
+        x = visual.conv1(x).flatten(2).transpose(1, 2)  # [B, N, W]
+        cls = visual.class_embedding.to(dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(dtype)  # [B, 1 + N, W]
+        x = visual.ln_pre(x)
+
+        batch_first = getattr(visual.transformer, "batch_first", False)
+
+        def run_block(block, t):  # open_clip blocks are batch-first unless the tower says otherwise
+            return block(t) if batch_first else block(t.transpose(0, 1)).transpose(0, 1)
+
+        blocks = visual.transformer.resblocks
+        n_plain = len(blocks) - self.surgery_depth
+        for block in blocks[:n_plain]:
+            x = run_block(block, x)
+        # CLIP Surgery: the new path starts from the input of the first surgery block and adds,
+        # at every surgery block, the v-v attention of that block's normal-path input (no MLP).
+        x_surgery = x
+        for block in blocks[n_plain:]:
+            x_surgery = x_surgery + self._vv_attention(block, x)
+            x = run_block(block, x)
+        tokens = torch.cat([x[:, :1], x_surgery[:, 1:]], dim=1)  # CLS from the normal path
+        tokens = visual.ln_post(tokens) @ visual.proj  # [B, 1 + N, E]
+        return tokens.float()
+
+    # ----------------------------------------------------------------- text side
+    @torch.no_grad()
+    def text_features(self, class_names: Sequence[str]) -> torch.Tensor:
+        """L2-normalised CLIP features of ``["a", prompt.format(name)]`` per name: ``[B, 2, E]``."""
+        device = self.clip.visual.conv1.weight.device
+        class_texts = [self.prompt.format(n) for n in class_names]
+        todo = [t for t in dict.fromkeys(["a"] + class_texts) if t not in self._text_cache]
+        if todo:
+            tokens = self.tokenizer(todo).to(device)  # [n, context]
+            feats = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)  # [n, E]
+            self._text_cache.update(zip(todo, feats))
+        dummy = self._text_cache["a"]  # the dummy class feature surgery subtracts against
+        return torch.stack([torch.stack([dummy, self._text_cache[t]]) for t in class_texts]).to(device)
+
+    # ----------------------------------------------------------------- surgery + mask
+    @torch.no_grad()
+    def relevance(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """Feature-surgery relevance of every patch to its image's class: ``[B, N]``."""
+        class_names = list(class_names)
+        if len(class_names) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {len(class_names)} class names")
+        feats = self.image_tokens(images)  # [B, 1 + N, E]
+        feats = F.normalize(feats, dim=1 if self.feature_norm == "token" else -1)
+        text = self.text_features(class_names).to(feats)  # [B, 2, E]: ("a", class)
+
+        prob = torch.einsum("be,bte->bt", feats[:, 0], text)  # [B, 2] CLS-text similarity
+        w = (2 * prob).softmax(dim=-1)
+        w = w / w.mean(dim=-1, keepdim=True)  # [B, 2]
+        g = feats[:, :, None, :] * text[:, None, :, :] * w[:, None, :, None]  # [B, 1 + N, 2, E]
+        g = g - g.mean(dim=2, keepdim=True)  # remove what the texts share
+        similarity = g.sum(dim=-1)  # [B, 1 + N, 2]
+        return similarity[:, 1:, -1]  # [B, N] patches vs. the class text
+
+    @torch.no_grad()
+    def mask_from_relevance(self, relevance: torch.Tensor) -> torch.Tensor:
+        """Keep-mask ``[B, N]`` (1 kept): the ``num_masked`` least relevant patches get 0."""
+        order = torch.sort(relevance, dim=1, stable=True).indices  # ascending; ties by index
+        mask = torch.ones_like(relevance)
+        mask.scatter_(1, order[:, :self.num_masked], 0.0)
+        return mask
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        return self.mask_from_relevance(self.relevance(images, class_names))  # [B, N]
+
+    def extra_repr(self) -> str:
+        return (f"keep_ratio={self.keep_ratio}, prompt={self.prompt!r}, feature_norm={self.feature_norm!r}, "
+                f"input_norm={self.input_norm!r}, surgery_depth={self.surgery_depth}")
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_pretrained(cls, path: str, *, model_name: str = CLIP_MODEL_NAME, model_cfg: Optional[dict] = None,
+                        **kwargs) -> "VxLSampler":
+        """Sampler on an OpenAI-format CLIP checkpoint (state dict or TorchScript archive).
+
+        ``path == "openai"`` downloads OpenAI's weights through open_clip (needs internet).
+        ``model_cfg`` (an ``open_clip.CLIP`` config dict) overrides ``model_name``'s config.
+        """
+        import open_clip
+        if os.fspath(path) == "openai":
+            try:
+                model = open_clip.create_model(model_name, pretrained="openai", precision="fp32", device="cpu")
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not download OpenAI's CLIP weights for {model_name} ({type(e).__name__}: {e}). "
+                    f"Without internet pass a local file: --clip_weights /path/to/ViT-B-16.pt") from e
+        else:
+            cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(model_name)
+            if cfg is None:
+                raise ValueError(f"unknown open_clip model {model_name!r}")
+            model = open_clip.CLIP(**cfg)
+            load_openai_state_dict(model, _read_openai_checkpoint(os.fspath(path)), source=os.fspath(path))
+            _logger.info("VxL sampler: loaded OpenAI CLIP weights from %s into %s", path,
+                         "a custom config" if model_cfg is not None else model_name)
+        _check_quick_gelu(model, str(path))
+        return cls(model.float().eval(), open_clip.get_tokenizer(model_name), **kwargs)
+
+    @classmethod
+    def tiny(cls, image_size: int = 64, patch_size: int = 8, seed: int = 0, **kwargs) -> "VxLSampler":
+        """Sampler on a tiny, seeded random CLIP (CPU tests, the ``tiny`` preset)."""
+        import open_clip
+        kwargs.setdefault("surgery_depth", TINY_SURGERY_DEPTH)
+        return cls(build_tiny_clip(image_size=image_size, patch_size=patch_size, seed=seed),
+                   open_clip.get_tokenizer(CLIP_MODEL_NAME), **kwargs)
+
+
+def tiny_clip_cfg(image_size: int = 64, patch_size: int = 8) -> dict:
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CLIP_CFG.items()}
+    cfg["vision_cfg"].update(image_size=image_size, patch_size=patch_size)
+    return cfg
+
+
+def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) -> nn.Module:
+    """A tiny open_clip CLIP with seeded random weights (the global RNG is left untouched)."""
+    import open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**tiny_clip_cfg(image_size, patch_size))
+    return model.eval()
+
+
+# --------------------------------------------------------------------- OpenAI checkpoints
+def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """State dict of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"CLIP checkpoint not found: {path} (pass OpenAI's ViT-B-16.pt, or 'openai' to download it)")
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError:  # not a TorchScript archive: a saved state dict
+            try:
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path}: neither a TorchScript archive nor a PyTorch state dict ({e})") from e
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = {k[len("module."):] if k.startswith("module.") else k: v
+                      for k, v in state_dict["state_dict"].items()}
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (an OpenAI CLIP state dict)")
+    return dict(state_dict)
+
+
+def load_openai_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly load an OpenAI-format CLIP state dict into an ``open_clip.CLIP``.
+
+    OpenAI's key names are open_clip's CLIP names (open_clip's own OpenAI loader,
+    ``build_model_from_openai_state_dict``, loads them as they are after dropping the
+    non-weight entries), so no renaming is needed; fp16 weights are cast to the model's dtype.
+    Any missing, unexpected or wrongly shaped key raises ``ValueError`` naming it.
+    """
+    target = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not (k in _OPENAI_NON_WEIGHT_KEYS and k not in target)}
+    for key, value in state_dict.items():
+        if key in target and value.shape != target[key].shape:
+            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                             f"{tuple(target[key].shape)} in the CLIP model (is it a ViT-B/16 checkpoint?)")
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"{source}: not an OpenAI-format CLIP checkpoint of this architecture; "
+                         f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def _check_quick_gelu(model: nn.Module, source: str) -> None:
+    from open_clip.transformer import QuickGELU
+    act = model.visual.transformer.resblocks[0].mlp.gelu
+    if not isinstance(act, QuickGELU):
+        raise ValueError(f"{source}: OpenAI CLIP weights need QuickGELU, the model uses {type(act).__name__} "
+                         f"(use open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
+
+
+def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, **kwargs) -> VxLSampler:
+    """The sampler of a preset: ``b16`` needs OpenAI's CLIP ViT-B/16, ``tiny`` uses a random tiny CLIP."""
+    if arch == "b16":
+        if clip_weights is None:
+            raise ValueError("the b16 model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "
+                             "--clip_weights PATH (OpenAI's ViT-B-16.pt) or --clip_weights openai to download it")
+        return VxLSampler.from_pretrained(clip_weights, **kwargs)
+    if arch == "tiny":
+        if clip_weights is not None:
+            return VxLSampler.from_pretrained(clip_weights, model_cfg=tiny_clip_cfg(),
+                                              **{"surgery_depth": TINY_SURGERY_DEPTH, **kwargs})
+        return VxLSampler.tiny(**kwargs)
+    raise ValueError(f"unknown arch {arch!r} for the VxL sampler; choose 'b16' or 'tiny'")

@@ -1,0 +1,222 @@
+"""The sketch/photo encoder: presets, the averaged conv-stem patch embedding, dropout, weight loading."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from models.encoder import ENCODER_PRESETS, WeightLoadError, build_encoder, load_vit_weights
+
+TINY = ENCODER_PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    torch.manual_seed(0)
+    return build_encoder("tiny").eval()
+
+
+def test_presets_match_the_reference():
+    b16 = ENCODER_PRESETS["b16"]
+    assert (b16["img_size"], b16["patch_size"], b16["embed_dim"], b16["depth"], b16["num_heads"],
+            b16["mlp_ratio"], b16["dropout"]) == (224, 16, 768, 12, 12, 4.0, 0.1)
+    assert tuple(b16["stem_channels"]) == (64, 128, 256)
+    assert (TINY["img_size"], TINY["patch_size"], TINY["embed_dim"], TINY["depth"], TINY["num_heads"],
+            TINY["mlp_ratio"]) == (64, 8, 192, 4, 3, 4.0)
+
+
+def test_b16_stem_layout():
+    # Built on the meta device: the layout without paying for ViT-B/16's initialisation.
+    with torch.device("meta"):
+        enc = build_encoder("b16")
+    stem = enc.vit.patch_embed.stem
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    got = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0], c.bias) for c in convs]
+    assert got == [(3, 64, 7, 2, 3, None), (64, 128, 3, 2, 1, None), (128, 256, 3, 2, 1, None),
+                   (256, 768, 3, 2, 1, None)]
+    assert [type(m).__name__ for m in stem] == ["Conv2d", "ReLU"] * 3 + ["Conv2d"]
+    proj = enc.vit.patch_embed.proj
+    assert (proj.kernel_size, proj.stride, proj.out_channels) == ((16, 16), (16, 16), 768)
+    assert enc.num_patches == 196 and enc.grid_size == (14, 14) and enc.img_size == 224
+    out = enc(torch.empty(2, 3, 224, 224, device="meta"), "sketch")
+    assert tuple(out.shape) == (2, 197, 768)
+    # ViT-B/16 = 85,798,656 parameters without a head; the stem adds 3*64*49 + 64*128*9 + 128*256*9 + 256*768*9.
+    stem_params = sum(p.numel() for p in enc.stem_parameters())
+    assert stem_params == 3 * 64 * 49 + 64 * 128 * 9 + 128 * 256 * 9 + 256 * 768 * 9 == 2_147_520
+    assert sum(p.numel() for p in enc.parameters()) == 85_798_656 + 2_147_520
+
+
+def test_dropout_placement(tiny_encoder):
+    vit = tiny_encoder.vit
+    assert vit.pos_drop.p == 0.1  # embeddings
+    for blk in vit.blocks:
+        assert blk.attn.proj_drop.p == 0.1  # attention output
+        assert blk.mlp.drop1.p == 0.1 and blk.mlp.drop2.p == 0.1  # MLP
+        assert blk.attn.attn_drop.p == 0.0  # no dropout on attention weights
+        assert isinstance(blk.drop_path1, torch.nn.Identity)
+    assert not isinstance(vit.norm, torch.nn.Identity)  # final LayerNorm
+    custom = build_encoder("tiny", dropout=0.0)
+    assert custom.vit.pos_drop.p == 0.0 and custom.vit.blocks[0].mlp.drop2.p == 0.0
+
+
+def test_tiny_stem_layout_and_shapes(tiny_encoder):
+    convs = [m for m in tiny_encoder.vit.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 1]  # total stride 8 = patch size
+    assert [c.out_channels for c in convs] == [16, 32, 64, 192]
+    x = torch.randn(3, 3, 64, 64)
+    tokens = tiny_encoder(x, "photo")
+    assert tokens.shape == (3, 1 + 64, 192)
+    assert tiny_encoder.num_patches == 64 and tiny_encoder.grid_size == (8, 8) and tiny_encoder.embed_dim == 192
+    torch.testing.assert_close(tiny_encoder.embed(x, "photo"), tokens[:, 0])
+
+
+def test_patch_embed_is_the_average_of_conv_and_stem(tiny_encoder):
+    pe = tiny_encoder.vit.patch_embed
+    x = torch.randn(2, 3, 64, 64)
+    w = [m.weight for m in pe.stem if isinstance(m, torch.nn.Conv2d)]
+    # The stem written out with the functional API.
+    s = F.relu(F.conv2d(x, w[0], stride=2, padding=3))
+    s = F.relu(F.conv2d(s, w[1], stride=2, padding=1))
+    s = F.relu(F.conv2d(s, w[2], stride=2, padding=1))
+    s = F.conv2d(s, w[3], stride=1, padding=1)  # [2, 192, 8, 8]
+    p = F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=8)  # [2, 192, 8, 8]
+    expected = ((s + p) / 2).flatten(2).transpose(1, 2)  # [2, 64, 192]
+    torch.testing.assert_close(pe(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):
+    vit = tiny_encoder.vit
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = vit.patch_embed(x)  # [2, 64, 192]
+        h = torch.cat([vit.cls_token.expand(2, -1, -1), h], dim=1) + vit.pos_embed
+        for blk in vit.blocks:  # pre-norm residual blocks
+            h = h + blk.attn(blk.norm1(h))
+            h = h + blk.mlp(blk.norm2(h))
+        h = F.layer_norm(h, (192,), vit.norm.weight, vit.norm.bias, eps=vit.norm.eps)
+        torch.testing.assert_close(tiny_encoder(x, "sketch"), h, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_active_in_training(tiny_encoder):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        try:
+            tiny_encoder.train()
+            assert not torch.allclose(tiny_encoder(x), tiny_encoder(x))
+        finally:
+            tiny_encoder.eval()
+        torch.testing.assert_close(tiny_encoder(x), tiny_encoder(x))
+
+
+def test_shared_and_separate_encoders():
+    x = torch.randn(2, 3, 64, 64)
+    shared = build_encoder("tiny").eval()
+    torch.testing.assert_close(shared(x, "sketch"), shared(x, "photo"))
+    untied = build_encoder("tiny", separate_photo_encoder=True).eval()
+    assert untied.photo_vit is not None
+    assert not torch.allclose(untied(x, "sketch"), untied(x, "photo"))
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert sum(p.numel() for p in untied.parameters()) == 2 * n_shared
+
+
+def test_bad_inputs(tiny_encoder):
+    with pytest.raises(ValueError, match="modality"):
+        tiny_encoder(torch.randn(1, 3, 64, 64), "drawing")
+    with pytest.raises(ValueError, match="64x64"):
+        tiny_encoder(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown encoder arch"):
+        build_encoder("vit_huge")
+
+
+# ----------------------------------------------------------------------------- weight loading
+def _timm_tiny_vit(img_size=64, num_classes=10) -> VisionTransformer:
+    """A plain timm ViT of the tiny preset's shape, with a classifier head (as released checkpoints)."""
+    torch.manual_seed(1)
+    return VisionTransformer(img_size=img_size, patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                             num_classes=num_classes)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_load_vit_weights(tmp_path, suffix, caplog):
+    source = _timm_tiny_vit().state_dict()
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+    else:
+        torch.save(source, path)
+    enc = build_encoder("tiny")
+    stem_before = {k: v.clone() for k, v in enc.vit.patch_embed.stem.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="models.encoder"):
+        report = load_vit_weights(enc, str(path))
+
+    target = enc.vit.state_dict()
+    for key, value in source.items():
+        if key.startswith("head."):
+            continue
+        torch.testing.assert_close(target[key], value, rtol=0, atol=0)
+    for key, value in stem_before.items():  # stem untouched, reported as random
+        torch.testing.assert_close(target[f"patch_embed.stem.{key}"], value, rtol=0, atol=0)
+    assert sorted(report["ignored_head"]) == ["head.bias", "head.weight"]
+    assert sorted(report["random_init"]) == sorted(f"patch_embed.stem.{k}" for k in stem_before)
+    assert report["missing"] == [] and report["unexpected"] == [] and report["resampled"] == {}
+    assert len(report["loaded"]) == len(source) - 2
+    assert "initialised randomly" in caplog.text
+
+
+def test_load_vit_weights_into_both_untied_encoders(tmp_path):
+    source = _timm_tiny_vit().state_dict()
+    torch.save(source, tmp_path / "vit.pth")
+    enc = build_encoder("tiny", separate_photo_encoder=True)
+    load_vit_weights(enc, str(tmp_path / "vit.pth"))
+    for vit in (enc.vit, enc.photo_vit):
+        torch.testing.assert_close(vit.blocks[2].mlp.fc1.weight, source["blocks.2.mlp.fc1.weight"], rtol=0, atol=0)
+
+
+def test_load_vit_weights_resamples_pos_embed(tmp_path):
+    source = _timm_tiny_vit(img_size=32).state_dict()  # 4x4 grid: pos_embed [1, 17, 192]
+    torch.save(source, tmp_path / "vit32.pth")
+    enc = build_encoder("tiny")
+    report = load_vit_weights(enc, str(tmp_path / "vit32.pth"))
+    assert report["resampled"] == {"pos_embed": ((1, 17, 192), (1, 65, 192))}
+    pos = enc.vit.pos_embed.detach()
+    old = source["pos_embed"]
+    torch.testing.assert_close(pos[:, :1], old[:, :1])  # CLS position untouched
+    grid = old[:, 1:].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(pos[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 64, 192))
+
+
+def test_load_vit_weights_errors(tmp_path, caplog):
+    source = _timm_tiny_vit().state_dict()
+    bad = dict(source)
+    bad["blocks.1.attn.qkv.weight"] = torch.zeros(10, 192)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight.*\(10, 192\).*\(576, 192\)"):
+        load_vit_weights(build_encoder("tiny"), str(tmp_path / "bad.pth"))
+
+    partial_sd = {k: v for k, v in source.items() if k != "norm.weight"}
+    partial_sd["extra.thing"] = torch.zeros(3)
+    torch.save(partial_sd, tmp_path / "partial.pth")
+    with caplog.at_level(logging.WARNING, logger="models.encoder"):
+        report = load_vit_weights(build_encoder("tiny"), str(tmp_path / "partial.pth"))
+    assert report["missing"] == ["norm.weight"] and report["unexpected"] == ["extra.thing"]
+    assert "norm.weight" in caplog.text and "extra.thing" in caplog.text
+
+    torch.save({"transformer.encoder_norm.weight": torch.zeros(192)}, tmp_path / "other_naming.pth")
+    with pytest.raises(ValueError, match="other_naming.pth.*timm"):
+        load_vit_weights(build_encoder("tiny"), str(tmp_path / "other_naming.pth"))
+
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_vit_weights(build_encoder("tiny"), str(tmp_path / "nowhere.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightLoadError, match="junk.pth"):
+        load_vit_weights(build_encoder("tiny"), str(tmp_path / "junk.pth"))
+
+
+def test_timm_tag_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightLoadError, match="local"):
+        load_vit_weights(build_encoder("tiny"), "vit_tiny_patch16_224.augreg_in21k")
+

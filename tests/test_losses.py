@@ -1,0 +1,111 @@
+"""Every loss on hand-made tensors against hand-computed numbers."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from losses import MatchingLoss, PuXIMCriterion, ReconstructionLoss, TripletLoss, build_criterion
+
+
+def test_triplet_euclidean_by_hand():
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    p = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    n = torch.tensor([[1.0, 0.0], [4.0, 5.0]])
+    # sample 1: d(a,p) = 5, d(a,n) = 1 -> 5 - 1 + 1 = 5; sample 2: 0 - 5 + 1 < 0 -> 0; mean 2.5
+    # (torch adds eps = 1e-6 inside the norm: differences below 1e-5)
+    loss = TripletLoss(margin=1.0)(a, p, n)
+    assert loss.shape == ()
+    assert loss.item() == pytest.approx(2.5, abs=1e-5)
+    assert TripletLoss(margin=3.0)(a, p, n).item() == pytest.approx((7.0 + 0.0) / 2, abs=1e-5)
+
+
+def test_triplet_cosine_by_hand():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    n = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    # sample 1: d(a,p) = 1 - 0 = 1, d(a,n) = 1 - 1/sqrt(2) -> 1 - (1 - 0.70711) + 0.2 = 0.90711
+    # sample 2: d(a,p) = 0, d(a,n) = 2 -> 0 - 2 + 0.2 < 0 -> 0
+    loss = TripletLoss(margin=0.2, distance="cosine")(a, p, n)
+    assert loss.item() == pytest.approx((1 / math.sqrt(2) + 0.2) / 2, abs=1e-6)  # 0.453553
+    with pytest.raises(ValueError, match="distance"):
+        TripletLoss(distance="manhattan")
+
+
+def test_reconstruction_by_hand():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]],
+                      [[5.0, 6.0], [7.0, 8.0]]], requires_grad=True)  # [2B=2, N=2, D=2]
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # masked tokens: (3, 4) and (5, 6): 9 + 16 + 25 + 36 = 86 over 8 elements
+    loss = ReconstructionLoss()(x, m)
+    assert loss.item() == pytest.approx(86 / 8)
+    loss.backward()
+    # d/dX mean((X - X*M)^2) = 2 (1-M)^2 X / 8 = (1-M) X / 4 for a 0/1 mask
+    expected = torch.tensor([[[0.0, 0.0], [0.75, 1.0]], [[1.25, 1.5], [0.0, 0.0]]])
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_reconstruction_gradient_flows_through_both_sides():
+    # With a soft mask the two readings differ: through both sides d/dx (x - m x)^2 = 2 (1-m)^2 x,
+    # with the target detached it would be 2 (1-m) x.
+    x = torch.tensor([[[2.0]]], requires_grad=True)
+    m = torch.tensor([[0.5]])
+    loss = ReconstructionLoss()(x, m)
+    assert loss.item() == pytest.approx(1.0)  # (2 - 1)^2
+    loss.backward()
+    assert x.grad.item() == pytest.approx(2 * 0.25 * 2.0)
+    with pytest.raises(ValueError, match="mask"):
+        ReconstructionLoss()(torch.zeros(2, 3, 4), torch.zeros(2, 4))
+
+
+def test_matching_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([1, 0])
+    # row 1: -log(e^0 / (e^2 + e^0)) = log(1 + e^2) = 2.126928; row 2: log 2 = 0.693147
+    assert MatchingLoss()(logits, labels).item() == pytest.approx((2.126928 + 0.693147) / 2, abs=1e-6)
+
+
+def _outputs():
+    return {
+        "sketch_emb": torch.tensor([[0.0, 0.0]]),
+        "positive_emb": torch.tensor([[3.0, 4.0]]),
+        "negative_emb": torch.tensor([[1.0, 0.0]]),
+        "photo_patch_tokens": torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]),
+        "photo_mask": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        "match_logits": torch.tensor([[2.0, 0.0], [0.0, 0.0]]),
+        "match_labels": torch.tensor([1, 0]),
+    }
+
+
+def test_criterion_by_hand():
+    crit = PuXIMCriterion()
+    assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
+    out = crit(_outputs())
+    assert set(out) == {"loss_tri", "loss_rec", "loss_int", "loss"}
+    tri, rec, ce = 5.0, 86 / 8, (2.126928 + 0.693147) / 2
+    assert out["loss_tri"].item() == pytest.approx(tri, abs=1e-5)
+    assert out["loss_rec"].item() == pytest.approx(rec)
+    assert out["loss_int"].item() == pytest.approx(ce, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(tri + 0.05 * rec + 0.1 * ce, abs=1e-5)  # 5.678204
+
+
+def test_non_mask_criterion():
+    crit = build_criterion(SimpleNamespace(variant="non-mask"))
+    assert crit.triplet.distance == "cosine" and crit.triplet.margin == 0.2
+    out = crit(_outputs())
+    assert out["loss_rec"].item() == 0.0 and not out["loss_rec"].requires_grad
+    # cosine triplet with a = 0: cos = 0 both ways (torch clamps the norm), so 1 - 1 + 0.2 = 0.2
+    assert out["loss_tri"].item() == pytest.approx(0.2, abs=1e-6)
+    ce = (2.126928 + 0.693147) / 2
+    assert out["loss"].item() == pytest.approx(0.2 + 0.1 * ce, abs=1e-6)
+
+
+def test_build_criterion_defaults_and_overrides():
+    crit = build_criterion(SimpleNamespace())
+    assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
+    assert crit.triplet.distance == "euclidean" and crit.triplet.margin == 1.0 and crit.use_reconstruction
+    crit = build_criterion(SimpleNamespace(variant="puxim", margin=0.5, w_tri=2, w_rec=None, w_int=0.3))
+    assert crit.triplet.margin == 0.5
+    assert crit.weight_dict == {"loss_tri": 2.0, "loss_rec": 0.05, "loss_int": 0.3}
+    with pytest.raises(ValueError, match="variant"):
+        build_criterion(SimpleNamespace(variant="mae"))

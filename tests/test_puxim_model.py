@@ -1,0 +1,213 @@
+"""PuXIM composed: output shapes and values, masking, the interaction head, gradients, b16 sizes."""
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+
+from losses import build_criterion
+from models import INTERACTION_PRESETS, InteractionHead, PuXIM, VxLSampler, build_encoder, build_model, model_summary
+
+B = 2
+
+
+def _batch(size=64, b=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.rand(b, 3, size, size, generator=g) * 2 - 1  # noqa: E731
+    return dict(sketch=img(), positive=img(), negative=img(),
+                positive_class=["cat", "dog"][:b], negative_class=["car", "cup"][:b])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(SimpleNamespace(arch="tiny"))
+
+
+# ----------------------------------------------------------------------------- b16 sizes
+@pytest.fixture(scope="module")
+def b16_model():
+    """The paper's model built on the meta device: real shapes and parameter counts, no memory, no init."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**open_clip.get_model_config("ViT-B-16-quickgelu"))
+        sampler = VxLSampler(clip, tokenizer)
+        model = PuXIM(encoder=build_encoder("b16"), interaction=InteractionHead(**INTERACTION_PRESETS["b16"]),
+                      sampler=sampler)
+    return model
+
+
+def test_b16_parameter_counts(b16_model):
+    counts = model_summary(b16_model)
+    print("\nb16 parameter counts:", {k: f"{v:,}" for k, v in counts.items()})
+    assert counts["stem"] == 2_147_520
+    assert counts["encoder"] == 85_798_656 + 2_147_520  # timm ViT-B/16 without head + stem
+    assert 149_000_000 < counts["sampler_frozen"] < 150_000_000  # CLIP ViT-B/16 (both towers), frozen
+    # decoder layer: 2 x attention (4*768^2 + 4*768) + FFN (2*768*1024 + 1024 + 768) + 3 LayerNorms (6*768)
+    layer = 2 * (4 * 768 * 768 + 4 * 768) + (2 * 768 * 1024 + 1024 + 768) + 6 * 768
+    assert counts["interaction"] == 4 * layer + 768 * 2 + 2 == 25_217_538
+    assert counts["trainable"] == counts["encoder"] + counts["interaction"]
+    assert all(not p.requires_grad for p in b16_model.sampler.parameters())
+
+
+def test_b16_forward_shapes(b16_model):
+    meta = lambda: torch.empty(1, 3, 224, 224, device="meta")  # noqa: E731
+    out = b16_model(dict(sketch=meta(), positive=meta(), negative=meta(),
+                         positive_class=["cat"], negative_class=["dog"]))
+    shapes = {k: tuple(v.shape) for k, v in out.items()}
+    assert shapes == {"sketch_emb": (1, 768), "positive_emb": (1, 768), "negative_emb": (1, 768),
+                      "photo_patch_tokens": (2, 196, 768), "photo_mask": (2, 196), "match_logits": (2, 2),
+                      "match_labels": (2,)}
+    assert tuple(b16_model.sampler.image_tokens(meta()).shape) == (1, 197, 512)
+
+
+# ----------------------------------------------------------------------------- tiny forward
+def test_forward_shapes_and_values(tiny_model):
+    model = tiny_model.eval()
+    batch = _batch()
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[0], args[1])))
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        hook.remove()
+    assert calls == [(B, "sketch"), (2 * B, "photo")]  # one sketch pass, one photo pass for pos + neg
+
+    assert out["sketch_emb"].shape == (B, 192) and out["positive_emb"].shape == (B, 192)
+    assert out["negative_emb"].shape == (B, 192) and out["photo_patch_tokens"].shape == (2 * B, 64, 192)
+    assert out["photo_mask"].shape == (2 * B, 64) and out["match_logits"].shape == (2 * B, 2)
+    assert out["match_labels"].tolist() == [1, 1, 0, 0] and out["match_labels"].dtype == torch.long
+    assert out["photo_mask"].sum(dim=1).tolist() == [19.0] * 4  # keep 0.3 of 64: 64 - 45
+
+    with torch.no_grad():
+        photos = torch.cat([batch["positive"], batch["negative"]])
+        tokens = model.encoder(photos, "photo")
+        sketch_tokens = model.encoder(batch["sketch"], "sketch")
+        mask = model.sampler(photos, ["cat", "dog", "car", "cup"])
+        torch.testing.assert_close(out["photo_mask"], mask, rtol=0, atol=0)
+        torch.testing.assert_close(out["sketch_emb"], model.encode(batch["sketch"], "sketch"))
+        torch.testing.assert_close(out["positive_emb"], tokens[:B, 0])
+        torch.testing.assert_close(out["negative_emb"], model.encode(batch["negative"], "photo"))
+        torch.testing.assert_close(out["photo_patch_tokens"], tokens[:, 1:])
+        # memory = CLS + patch tokens times the mask; queries = the same sketch for (s,p) and (s,n)
+        memory = torch.cat([tokens[:, :1], tokens[:, 1:] * mask[..., None]], dim=1)
+        expected = model.interaction(sketch_tokens.repeat(2, 1, 1), memory)
+        torch.testing.assert_close(out["match_logits"], expected)
+        unmasked = model.interaction(sketch_tokens.repeat(2, 1, 1), tokens)
+    assert not torch.allclose(expected, unmasked)
+
+    model.mask_memory = False
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch)["match_logits"], unmasked)
+    finally:
+        model.mask_memory = True
+
+
+def test_precomputed_mask_skips_the_sampler(tiny_model):
+    model = tiny_model.eval()
+    batch = _batch()
+    given = torch.zeros(2 * B, 64)
+    given[:, :5] = 1
+    batch["photo_mask"] = given
+    original = model.sampler.forward
+    model.sampler.forward = lambda *a, **k: pytest.fail("sampler called despite batch['photo_mask']")
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        model.sampler.forward = original
+    torch.testing.assert_close(out["photo_mask"], given)
+    batch["photo_mask"] = torch.ones(B, 64)
+    with pytest.raises(ValueError, match="photo_mask"):
+        model(batch)
+
+
+def test_non_mask_variant():
+    model = build_model(SimpleNamespace(arch="tiny", variant="non-mask")).eval()
+    assert model.sampler is None and not model.use_mask
+    with torch.no_grad():
+        out = model(_batch())
+    assert torch.equal(out["photo_mask"], torch.ones(2 * B, 64))
+    assert build_criterion(SimpleNamespace(variant="non-mask"))(out)["loss_rec"].item() == 0.0
+
+
+def test_build_model_options(tmp_path):
+    model = build_model(SimpleNamespace(arch="tiny", keep_ratio=0.5, prompt="a photo of {}", vxl_norm="channel",
+                                        clip_input_norm="clip", separate_encoders=True, int_memory="unmasked",
+                                        dropout=0.0))
+    s = model.sampler
+    assert (s.keep_ratio, s.prompt, s.feature_norm, s.input_norm, s.surgery_depth) == (
+        0.5, "a photo of {}", "channel", "clip", 2)
+    assert model.encoder.photo_vit is not None and not model.mask_memory
+    assert model.encoder.vit.pos_drop.p == 0.0 and model.interaction.decoder.layers[0].dropout.p == 0.1
+    with pytest.raises(ValueError, match="--clip_weights"):
+        build_model(SimpleNamespace(arch="b16"))
+    no_sampler = build_model(SimpleNamespace(arch="tiny"), with_sampler=False)
+    assert no_sampler.sampler is None and no_sampler.use_mask
+    with pytest.raises(RuntimeError, match="photo_mask"):
+        no_sampler(_batch())
+    with pytest.raises(ValueError, match="arch"):
+        build_model(SimpleNamespace(arch="l14"))
+    with pytest.raises(ValueError, match="int_memory"):
+        build_model(SimpleNamespace(arch="tiny", int_memory="half"))
+
+
+# ----------------------------------------------------------------------------- training behaviour
+def test_train_mode_and_trainable_parameters(tiny_model):
+    model = tiny_model.train()
+    assert model.encoder.training and model.interaction.training
+    assert not model.sampler.training and not any(m.training for m in model.sampler.modules())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert not trainable & {id(p) for p in model.sampler.parameters()}
+    assert trainable == {id(p) for p in model.encoder.parameters()} | {id(p) for p in model.interaction.parameters()}
+    model.eval()
+
+
+@pytest.mark.parametrize("term", ["loss_tri", "loss_rec", "loss_int"])
+def test_gradients_reach_the_encoder_never_clip(tiny_model, term):
+    model = tiny_model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(_batch())
+    losses = build_criterion(SimpleNamespace())(out)
+    losses[term].backward()
+    vit = model.encoder.vit
+    for p in (vit.blocks[0].attn.qkv.weight, vit.patch_embed.stem[0].weight, vit.patch_embed.proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    interaction_grads = [p.grad for p in model.interaction.parameters()]
+    if term == "loss_int":
+        assert all(g is not None for g in interaction_grads)
+    else:
+        assert all(g is None for g in interaction_grads)
+    assert all(p.grad is None for p in model.sampler.parameters())
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- interaction head
+def test_interaction_head_structure():
+    head = InteractionHead(**INTERACTION_PRESETS["b16"])
+    layers = head.decoder.layers
+    assert len(layers) == 4 and head.classifier.out_features == 2
+    layer = layers[0]
+    assert layer.self_attn.batch_first and layer.multihead_attn.batch_first and not layer.norm_first
+    assert layer.self_attn.num_heads == 4 and layer.linear1.out_features == 1024
+    assert layer.activation is torch.nn.functional.relu and layer.dropout.p == 0.1
+
+
+def test_interaction_head_is_per_sample():
+    torch.manual_seed(0)
+    head = InteractionHead(d_model=32, nhead=4, num_layers=2, dim_feedforward=64).eval()
+    s, p = torch.randn(5, 7, 32), torch.randn(5, 9, 32)
+    with torch.no_grad():
+        out = head(s, p)
+        perm = torch.tensor([3, 0, 4, 1, 2])
+        torch.testing.assert_close(head(s[perm], p[perm]), out[perm])  # permuting the batch permutes outputs
+        s2, p2 = s.clone(), p.clone()
+        s2[1:] = torch.randn(4, 7, 32)
+        p2[1:] = torch.randn(4, 9, 32)
+        torch.testing.assert_close(head(s2, p2)[0], out[0])  # sample 0 ignores the others
+        torch.testing.assert_close(head(s[:1], p[:1]), out[:1])
+        # per-token logits averaged over the query tokens
+        torch.testing.assert_close(out, head.classifier(head.decoder(s, p)).mean(dim=1))
