@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluate on all unseen sketches and photos (--no-testall with --eval_per_class)")
     g.add_argument("--eval_per_class", type=int, default=None,
                    help="quick validation: at most this many queries and gallery photos per class")
+    g.add_argument("--custom_split", action="store_true",
+                   help="your own split: take the unseen classes from cname_cid_zero.txt without checking "
+                        "them against the canonical list of --test_class")
     g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
     g.add_argument("--image_size", type=int, default=None, help="input size (default: the preset's)")
     g.add_argument("--num_workers", type=int, default=2)
@@ -181,24 +184,6 @@ def select_amp(args, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Wraps the triplet id sampler so an epoch can start after ``skip`` ids (mid-epoch resume)."""
-
-    def __init__(self, base):
-        self.base = base
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.base.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(self.base)[self.skip:])
-
-    def __len__(self) -> int:
-        return max(len(self.base) - self.skip, 0)
-
-
 def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.device) -> dict:
     from datasets.sampling import TripletIndexSampler
 
@@ -209,7 +194,7 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
     workers = dict(num_workers=args.num_workers, pin_memory=pin,
                    persistent_workers=args.num_workers > 0,
                    prefetch_factor=4 if args.num_workers > 0 else None)
-    sampler = EpochSampler(TripletIndexSampler(len(data["train"]), rank=rank, world_size=world))
+    sampler = TripletIndexSampler(len(data["train"]), rank=rank, world_size=world)
     train = DataLoader(data["train"], batch_size=per_rank, sampler=sampler, drop_last=False, **workers)
     eval_bs = args.eval_batch_size or 2 * per_rank
 

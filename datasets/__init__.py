@@ -1,0 +1,75 @@
+"""Datasets for PuXIM: the ZSE-SBIR benchmark layout, preprocessing and sampling.
+
+``build_datasets(args)`` is the one entry point that reads an ``args`` object; everything
+below it takes explicit keyword arguments.
+"""
+from __future__ import annotations
+
+from .benchmarks import DATASETS, BenchmarkSplit, load_benchmark
+from .filelist import DatasetError, read_class_file, read_file_list
+from .sampling import ImageListDataset, TripletDataset, TripletIndexSampler, subsample_per_class
+from .transforms import ImageLoadError, load_image, preprocess_photo, preprocess_sketch
+
+__all__ = [
+    "build_datasets", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
+    "ImageLoadError", "read_class_file", "read_file_list", "TripletDataset",
+    "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image",
+    "preprocess_sketch", "preprocess_photo",
+]
+
+
+def build_datasets(args) -> dict:
+    """Build the training triplets and the unseen-class query/gallery sets from ``args``.
+
+    Fields read (with defaults): ``data_path`` (None → the built-in synthetic benchmark,
+    ``synthetic_dir`` (None → its default cache)), ``dataset`` ("sketchy_extend"),
+    ``test_class`` ("test_class_sketchy25"), ``image_size`` (224), ``datasetLen`` (5000,
+    triplets per epoch), ``seed`` (0), ``testall`` (True: every unseen sketch and photo;
+    False: the released code's quick-evaluation strides), ``eval_per_class`` (None: when set,
+    at most that many queries and gallery photos per class, chosen reproducibly),
+    ``check_files`` (True), ``custom_split`` (False: the unseen classes must equal the
+    canonical list of ``test_class``; True: a user's own split, taken as written).
+
+    Returns a dict: ``split`` (BenchmarkSplit), ``train`` (TripletDataset), ``query`` and
+    ``gallery`` (ImageListDataset of unseen sketches / photos), ``class_to_idx`` (unseen
+    classes sorted → 0..n-1).
+    """
+    data_path = getattr(args, "data_path", None)
+    check_files = getattr(args, "check_files", True)
+    if data_path is None:
+        from .synthetic import ensure_synthetic_benchmark  # lazy: draws images on first use
+
+        root = ensure_synthetic_benchmark(getattr(args, "synthetic_dir", None))  # None: default cache
+        split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25",
+                               check_canonical=False, check_files=check_files)
+    else:
+        split = load_benchmark(data_path, getattr(args, "dataset", "sketchy_extend"),
+                               getattr(args, "test_class", "test_class_sketchy25"),
+                               check_canonical=not getattr(args, "custom_split", False),
+                               check_files=check_files)
+
+    image_size = getattr(args, "image_size", 224)
+    seed = getattr(args, "seed", 0)
+    train = TripletDataset(sketches=split.train_sketches, photos=split.train_photos,
+                           length=getattr(args, "datasetLen", 5000), image_size=image_size,
+                           seed=seed)
+
+    queries, gallery = split.test_sketches, split.test_photos
+    if not getattr(args, "testall", True) and split.spec is not None:
+        queries = queries[::split.spec.sketch_stride]
+        gallery = gallery[::split.spec.photo_stride]
+    per_class = getattr(args, "eval_per_class", None)
+    if per_class is not None:
+        queries = subsample_per_class(queries, per_class, seed=seed)
+        gallery = subsample_per_class(gallery, per_class, seed=seed)
+
+    class_to_idx = {c: i for i, c in enumerate(sorted(split.unseen_classes))}
+    return {
+        "split": split,
+        "train": train,
+        "query": ImageListDataset(items=queries, class_to_idx=class_to_idx, kind="sketch",
+                                  image_size=image_size),
+        "gallery": ImageListDataset(items=gallery, class_to_idx=class_to_idx, kind="photo",
+                                    image_size=image_size),
+        "class_to_idx": class_to_idx,
+    }

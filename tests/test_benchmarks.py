@@ -1,0 +1,243 @@
+"""datasets.benchmarks and datasets.build_datasets on small split folders made in tmp_path."""
+import io
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+from datasets import build_datasets
+from datasets.benchmarks import DATASETS, find_missing_files, load_benchmark
+from datasets.filelist import DatasetError, read_class_names
+
+SPLITS = Path(datasets.__file__).parent / "splits"
+SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
+SEEN = ["alarm clock", "café crème", "pig"]  # spaces and unicode in class names
+SK_DIR, PH_DIR, EXT_DIR = ("256x256/sketch/tx_000000000000_ready",
+                           "256x256/photo/tx_000000000000_ready", "EXTEND_image_sketchy_ready")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+def write_split(root: Path, *, seen=SEEN, unseen=SKETCHY25, split_dir="Sketchy/zeroshot1",
+                n_sketch=2, n_photo=3, backslash=False, photo_train_dir=PH_DIR,
+                lists=None) -> Path:
+    """Write a ZSE-SBIR split (class files, four lists, tiny images); returns the split folder."""
+    dataset_dir = root / split_dir.split("/")[0]
+    folder = dataset_dir / split_dir.split("/")[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = lists or {"sketch_train": "sketch_tx_000000000000_ready_filelist_train.txt",
+                      "photo_train": "all_photo_filelist_train.txt",
+                      "sketch_zero": "sketch_tx_000000000000_ready_filelist_zero.txt",
+                      "photo_zero": "all_photo_filelist_zero.txt"}
+    (folder / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
+    (folder / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
+
+    def write_list(name, classes, sub, count, stem):
+        lines = []
+        for label, c in enumerate(classes):
+            for j in range(count):
+                # Photos alternate between the Sketchy and the extended folder.
+                top = EXT_DIR if sub == PH_DIR and j % 2 else sub
+                rel = f"{top}/{c}/{stem} {j}.png"
+                (dataset_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (dataset_dir / rel).write_bytes(PNG)
+                lines.append((rel.replace("/", "\\") if backslash else rel) + f" {label}\n")
+        (folder / names[name]).write_text("".join(lines), encoding="utf-8")
+
+    write_list("sketch_train", seen, SK_DIR, n_sketch, "s")
+    write_list("photo_train", seen, photo_train_dir, n_photo, "p")
+    write_list("sketch_zero", unseen, SK_DIR, n_sketch, "zs")
+    write_list("photo_zero", unseen, PH_DIR, n_photo, "zp")
+    return folder
+
+
+def test_load_sketchy25(tmp_path):
+    write_split(tmp_path)
+    split = load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    assert split.root == tmp_path / "Sketchy" and split.split_dir == tmp_path / "Sketchy/zeroshot1"
+    assert split.seen_classes == SEEN and split.unseen_classes == SKETCHY25
+    assert split.summary() == {
+        "name": "sketchy_extend/test_class_sketchy25", "root": str(tmp_path / "Sketchy"),
+        "seen_classes": 3, "unseen_classes": 25, "train_sketches": 6, "train_photos": 9,
+        "test_sketches": 50, "test_photos": 75}
+    assert split.train_sketches["café crème"] == [
+        tmp_path / f"Sketchy/{SK_DIR}/café crème/s {j}.png" for j in range(2)]
+    assert split.train_photos["pig"][1] == tmp_path / f"Sketchy/{EXT_DIR}/pig/p 1.png"
+    assert split.test_sketches[0] == (tmp_path / f"Sketchy/{SK_DIR}/cup/zs 0.png", "cup")
+    assert all(p.is_absolute() and p.is_file() for p, _ in split.test_photos)
+
+
+@pytest.mark.parametrize("dataset,test_class,split_dir,lists", [
+    ("sketchy_extend", "test_class_sketchy21", "Sketchy/zeroshot0", None),
+    ("tu_berlin", "test_class_tuberlin30", "TUBerlin/zeroshot", "tu_berlin"),
+    ("quickdraw", None, "QuickDraw/zeroshot", "Quickdraw"),  # case-insensitive, default split
+])
+def test_other_benchmarks(tmp_path, dataset, test_class, split_dir, lists):
+    key = lists or "sketchy_extend"
+    spec = next(iter(DATASETS[key].values())) if lists else DATASETS[key][test_class]
+    canonical = read_class_names(SPLITS / f"{spec.canonical}.txt")
+    write_split(tmp_path, unseen=canonical, split_dir=split_dir, lists=spec.list_files)
+    split = load_benchmark(tmp_path, dataset, test_class)
+    assert split.split_dir == tmp_path / split_dir
+    assert sorted(split.unseen_classes) == sorted(canonical)
+    assert split.summary()["test_sketches"] == 2 * len(canonical)
+
+
+def test_canonical_mismatch_lists_differences(tmp_path):
+    unseen = [c for c in SKETCHY25 if c != "cup"] + ["mug"]
+    write_split(tmp_path, unseen=unseen)
+    with pytest.raises(DatasetError) as info:
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    msg = str(info.value)
+    assert "cname_cid_zero.txt" in msg and "['mug']" in msg and "['cup']" in msg
+    split = load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    assert "mug" in split.unseen_classes
+    # Order does not matter for the canonical check.
+    write_split(tmp_path / "b", unseen=SKETCHY25[::-1])
+    assert load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25").unseen_classes \
+        == SKETCHY25[::-1]
+
+
+def test_missing_root_dataset_split_and_list(tmp_path):
+    with pytest.raises(DatasetError, match="data root not found"):
+        load_benchmark(tmp_path / "nowhere", "sketchy_extend", "test_class_sketchy25")
+    (tmp_path / "zeroshot1").mkdir()
+    with pytest.raises(DatasetError, match="Sketchy folder itself"):  # --data_path one level too deep
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    (tmp_path / "Sketchy").mkdir()
+    with pytest.raises(DatasetError, match="split folder not found.*datasets.prepare"):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    folder = write_split(tmp_path)
+    (folder / "all_photo_filelist_train.txt").unlink()
+    with pytest.raises(DatasetError, match="all_photo_filelist_train.txt: file list not found"):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    with pytest.raises(DatasetError, match="unknown --dataset"):
+        load_benchmark(tmp_path, "sketchy", "test_class_sketchy25")
+    with pytest.raises(DatasetError, match="unknown --test_class"):
+        load_benchmark(tmp_path, "tu_berlin", "test_class_sketchy25")
+
+
+def test_missing_files_found_before_training(tmp_path):
+    write_split(tmp_path)
+    gone = [tmp_path / f"Sketchy/{SK_DIR}/pig/s 1.png", tmp_path / f"Sketchy/{PH_DIR}/cup/zp 0.png",
+            tmp_path / f"Sketchy/{EXT_DIR}/bell/zp 1.png"]
+    for p in gone:
+        p.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    msg = str(info.value)
+    assert "3 of 140 files" in msg and all(str(p) in msg for p in gone)
+    load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25", check_files=False)
+
+
+def test_find_missing_files_whole_folder_and_limit(tmp_path):
+    (tmp_path / "a").mkdir()
+    present = [tmp_path / "a" / f"{i}.png" for i in range(5)]
+    for p in present:
+        p.write_bytes(b"x")
+    absent = [tmp_path / "a" / "x.png", tmp_path / "no_folder" / "y.png", tmp_path / "no_folder" / "z.png"]
+    assert sorted(find_missing_files(present + absent)) == sorted(absent)
+    assert len(find_missing_files(present + absent, limit=2)) == 2
+    assert find_missing_files(present) == []
+
+
+def test_empty_and_absent_classes(tmp_path):
+    folder = write_split(tmp_path)
+    # A seen class of cname_cid.txt without any sketch in the train list.
+    lst = folder / "sketch_tx_000000000000_ready_filelist_train.txt"
+    lst.write_text("".join(l + "\n" for l in lst.read_text().splitlines() if "/pig/" not in l))
+    with pytest.raises(DatasetError, match=r"sketch_tx_000000000000_ready_filelist_train.txt: 1 seen "
+                                           r"classes have no sketches: \['pig'\]"):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    # An unseen class absent from the unseen photo list.
+    folder = write_split(tmp_path / "b")
+    lst = folder / "all_photo_filelist_zero.txt"
+    lst.write_text("".join(l + "\n" for l in lst.read_text().splitlines() if "/swan/" not in l))
+    with pytest.raises(DatasetError, match=r"unseen classes have no photos: \['swan'\]"):
+        load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25")
+
+
+def test_list_class_not_in_class_file(tmp_path):
+    folder = write_split(tmp_path)
+    with open(folder / "all_photo_filelist_zero.txt", "a") as f:
+        f.write(f"{PH_DIR}/pig/x.png 0\n")  # a seen class in the unseen list
+    with pytest.raises(DatasetError, match=r"all_photo_filelist_zero.txt, line 76: class folder 'pig'"):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+
+
+def test_seen_unseen_overlap_is_an_error(tmp_path):
+    write_split(tmp_path, seen=SEEN + ["cup"])
+    with pytest.raises(DatasetError, match=r"classes in both .*\['cup'\].*disjoint"):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+
+
+def test_sketchy_am_backslash_lists_and_overlap_warning(tmp_path):
+    # Sketchy-AM: zeroshot2, photos under ambiguity\<class>\ (Windows separators, as released);
+    # its training classes include test classes, which only warns.
+    am_seen = ["ant", "car_(sedan)", "cup"]
+    write_split(tmp_path, seen=am_seen, split_dir="Sketchy/zeroshot2", backslash=True,
+                photo_train_dir="ambiguity")
+    for test_class in ("test_class_sketchyam", None):
+        with pytest.warns(UserWarning, match=r"\['cup'\]"):
+            split = load_benchmark(tmp_path, "sketchy_am", test_class)
+        assert split.split_dir == tmp_path / "Sketchy/zeroshot2" and split.seen_classes == am_seen
+        assert split.train_photos["car_(sedan)"][0] == tmp_path / "Sketchy/ambiguity/car_(sedan)/p 0.png"
+    with pytest.warns(UserWarning):
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchyam")
+    with pytest.raises(DatasetError, match="sketchy_am takes"):
+        load_benchmark(tmp_path, "sketchy_am", "test_class_sketchy21")
+
+
+# ----------------------------------------------------------------------- build_datasets
+
+def test_build_datasets_real_layout(tmp_path):
+    write_split(tmp_path, n_sketch=40, n_photo=20)
+    args = types.SimpleNamespace(data_path=str(tmp_path), dataset="sketchy_extend",
+                                 test_class="test_class_sketchy25", image_size=32, datasetLen=7,
+                                 seed=3)
+    out = build_datasets(args)
+    assert set(out) == {"split", "train", "query", "gallery", "class_to_idx"}
+    assert out["class_to_idx"] == {c: i for i, c in enumerate(sorted(SKETCHY25))}
+    assert len(out["train"]) == 7 and out["train"].image_size == 32 and out["train"].seed == 3
+    assert len(out["query"]) == 25 * 40 and len(out["gallery"]) == 25 * 20  # testall default
+    item = out["query"][41]
+    assert item["image"].shape == (3, 32, 32) and item["path"].endswith("swan/zs 1.png")
+    assert item["label"] == out["class_to_idx"]["swan"] and item["index"] == 41
+    # testall=False: the released code's quick strides (Sketchy: every 20th sketch, 10th photo).
+    quick = build_datasets(types.SimpleNamespace(**{**vars(args), "testall": False}))
+    assert len(quick["query"]) == len(range(0, 1000, 20)) and len(quick["gallery"]) == 50
+    # eval_per_class: at most n per class, reproducibly.
+    sub = build_datasets(types.SimpleNamespace(**{**vars(args), "eval_per_class": 3}))
+    labels = sub["query"].labels.tolist()
+    assert len(labels) == 75 and all(labels.count(i) == 3 for i in range(25))
+    again = build_datasets(types.SimpleNamespace(**{**vars(args), "eval_per_class": 3}))
+    assert sub["query"].items == again["query"].items and sub["gallery"].items == again["gallery"].items
+
+
+def test_build_datasets_synthetic_default(tmp_path, monkeypatch):
+    """Without data_path: ensure_synthetic_benchmark(synthetic_dir), no canonical check."""
+    import datasets.synthetic as synthetic
+
+    calls = []
+
+    def fake_ensure(cache_dir=None, **kw):
+        calls.append(cache_dir)
+        write_split(tmp_path / "synth", unseen=["sun", "moon"], seen=["cup", "car"])
+        return tmp_path / "synth"
+
+    monkeypatch.setattr(synthetic, "ensure_synthetic_benchmark", fake_ensure)
+    out = build_datasets(types.SimpleNamespace(synthetic_dir=str(tmp_path / "cache")))
+    assert calls == [str(tmp_path / "cache")]
+    assert out["class_to_idx"] == {"moon": 0, "sun": 1} and len(out["train"]) == 5000
+    out = build_datasets(types.SimpleNamespace())
+    assert calls[-1] is None and out["split"].name == "sketchy_extend/test_class_sketchy25"

@@ -1,0 +1,168 @@
+"""python -m datasets.prepare: building split lists from raw folders and checking a root."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+from datasets import prepare
+from datasets.benchmarks import load_benchmark
+from datasets.filelist import read_class_file, read_class_names, read_file_list
+
+SPLITS = Path(datasets.__file__).parent / "splits"
+SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
+SEEN = ["alarm clock", "café", "pig"]
+SK, PH, EXT = ("256x256/sketch/tx_000000000000_ready", "256x256/photo/tx_000000000000_ready",
+               "EXTEND_image_sketchy_ready")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+def make_raw(dataset_dir: Path, folders: dict[str, tuple[list[str], int, str]]) -> None:
+    """folders: raw sub-folder -> (classes, files per class, extension)."""
+    for sub, (classes, n, ext) in folders.items():
+        for c in classes:
+            d = dataset_dir / sub / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (d / f"img {i}{ext}").write_bytes(PNG)
+            (d / ".DS_Store").write_bytes(b"junk")  # ignored: hidden
+            (d / "notes.txt").write_text("ignored: not an image")
+
+
+@pytest.fixture
+def sketchy_root(tmp_path):
+    classes = SEEN + SKETCHY25
+    make_raw(tmp_path / "Sketchy", {SK: (classes, 3, ".png"), PH: (classes, 1, ".jpg"),
+                                    EXT: (classes, 2, ".jpg")})
+    return tmp_path
+
+
+def run(argv, capsys):
+    code = prepare.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_build_sketchy25_lists(sketchy_root, capsys):
+    code, out = run(["--root", sketchy_root, "--dataset", "sketchy_extend",
+                     "--test_class", "test_class_sketchy25"], capsys)
+    assert code == 0, out
+    split = sketchy_root / "Sketchy/zeroshot1"
+    assert (split / "cname_cid.txt").read_text() == "alarm clock 0\ncafé 1\npig 2\n"
+    assert read_class_file(split / "cname_cid_zero.txt") == SKETCHY25  # canonical order
+    sketches = (split / "sketch_tx_000000000000_ready_filelist_train.txt").read_text().splitlines()
+    assert sketches[:4] == [f"{SK}/alarm clock/img 0.png 0", f"{SK}/alarm clock/img 1.png 0",
+                            f"{SK}/alarm clock/img 2.png 0", f"{SK}/café/img 0.png 1"]
+    photos = read_file_list(split / "all_photo_filelist_zero.txt", SKETCHY25)
+    assert photos[:3] == [(f"{PH}/cup/img 0.jpg", "cup"), (f"{EXT}/cup/img 0.jpg", "cup"),
+                          (f"{EXT}/cup/img 1.jpg", "cup")]
+    summary = load_benchmark(sketchy_root, "sketchy_extend", "test_class_sketchy25").summary()
+    assert (summary["train_sketches"], summary["train_photos"]) == (9, 9)
+    assert (summary["test_sketches"], summary["test_photos"]) == (75, 75)
+    # Existing lists are kept unless --force.
+    code, out = run(["--root", sketchy_root, "--dataset", "sketchy_extend"], capsys)
+    assert code == 1 and "--force" in out
+    code, out = run(["--root", sketchy_root, "--dataset", "sketchy_extend", "--force"], capsys)
+    assert code == 0 and "wrote" in out
+
+
+def test_check_reports_counts_missing_and_unreadable(sketchy_root, capsys, monkeypatch):
+    assert run(["--root", sketchy_root, "--dataset", "sketchy_extend"], capsys)[0] == 0
+    check = ["--check", sketchy_root, "--dataset", "sketchy_extend", "--test_class", "test_class_sketchy25"]
+    # Against the published counts this tiny root is wrong on every list.
+    code, out = run(check, capsys)
+    assert code == 1
+    line = next(l for l in out.splitlines() if "sketch_tx_000000000000_ready_filelist_train" in l)
+    assert line.split()[1:] == ["9", "sketch_train", "PROBLEM:", "published", "count", "is", "55252"]
+    assert "published count is 17101" in out and "published count is 100" in out
+    # With the expected counts of this root, everything is fine.
+    monkeypatch.setitem(prepare.EXPECTED_COUNTS, ("sketchy_extend", "test_class_sketchy25"), dict(
+        seen_classes=3, unseen_classes=25, sketch_train=9, photo_train=9, sketch_zero=75,
+        photo_zero=75))
+    code, out = run(check, capsys)
+    assert code == 0 and "PROBLEM" not in out and out.count(" ok") == 6
+    # A missing file is found and named.
+    gone = sketchy_root / "Sketchy" / EXT / "swan" / "img 1.jpg"
+    gone.unlink()
+    code, out = run(check, capsys)
+    assert code == 1 and "1 of 75 listed files are missing" in out and str(gone) in out
+    # --verify_images opens every image: a zero-byte one is reported.
+    gone.write_bytes(PNG)
+    broken = sketchy_root / "Sketchy" / SK / "pig" / "img 2.png"
+    broken.write_bytes(b"")
+    code, out = run(check, capsys)
+    assert code == 0
+    code, out = run(check + ["--verify_images"], capsys)
+    assert code == 1 and "1 unreadable images" in out and str(broken) in out
+
+
+def test_check_reports_class_mismatch(sketchy_root, capsys, monkeypatch):
+    assert run(["--root", sketchy_root, "--dataset", "sketchy_extend"], capsys)[0] == 0
+    split = sketchy_root / "Sketchy/zeroshot1"
+    (split / "cname_cid.txt").write_text("alarm clock 0\npig 1\nzebra 2\n")
+    zero = split / "cname_cid_zero.txt"
+    zero.write_text(zero.read_text().replace("cup 0", "mug 0"))
+    code, out = run(["--check", sketchy_root, "--dataset", "sketchy_extend"], capsys)
+    assert code == 1
+    assert "classes not in its class file: ['café']" in out
+    assert "classes of its class file have no files: ['zebra']" in out
+    assert "not canonical ['mug']; canonical but missing ['cup']" in out
+    code, out = run(["--check", sketchy_root / "nowhere", "--dataset", "sketchy_extend"], capsys)
+    assert code == 1 and "split folder not found" in out
+
+
+@pytest.mark.parametrize("dataset,dirs,split,lists", [
+    ("tu_berlin", ("png_ready", "ImageResized_ready"), "TUBerlin/zeroshot",
+     ("png_ready_filelist_train.txt", "ImageResized_ready_filelist_zero.txt")),
+    ("Quickdraw", ("sketches", "images"), "QuickDraw/zeroshot",
+     ("sketch_train.txt", "all_photo_zero.txt")),
+])
+def test_build_tu_berlin_and_quickdraw(tmp_path, capsys, dataset, dirs, split, lists):
+    spec_name = {"tu_berlin": "test_class_tuberlin30", "Quickdraw": "test_class_quickdraw30"}[dataset]
+    unseen = read_class_names(SPLITS / f"{spec_name}.txt")
+    dataset_dir = tmp_path / split.split("/")[0]
+    make_raw(dataset_dir, {dirs[0]: (["alarm clock", "wrist-watch"] + unseen, 2, ".png"),
+                           dirs[1]: (["alarm clock", "wrist-watch"] + unseen, 1, ".JPEG")})
+    code, out = run(["--root", tmp_path, "--dataset", dataset], capsys)
+    assert code == 0, out
+    assert read_file_list(tmp_path / split / lists[0])[:2] == [
+        (f"{dirs[0]}/alarm clock/img 0.png", "alarm clock"),
+        (f"{dirs[0]}/alarm clock/img 1.png", "alarm clock")]
+    assert len(read_file_list(tmp_path / split / lists[1])) == 30
+    assert load_benchmark(tmp_path, dataset, spec_name).summary()["test_sketches"] == 60
+
+
+def test_build_sketchy_am(sketchy_root, capsys):
+    am = ["ant", "car_(sedan)", "cup"]  # the released AM classes include test classes (cup)
+    make_raw(sketchy_root / "Sketchy", {"ambiguity": (am, 2, ".jpg"), SK: (am[:2], 1, ".png")})
+    code, out = run(["--root", sketchy_root, "--dataset", "sketchy_am"], capsys)
+    assert code == 0, out
+    split = sketchy_root / "Sketchy/zeroshot2"
+    assert read_class_file(split / "cname_cid.txt") == am
+    assert read_file_list(split / "all_photo_filelist_train.txt")[-1] == ("ambiguity/cup/img 1.jpg", "cup")
+    sketches = read_file_list(split / "sketch_tx_000000000000_ready_filelist_train.txt")
+    assert {c for _, c in sketches} == set(am) and len(sketches) == 1 + 1 + 3
+    assert read_class_file(split / "cname_cid_zero.txt") == SKETCHY25
+    with pytest.warns(UserWarning, match="cup"):
+        summary = load_benchmark(sketchy_root, "sketchy_am", None).summary()
+    assert summary["train_photos"] == 6 and summary["test_photos"] == 75
+
+
+def test_build_errors(tmp_path, capsys):
+    code, out = run(["--root", tmp_path, "--dataset", "sketchy_extend"], capsys)
+    assert code == 1 and "neither" in out
+    classes = SEEN + SKETCHY25
+    make_raw(tmp_path / "Sketchy", {SK: (classes, 1, ".png"), PH: ([c for c in classes if c != "swan"], 1, ".jpg")})
+    code, out = run(["--root", tmp_path, "--dataset", "sketchy_extend"], capsys)
+    assert code == 1 and "['swan']" in out and "no photos" in out
+    assert not (tmp_path / "Sketchy/zeroshot1").exists()  # nothing written on error

@@ -1,0 +1,212 @@
+"""datasets.transforms: image loading, mode conversion and the reference preprocessing."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets.filelist import DatasetError
+from datasets.transforms import (
+    ENCODER_MEAN, ENCODER_STD, ImageLoadError, ink_bbox, load_image, preprocess_photo,
+    preprocess_sketch, to_rgb,
+)
+
+
+def reference_sketch(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The REFERENCE rule written out plainly with numpy (resize: the same PIL call)."""
+    height, width = rgb.shape[:2]
+    total = rgb.astype(np.int64).sum(axis=2)
+    ys, xs = np.nonzero(total <= 300)
+    if len(ys):
+        # released code: img[max(0, ymin - 10):min(h, ymax + 10), ...] (stop exclusive)
+        crop = rgb[max(0, ys.min() - 10):min(height, ys.max() + 10),
+                   max(0, xs.min() - 10):min(width, xs.max() + 10)]
+    else:
+        crop = rgb
+    h, w = crop.shape[:2]
+    if h > w:
+        new_w, new_h = int(size / (h / w)), size
+    else:
+        new_w, new_h = size, int(size * (h / w))
+    resized = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.BILINEAR))
+    canvas = np.full((size, size, 3), 255, np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = resized
+    return ((canvas.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def blank(h, w, value=255):
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def sketch_cases():
+    a = blank(50, 100)
+    a[20:30, 30:60] = 0  # landscape ink block
+    b = blank(120, 45)
+    b[5:110, 10:13] = 30  # tall thin stroke
+    b[60, 10:40] = (0, 0, 255)  # a blue line is ink too (0 + 0 + 255 <= 300)
+    c = blank(64, 64)
+    c[0, :] = 0  # ink touching the top border ...
+    c[:, 63] = 0  # ... and the right border: the margin is clipped
+    c[40, 5] = (100, 100, 100)  # sum 300: ink
+    d = blank(60, 40, 200)  # no ink at all (sum 600): the whole image is used
+    d[10:20, 10:20] = 120  # sum 360: still not ink
+    e = blank(33, 77)
+    rng = np.random.default_rng(0)
+    e[8:25, 20:60] = rng.integers(0, 256, (17, 40, 3))  # noisy patch, partly ink
+    return {"landscape": a, "portrait": b, "border": c, "no_ink": d, "noisy": e,
+            "white": blank(30, 50)}
+
+
+@pytest.mark.parametrize("name", list(sketch_cases()))
+@pytest.mark.parametrize("size", [224, 37])
+def test_sketch_matches_numpy_reference(name, size):
+    rgb = sketch_cases()[name]
+    out = preprocess_sketch(Image.fromarray(rgb), size)
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), reference_sketch(rgb, size), atol=1e-6)
+
+
+def test_sketch_hand_worked_geometry():
+    # Ink rows 20..29, cols 30..59 of a 50x100 image: crop rows [10, 39), cols [20, 69)
+    # -> 29 x 49; landscape, so 224 wide and int(224 * 29 / 49) = 132 high; pad 46 top, 46 bottom.
+    rgb = sketch_cases()["landscape"]
+    assert ink_bbox(rgb) == (20, 29, 30, 59)
+    out = preprocess_sketch(Image.fromarray(rgb), 224)
+    rows_with_non_white = np.flatnonzero((out < 1.0).any(dim=0).any(dim=1).numpy())
+    assert rows_with_non_white.min() >= 46 and rows_with_non_white.max() <= 46 + 132 - 1
+    # The ink block fills 10/29 of the crop's height starting 10/29 down: rows ~46+45..46+91.
+    assert out[:, 46 + 60, 112].max() == -1.0  # centre of the ink block is black
+    assert torch.all(out[:, :46] == 1.0) and torch.all(out[:, 46 + 132:] == 1.0)
+    # Portrait: crop of the tall stroke is 115 x 39 -> 224 high, int(224 / (115 / 39)) = 75
+    # wide; pad (224 - 75) // 2 = 74 left and 75 right (extra pixel on the right).
+    out = preprocess_sketch(Image.fromarray(sketch_cases()["portrait"]), 224)
+    cols = np.flatnonzero((out < 1.0).any(dim=0).any(dim=0).numpy())
+    assert cols.min() >= 74 and cols.max() <= 74 + 75 - 1
+    assert torch.all(out[:, :, :74] == 1.0) and torch.all(out[:, :, 74 + 75:] == 1.0)
+
+
+def test_ink_threshold_boundary():
+    rgb = blank(20, 20)
+    rgb[3, 4] = (100, 100, 100)  # sum 300 -> ink
+    rgb[15, 16] = (100, 100, 101)  # sum 301 -> not ink
+    assert ink_bbox(rgb) == (3, 3, 4, 4)
+    assert ink_bbox(blank(5, 5, 101)) is None
+
+
+def test_blank_sketch_is_whole_white_image():
+    out = preprocess_sketch(Image.new("RGB", (31, 17), "white"), 224)
+    assert torch.all(out == 1.0)
+
+
+def test_photo_values():
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    out = preprocess_photo(Image.fromarray(arr), 32)
+    expected = np.asarray(Image.fromarray(arr).resize((32, 32), Image.BILINEAR), np.float32)
+    expected = ((expected / 255.0 - np.array(ENCODER_MEAN)) / np.array(ENCODER_STD)).transpose(2, 0, 1)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+    # A flat colour stays flat and maps to (v / 255 - 0.5) / 0.5 exactly.
+    flat = preprocess_photo(Image.new("RGB", (50, 20), (0, 51, 255)), 224)
+    assert flat.shape == (3, 224, 224)
+    for channel, v in enumerate((0, 51, 255)):
+        assert torch.allclose(flat[channel], torch.tensor((v / 255 - 0.5) / 0.5), atol=1e-6)
+
+
+# --------------------------------------------------------------------- modes and files
+
+def ink_sketch_l() -> np.ndarray:
+    a = np.full((24, 32), 255, np.uint8)
+    a[6:10, 4:28] = 0
+    a[10:20, 14:17] = 0
+    return a
+
+
+def odd_mode_images():
+    """(name, image, file suffix) for each PIL mode, all showing the same black-on-white sketch."""
+    grey = ink_sketch_l()
+    ink = grey == 0
+    L = Image.fromarray(grey, "L")
+    rgba = np.zeros((*grey.shape, 4), np.uint8)  # transparent *black* background
+    rgba[ink] = (0, 0, 0, 255)
+    alpha = Image.fromarray(np.where(ink, 255, 0).astype(np.uint8), "L")
+    la = Image.merge("LA", (Image.new("L", L.size, 0), alpha))  # transparent black background
+    p_trans = L.convert("P")
+    p_trans.info["transparency"] = int(np.asarray(p_trans)[0, 0])  # background index transparent
+    i16 = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit: white = 65535
+    assert i16.mode == "I;16"
+    return [
+        ("L", L, ".png"),
+        ("P", L.convert("P"), ".png"),
+        ("P+transparency", p_trans, ".png"),
+        ("RGBA", Image.fromarray(rgba, "RGBA"), ".png"),
+        ("LA", la, ".png"),
+        ("CMYK", L.convert("RGB").convert("CMYK"), ".tif"),
+        ("I;16", i16, ".png"),
+        ("I", L.convert("I"), ".tif"),
+        ("I (16-bit values)", Image.fromarray(grey.astype(np.int32) * 257), ".tif"),
+        ("F", L.convert("F"), ".tif"),
+        ("F [0,1]", Image.fromarray(grey.astype(np.float32) / 255.0), ".tif"),
+        ("1", L.convert("1"), ".png"),
+    ]
+
+
+@pytest.mark.parametrize("name,image,suffix", odd_mode_images(), ids=[c[0] for c in odd_mode_images()])
+def test_every_mode_becomes_black_ink_on_white(tmp_path, name, image, suffix):
+    expected = np.repeat(ink_sketch_l()[..., None], 3, axis=2)
+    assert np.array_equal(np.asarray(to_rgb(image)), expected), name
+    path = tmp_path / f"sketch{suffix}"
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), expected), name
+    reference = preprocess_sketch(Image.fromarray(expected), 48)
+    assert torch.equal(preprocess_sketch(image, 48), reference), name
+
+
+def test_transparent_background_is_white_not_black():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[4:6, 2:8] = (0, 0, 0, 255)
+    img = Image.fromarray(rgba, "RGBA")
+    assert np.asarray(img.convert("RGB"))[0, 0].tolist() == [0, 0, 0]  # the naive conversion
+    assert np.asarray(to_rgb(img))[0, 0].tolist() == [255, 255, 255]
+    half = np.zeros((1, 1, 4), np.uint8)
+    half[0, 0] = (0, 0, 0, 128)  # 50% black over white
+    assert np.asarray(to_rgb(Image.fromarray(half, "RGBA")))[0, 0].tolist() == [127, 127, 127]
+
+
+def _png_bytes(tmp_path, size=(64, 64)):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "good.png"
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["corrupt", "zero_byte", "truncated", "missing", "bomb"])
+def test_load_image_errors_name_the_path(tmp_path, monkeypatch, case):
+    data = _png_bytes(tmp_path)
+    path = tmp_path / f"dir with space/{case} ü.png"
+    path.parent.mkdir()
+    if case == "corrupt":
+        path.write_bytes(b"this is not an image" * 10)
+    elif case == "zero_byte":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "bomb":
+        path.write_bytes(data)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # > 2x the limit: error
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    assert isinstance(info.value, DatasetError)
+    assert str(path) in str(info.value)
+    if case == "zero_byte":
+        assert "zero-byte" in str(info.value)
+    if case == "bomb":
+        assert "bomb" in str(info.value)
+
+
+def test_load_image_is_independent_of_the_file(tmp_path):
+    _png_bytes(tmp_path)
+    img = load_image(tmp_path / "good.png")
+    (tmp_path / "good.png").unlink()
+    assert img.mode == "RGB" and np.asarray(img).shape == (64, 64, 3)
