@@ -1,0 +1,1 @@
+"""User-facing extras with their own main(): benchmarks, visualisation, single-sketch retrieval."""

@@ -1,0 +1,1 @@
+"""Utilities: metrics, checkpoints, logging, distributed helpers."""
