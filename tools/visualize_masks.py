@@ -1,0 +1,189 @@
+"""Draw what the VxL sampler keeps: per photo, the photo, its relevance map and the kept patches.
+
+    python -m tools.visualize_masks --arch tiny --num 8                              # synthetic benchmark
+    python -m tools.visualize_masks --clip_weights ViT-B-16.pt --photos a.jpg b.jpg --classes cat dog
+    python -m tools.visualize_masks --checkpoint results/EXP/best.pth --split train --num 16
+    python -m tools.visualize_masks --clip_weights ViT-B-16.pt --data_path ROOT --dataset sketchy_extend \\
+        --test_class test_class_sketchy25 --split test --num 16 --seed 1
+
+The sampler is built by ``models.vxl_sampler.build_vxl_sampler`` with train.py's options (or the
+ones saved in ``--checkpoint``), and photos are preprocessed with ``preprocess_photo`` at the
+sampler's input size, so the masks are the very ones training uses. One PNG per ``--batch`` photos
+is written to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("visualize_masks")
+
+# train.py's defaults for the sampler options.
+SAMPLER_DEFAULTS = dict(keep_ratio=0.3, prompt="{}", vxl_norm="token", clip_input_norm="encoder")
+
+
+class ToolError(RuntimeError):
+    """A problem with the command line or its inputs; printed without a traceback."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m tools.visualize_masks", description="PuXIM VxL mask pictures")
+    g = p.add_argument_group("photos: your own files, or a benchmark split (default: the synthetic one)")
+    g.add_argument("--photos", nargs="+", default=None, help="image files")
+    g.add_argument("--classes", nargs="+", default=None, help="one class name per --photos file")
+    g.add_argument("--data_path", default=None, help="benchmark root (as train.py)")
+    g.add_argument("--dataset", default=None, help="as train.py (default sketchy_extend)")
+    g.add_argument("--test_class", default=None, help="as train.py (default test_class_sketchy25)")
+    g.add_argument("--custom_split", action="store_true", default=None, help="as train.py")
+    g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
+    g.add_argument("--split", default="train", choices=["train", "test"],
+                   help="seen-class training photos (default) or unseen-class test photos")
+    g.add_argument("--num", type=int, default=8, help="how many photos to draw from the split (default 8)")
+    g.add_argument("--seed", type=int, default=0, help="which photos, spread over the classes (default 0)")
+
+    g = p.add_argument_group("sampler (train.py's options; --checkpoint takes them from a training run)")
+    g.add_argument("--checkpoint", default=None, help="take every setting below from this checkpoint's args")
+    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
+                   help="b16 = OpenAI CLIP ViT-B/16 (needs --clip_weights); tiny = the random tiny CLIP "
+                        "(default: b16 with --clip_weights or --data_path, else tiny)")
+    g.add_argument("--clip_weights", default=None, help="OpenAI-format CLIP file, or 'openai' to download")
+    g.add_argument("--keep_ratio", type=float, default=None, help="fraction of patches kept (default 0.3)")
+    g.add_argument("--prompt", default=None, help="class-name template (default '{}', the bare name)")
+    g.add_argument("--vxl_norm", default=None, choices=["token", "channel"],
+                   help="L2 axis of the CLIP Surgery features (default token, the released code's)")
+    g.add_argument("--clip_input_norm", default=None, choices=["encoder", "clip"],
+                   help="photo normalisation CLIP sees (default encoder, the released code's)")
+
+    p.add_argument("--batch", type=int, default=8, help="photos per picture (default 8)")
+    p.add_argument("--out", default="results/vxl_masks", help="folder for the PNG pictures (default results/vxl_masks)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA if available")
+    return p
+
+
+def main(argv=None) -> list[Path]:
+    """Run the tool; returns the written PNG paths."""
+    from utils.logger import setup_logging
+
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return run(args)
+    except Exception as e:
+        from datasets.filelist import DatasetError
+        from utils.checkpoint import CheckpointError
+
+        if not isinstance(e, (ToolError, DatasetError, CheckpointError)):
+            raise
+        print(f"tools.visualize_masks: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def resolve_settings(args) -> dict:
+    """Sampler and data settings: the command line, else the checkpoint's saved args, else train.py's defaults."""
+    saved = {}
+    if args.checkpoint is not None:
+        from utils.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(args.checkpoint).get("args")
+        if not isinstance(saved, dict):
+            raise ToolError(f"{args.checkpoint} carries no training arguments; it was not written by train.py.")
+        if saved.get("variant") == "non-mask":
+            log.warning("%s was trained without VxL masks (--variant non-mask); showing the masks anyway.",
+                        args.checkpoint)
+
+    def pick(name, default=None):
+        value = getattr(args, name)
+        return value if value is not None else saved.get(name, default)
+
+    s = {name: pick(name, default) for name, default in SAMPLER_DEFAULTS.items()}
+    s["clip_weights"] = pick("clip_weights")
+    if isinstance(s["clip_weights"], str) and s["clip_weights"].lower() == "none":
+        s["clip_weights"] = None
+    data_path = pick("data_path")
+    s["arch"] = pick("arch") or ("b16" if s["clip_weights"] is not None or data_path is not None else "tiny")
+    s.update(data_path=data_path, dataset=pick("dataset", "sketchy_extend"),
+             test_class=pick("test_class", "test_class_sketchy25"),
+             custom_split=bool(pick("custom_split", False)), synthetic_dir=pick("synthetic_dir"))
+    return s
+
+
+def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
+    """``(path, class)`` of the photos to draw: ``--photos``/``--classes`` or ``--num`` from a split."""
+    from datasets import load_benchmark
+    from utils.visualize import select_items
+
+    if args.photos is not None or args.classes is not None:
+        if args.photos is None or args.classes is None or len(args.photos) != len(args.classes):
+            raise ToolError(f"--photos and --classes go together, one class name per photo (got "
+                            f"{len(args.photos or [])} photos and {len(args.classes or [])} class names).")
+        return list(zip(args.photos, args.classes))
+    if args.num < 1:
+        raise ToolError(f"--num must be positive, got {args.num}")
+    if settings["data_path"] is None:
+        from datasets.synthetic import ensure_synthetic_benchmark
+
+        root = ensure_synthetic_benchmark(settings["synthetic_dir"])
+        split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    else:
+        split = load_benchmark(settings["data_path"], settings["dataset"], settings["test_class"],
+                               check_canonical=not settings["custom_split"], check_files=False)
+    if args.split == "train":
+        items = [(str(p), c) for c, paths in split.train_photos.items() for p in paths]
+    else:
+        items = [(str(p), c) for p, c in split.test_photos]
+    return select_items(items, args.num, seed=args.seed)
+
+
+def build_sampler(settings: dict, device: torch.device):
+    """The VxL sampler exactly as ``models.build_model`` builds it for training."""
+    from models.vxl_sampler import build_vxl_sampler
+
+    try:
+        sampler = build_vxl_sampler(
+            settings["arch"], settings["clip_weights"], keep_ratio=settings["keep_ratio"],
+            prompt=settings["prompt"], feature_norm=settings["vxl_norm"], input_norm=settings["clip_input_norm"])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ToolError(str(e)) from None
+    return sampler.to(device)
+
+
+def run(args) -> list[Path]:
+    from datasets.transforms import load_image, preprocess_photo
+    from utils.visualize import denormalize, mask_figure, save_png
+
+    if args.batch < 1:
+        raise ToolError(f"--batch must be positive, got {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ToolError("--device cuda was asked but CUDA is not available here (use --device cpu).")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    settings = resolve_settings(args)
+    items = choose_photos(args, settings)
+    images = [load_image(p) for p, _ in items]  # fail early, naming a bad file
+    sampler = build_sampler(settings, device)
+    size = sampler.image_size
+    log.info("VxL sampler (%s, keep ratio %.2f, prompt %r, %s norm, %s input): %d photos at %dx%d",
+             settings["arch"], sampler.keep_ratio, sampler.prompt, sampler.feature_norm, sampler.input_norm,
+             len(items), size, size)
+
+    out_dir = Path(args.out)
+    written = []
+    for b, start in enumerate(range(0, len(items), args.batch)):
+        chunk = items[start:start + args.batch]
+        photos = torch.stack([preprocess_photo(img, size) for img in images[start:start + args.batch]])
+        names = [c for _, c in chunk]
+        with torch.no_grad():
+            relevance = sampler.relevance(photos.to(device), names)  # [b, N]
+            keep = sampler.mask_from_relevance(relevance)  # [b, N], what sampler.forward returns
+        figure = mask_figure(denormalize(photos), relevance, keep, names, grid=(len(chunk), 1))
+        written.append(save_png(figure, out_dir / f"masks_{b:03d}.png"))
+        log.info("wrote %s (%s)", written[-1], ", ".join(f"{Path(p).name}: {c}" for p, c in chunk))
+    return written
+
+
+if __name__ == "__main__":
+    main()
