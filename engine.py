@@ -50,12 +50,15 @@ def train_one_epoch(
     exp_logger=None,
     log_every: int = 10,
     should_stop: Callable[[], bool] = lambda: False,
+    bad_file_log=None,
     progress: bool = True,
 ) -> dict:
     """Train for one pass over ``loader``; return averaged loss terms and throughput.
 
     ``should_stop`` is polled after every step (a signal handler sets it): the epoch then ends early
     and the result says ``interrupted``. The returned ``steps`` is the number of optimizer steps taken.
+    ``bad_file_log`` (a :class:`datasets.robust.BadFileLog`) receives the unreadable files that the
+    dataset skipped in each batch.
     """
     model.train()
     criterion.train()
@@ -65,6 +68,9 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
     for batch in bar:
+        bad, draws = batch.pop("bad_files", None), batch.pop("draws", None)
+        if bad_file_log is not None and draws is not None:
+            bad_file_log.update(bad, int(draws.sum()))
         batch = move_to(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(batch)
@@ -118,23 +124,30 @@ def extract_features(
     modality: str,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    failed_out: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed every item of ``loader`` once, in eval mode: ``(features [N, D] fp32, labels [N], indices [N])``.
 
     With several processes each rank embeds its share (the loader's sampler decides which) and every
-    rank receives all embeddings, ordered by dataset index.
+    rank receives all embeddings, ordered by dataset index. Items whose image could not be read
+    (``ok`` False) are left out and appended to ``failed_out`` as ``(path, reason)``.
     """
     net = strip_wrappers(model)
     was_training = net.training
     net.eval()
-    feats, labels, indices = [], [], []
+    feats, labels, indices, failed = [], [], [], []
     for batch in tqdm(loader, desc=f"embed {modality}", disable=not progress, dynamic_ncols=True, leave=False):
-        images = batch["image"].to(device, non_blocking=True)
+        ok = batch.get("ok", torch.ones(batch["image"].shape[0], dtype=torch.bool))
+        if not ok.all():  # unreadable images (datasets.robust.AccountedImages): named, left out
+            failed += [(p, e) for p, e, good in zip(batch["path"], batch["errors"], ok.tolist()) if not good]
+        images = batch["image"][ok].to(device, non_blocking=True)
+        if images.shape[0] == 0:
+            continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             emb = net.encode(images, modality)  # [b, D]
         feats.append(emb.float())
-        labels.append(batch["label"].to(device))
-        indices.append(batch["index"].to(device))
+        labels.append(batch["label"][ok].to(device))
+        indices.append(batch["index"][ok].to(device))
     net.train(was_training)
     dim = getattr(getattr(net, "encoder", None), "embed_dim", 0)
     feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
@@ -144,6 +157,8 @@ def extract_features(
     labels = dist_utils.all_gather_concat(labels)
     indices = dist_utils.all_gather_concat(indices)
     order = torch.argsort(indices)
+    if failed_out is not None:
+        failed_out.extend(dist_utils.all_gather_objects(failed))
     return feats[order], labels[order], indices[order]
 
 
@@ -163,16 +178,22 @@ def evaluate(
     Returns the metrics of :func:`utils.metrics.retrieval_metrics` (mAP@all, mAP@200, P@100, P@200,
     the SAKE-convention mAP@200 and per-class mAP@all), plus query/gallery counts.
     """
-    q_feats, q_labels, _ = extract_features(
-        model, query_loader, device=device, modality="sketch", amp_dtype=amp_dtype, progress=progress
-    )
-    g_feats, g_labels, _ = extract_features(
-        model, gallery_loader, device=device, modality="photo", amp_dtype=amp_dtype, progress=progress
-    )
+    q_failed, g_failed = [], []
+    q_feats, q_labels, _ = extract_features(model, query_loader, device=device, modality="sketch",
+                                            amp_dtype=amp_dtype, progress=progress, failed_out=q_failed)
+    g_feats, g_labels, _ = extract_features(model, gallery_loader, device=device, modality="photo",
+                                            amp_dtype=amp_dtype, progress=progress, failed_out=g_failed)
+    for kind, failed in (("queries", q_failed), ("gallery photos", g_failed)):
+        if failed:
+            log.warning("%d %s could not be read and are left out of the metrics, e.g. %s",
+                        len(failed), kind, failed[0][1])
     names = dict(enumerate(class_names)) if class_names is not None else None
     metrics = retrieval_metrics(q_feats, q_labels, g_feats, g_labels, per_class=True, class_names=names)
     metrics["num_queries"] = int(q_feats.shape[0])
     metrics["num_gallery"] = int(g_feats.shape[0])
+    metrics["num_queries_unreadable"] = len(q_failed)
+    metrics["num_gallery_unreadable"] = len(g_failed)
+    metrics["_unreadable"] = {"queries": q_failed, "gallery": g_failed}
     # Chance level: the fraction of the gallery that is relevant, averaged over queries.
     counts = torch.bincount(g_labels.long(), minlength=int(max(q_labels.max(), g_labels.max())) + 1)
     metrics["chance_mAP"] = float(counts[q_labels.long()].double().mean() / max(g_labels.numel(), 1))

@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     from datasets import build_datasets
+    from datasets.robust import AccountedImages, collate_skipping
     from models import build_model
 
     exp_dir = Path(args.output_dir) / args.exp
@@ -99,15 +100,17 @@ def run(args) -> dict:
     model = build_model(eval_args, with_sampler=False).to(device)
     load_model_weights(model, ckpt["model"], source=str(ckpt_path))
     loader_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                     pin_memory=device.type == "cuda")
+                     pin_memory=device.type == "cuda", collate_fn=collate_skipping)
     class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
     metrics = engine.evaluate(
-        model, DataLoader(data["query"], **loader_kw), DataLoader(data["gallery"], **loader_kw),
+        model, DataLoader(AccountedImages(data["query"]), **loader_kw),
+        DataLoader(AccountedImages(data["gallery"]), **loader_kw),
         device=device, amp_dtype=amp_dtype, class_names=class_names, progress=not args.no_progress,
         return_features=args.save_features,
     )
     features = metrics.pop("_features", None)
     per_class = metrics.pop("per_class", {})
+    unreadable = metrics.pop("_unreadable")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -121,6 +124,9 @@ def run(args) -> dict:
                   "testall": eval_args.testall, "eval_per_class": eval_args.eval_per_class},
         "num_queries": metrics["num_queries"],
         "num_gallery": metrics["num_gallery"],
+        # Every listed item is accounted for: evaluated, or named here with the reason.
+        "listed": {"queries": len(data["query"]), "gallery": len(data["gallery"])},
+        "not_evaluated": {kind: [{"path": p, "reason": r} for p, r in items] for kind, items in unreadable.items()},
     }
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     q_counts = np.bincount(np.asarray(data["query"].labels), minlength=len(class_names)) \

@@ -27,7 +27,9 @@ from utils.checkpoint import (
     set_rng_state, strip_wrappers,
 )
 from utils.experiment import ExperimentError, RunLock, prepare_output_dir, write_args_json
+from datasets.robust import BadFileLog
 from utils.logger import ExperimentLogger, setup_logging
+from utils.visualize import mask_summary, retrieval_summary, select_items
 
 log = logging.getLogger("train")
 
@@ -76,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
     g.add_argument("--image_size", type=int, default=None, help="input size (default: the preset's)")
     g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--max_bad_fraction", type=float, default=0.01,
+                   help="unreadable training images are skipped and listed in bad_files.txt; stop when "
+                        "more than this fraction of draws fail")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=["b16", "tiny"],
@@ -122,6 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: 2x the per-process batch")
     g.add_argument("--log_every", type=int, default=10, help="TensorBoard step-loss interval")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (for logs of batch jobs)")
+    g.add_argument("--no_tb_images", action="store_true", help="skip the TensorBoard retrieval/mask pictures")
     return p
 
 
@@ -185,6 +191,7 @@ def select_amp(args, device: torch.device) -> torch.dtype | None:
 
 
 def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.device) -> dict:
+    from datasets.robust import AccountedImages, SkipBadTriplets, collate_skipping
     from datasets.sampling import TripletIndexSampler
 
     if args.batch_size % world:
@@ -195,12 +202,14 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
                    persistent_workers=args.num_workers > 0,
                    prefetch_factor=4 if args.num_workers > 0 else None)
     sampler = TripletIndexSampler(len(data["train"]), rank=rank, world_size=world)
-    train = DataLoader(data["train"], batch_size=per_rank, sampler=sampler, drop_last=False, **workers)
+    train = DataLoader(SkipBadTriplets(data["train"]), batch_size=per_rank, sampler=sampler, drop_last=False,
+                       collate_fn=collate_skipping, **workers)
     eval_bs = args.eval_batch_size or 2 * per_rank
 
     def eval_loader(ds):
         share = Subset(ds, range(rank, len(ds), world)) if world > 1 else ds
-        return DataLoader(share, batch_size=eval_bs, shuffle=False, **workers)
+        return DataLoader(AccountedImages(share), batch_size=eval_bs, shuffle=False,
+                          collate_fn=collate_skipping, **workers)
 
     return {"train": train, "sampler": sampler, "query": eval_loader(data["query"]),
             "gallery": eval_loader(data["gallery"])}
@@ -225,6 +234,16 @@ class StopFlag:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, handler)
         return self
+
+
+def log_pictures(exp_logger, model, features, data, shown_queries, shown_photos, *, image_size, device, step):
+    """TensorBoard images: top-5 retrievals of fixed unseen sketches, and VxL masks of fixed photos."""
+    net = strip_wrappers(model)
+    grid = retrieval_summary(net, shown_queries, features["gallery"], data["gallery"].items,
+                             image_size=image_size, device=device, topk=5)
+    exp_logger.image("test/retrieval", grid, step)
+    if net.sampler is not None:
+        exp_logger.image("train/vxl_masks", mask_summary(net.sampler, shown_photos, image_size=image_size), step)
 
 
 def main(argv=None) -> dict:
@@ -283,6 +302,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, skip_batches, global_step, best = 0, 0, 0, {"mAP@all": -1.0, "epoch": -1}
+    bad_state = {}
     if args.resume:
         ckpt = load_checkpoint(output_dir / "checkpoint.pth")
         load_model_weights(model, ckpt["model"], source=str(output_dir / "checkpoint.pth"))
@@ -291,6 +311,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, skip_batches = ckpt["next_epoch"], ckpt.get("skip_batches", 0)
         global_step, best = ckpt["global_step"], ckpt["best"]
+        bad_state = ckpt.get("bad_files", {})
         set_rng_state(ckpt["rng"])
         log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %.4f",
                  start_epoch, skip_batches, global_step, best["mAP@all"])
@@ -304,8 +325,13 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     loaders = build_loaders(data, args, rank=rank, world=world, device=device)
     exp_logger = ExperimentLogger(output_dir, enabled=is_main, purge_step=global_step if args.resume else None)
     stop = StopFlag().install()
+    bad_file_log = BadFileLog(output_dir / "bad_files.txt" if is_main else None,
+                              max_fraction=args.max_bad_fraction, **bad_state)
     class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
     progress = is_main and not args.no_progress
+    # A few fixed unseen queries and training photos, pictured in TensorBoard at every evaluation.
+    shown_queries = select_items(data["query"].items, 4, seed=args.seed)
+    shown_photos = select_items([(p, c) for c, ps in split.train_photos.items() for p in ps], 4, seed=args.seed)
 
     def save(next_epoch: int, skip: int, name: str = "checkpoint.pth") -> None:
         if not is_main:
@@ -315,6 +341,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             "scaler": scaler.state_dict() if scaler is not None else None,
             "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
             "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": 1,
+            "bad_files": bad_file_log.state(),
         }
         save_checkpoint(state, output_dir / name)
 
@@ -324,7 +351,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         stats = engine.train_one_epoch(
             ddp_model, criterion, loaders["train"], optimizer, device=device, epoch=epoch,
             global_step=global_step, amp_dtype=amp_dtype, scaler=scaler, exp_logger=exp_logger,
-            log_every=args.log_every, should_stop=stop, progress=progress,
+            log_every=args.log_every, should_stop=stop, bad_file_log=bad_file_log, progress=progress,
         )
         global_step = stats["global_step"]
         if stats["interrupted"]:
@@ -335,13 +362,20 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             raise SystemExit(130 if stop.signal == "SIGINT" else 143)
         skip_batches = 0
         line = {"epoch": epoch, "step": global_step, **{f"train_{k}": v for k, v in stats.items()
-                                                         if k not in ("interrupted", "global_step")}}
+                                                         if k not in ("interrupted", "global_step")},
+                "bad_files_skipped": bad_file_log.failed}
         exp_logger.scalars({k: v for k, v in stats.items() if k.startswith("loss")}, epoch, prefix="train/")
         exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],
                             "samples_per_s": stats["samples_per_s"]}, epoch, prefix="speed/")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epoch:
             metrics = engine.evaluate(ddp_model, loaders["query"], loaders["gallery"], device=device,
-                                      amp_dtype=amp_dtype, class_names=class_names, progress=progress)
+                                      amp_dtype=amp_dtype, class_names=class_names, progress=progress,
+                                      return_features=is_main and not args.no_tb_images)
+            features = metrics.pop("_features", None)
+            metrics.pop("_unreadable", None)  # counted in the metrics; listed by test.py
+            if features is not None:
+                log_pictures(exp_logger, model, features, data, shown_queries, shown_photos,
+                             image_size=args.image_size, device=device, step=epoch)
             scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
             exp_logger.scalars(scalar_metrics, epoch, prefix="test/")
             line.update({f"test_{k}": v for k, v in scalar_metrics.items()})

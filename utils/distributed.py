@@ -98,3 +98,12 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(items: list) -> list:
+    """Concatenate a picklable list from every rank (rank order)."""
+    if not is_dist():
+        return list(items)
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
