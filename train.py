@@ -102,6 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--int_memory", default="masked", choices=["masked", "unmasked"],
                    help="interaction decoder memory: masked photo tokens (paper) or unmasked (released code)")
     g.add_argument("--separate_encoders", action="store_true", help="untied sketch and photo encoders")
+    g.add_argument("--vxl_cache", default=None,
+                   help="precomputed VxL masks (python -m tools.precompute_masks ... --out FILE): "
+                        "training then runs no CLIP at all; a cache made with other settings is refused")
     g.add_argument("--dropout", type=float, default=None, help="encoder dropout (default: the preset's, 0.1)")
 
     g = p.add_argument_group("loss")
@@ -150,6 +153,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("epoch", "batch_size", "datasetLen", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.vxl_cache and args.variant == "non-mask":
+        raise UserError("--vxl_cache holds VxL masks, which the non-mask variant does not use; drop one of them.")
     if not 0.0 < args.keep_ratio < 1.0:
         raise UserError(f"--keep_ratio must be in (0, 1), got {args.keep_ratio}")
     return args
@@ -202,8 +207,11 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
                    persistent_workers=args.num_workers > 0,
                    prefetch_factor=4 if args.num_workers > 0 else None)
     sampler = TripletIndexSampler(len(data["train"]), rank=rank, world_size=world)
+    # Its own generator: starting an epoch's iterator then draws no number from the global RNG (which
+    # drives dropout), so a run resumed mid-epoch continues the same random stream.
     train = DataLoader(SkipBadTriplets(data["train"]), batch_size=per_rank, sampler=sampler, drop_last=False,
-                       collate_fn=collate_skipping, **workers)
+                       collate_fn=collate_skipping, generator=torch.Generator().manual_seed(args.seed),
+                       **workers)
     eval_bs = args.eval_batch_size or 2 * per_rank
 
     def eval_loader(ds):
@@ -256,8 +264,9 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     except Exception as e:
         from datasets.filelist import DatasetError  # bad data: a message, not a traceback
+        from models.vxl_cache import MaskCacheError
 
-        if not isinstance(e, DatasetError):
+        if not isinstance(e, (DatasetError, MaskCacheError)):
             raise
         logging.getLogger("train").error("%s", e)
         raise SystemExit(2) from None
@@ -274,9 +283,17 @@ def run(args) -> dict:
     dist_utils.barrier()
     setup_logging(output_dir if is_main else None, rank=rank)
     lock = RunLock(output_dir).acquire() if is_main else None
+    if lock is not None:  # the folder is ours: drop half-written checkpoints of a killed earlier run
+        for stale in output_dir.glob(".*.pth.*.tmp"):
+            log.warning("removing %s, left by a run killed while saving a checkpoint", stale)
+            stale.unlink(missing_ok=True)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _train(args, output_dir, device, rank, world, is_main)
     finally:
+        for s, h in handlers.items():  # StopFlag's handlers end with the run (in-process callers)
+            if signal.getsignal(s) is not h:
+                signal.signal(s, h)
         if lock is not None:
             lock.release()
         dist_utils.cleanup()
@@ -291,10 +308,16 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     torch.manual_seed(args.seed + rank)
     if args.synthetic:
         log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.", args.arch)
-    data = build_datasets(args)
+    mask_cache = None
+    if args.vxl_cache:
+        from models.vxl_cache import load_mask_cache_for_training
+
+        mask_cache = load_mask_cache_for_training(args.vxl_cache, args)  # checks settings, builds no CLIP
+        log.info("VxL masks from %s (%d photos): CLIP is not run during training.", args.vxl_cache, len(mask_cache))
+    data = build_datasets(args, mask_cache=mask_cache)
     split = data["split"]
     log.info("data: %s", json.dumps(split.summary()))
-    model = build_model(args).to(device)
+    model = build_model(args, with_sampler=mask_cache is None).to(device)
     log.info("model: %s", json.dumps(model_summary(model)))
     criterion = build_criterion(args).to(device)
     params = list(model.trainable_parameters())

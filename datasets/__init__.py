@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-def build_datasets(args) -> dict:
+def build_datasets(args, mask_cache=None) -> dict:
     """Build the training triplets and the unseen-class query/gallery sets from ``args``.
 
     Fields read (with defaults): ``data_path`` (None → the built-in synthetic benchmark,
@@ -29,6 +29,10 @@ def build_datasets(args) -> dict:
     at most that many queries and gallery photos per class, chosen reproducibly),
     ``check_files`` (True), ``custom_split`` (False: the unseen classes must equal the
     canonical list of ``test_class``; True: a user's own split, taken as written).
+
+    ``mask_cache``: precomputed VxL keep-masks (``models.vxl_cache.MaskCache``, keyed by paths
+    relative to ``split.root``); every training photo must be in it (checked here, before
+    training), and the training items then carry ``positive_mask`` / ``negative_mask``.
 
     Returns a dict: ``split`` (BenchmarkSplit), ``train`` (TripletDataset), ``query`` and
     ``gallery`` (ImageListDataset of unseen sketches / photos), ``class_to_idx`` (unseen
@@ -50,9 +54,13 @@ def build_datasets(args) -> dict:
 
     image_size = getattr(args, "image_size", 224)
     seed = getattr(args, "seed", 0)
+    mask_lookup = None
+    if mask_cache is not None:
+        mask_cache.require(split.root, (p for files in split.train_photos.values() for p in files))
+        mask_lookup = mask_cache.lookup(split.root)
     train = TripletDataset(sketches=split.train_sketches, photos=split.train_photos,
                            length=getattr(args, "datasetLen", 5000), image_size=image_size,
-                           seed=seed)
+                           seed=seed, mask_lookup=mask_lookup)
 
     queries, gallery = split.test_sketches, split.test_photos
     if not getattr(args, "testall", True) and split.spec is not None:

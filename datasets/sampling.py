@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -37,10 +38,14 @@ class TripletDataset(Dataset):
         length: triplets per epoch (``__len__``); ``__getitem__`` accepts any k >= 0.
         image_size: side of the preprocessed images.
         seed: base seed; triplet k uses ``np.random.default_rng([seed, k])``.
+        mask_lookup: optional ``photo path -> keep-mask [N]`` (e.g. ``MaskCache.lookup(root)`` of
+            ``models.vxl_cache``); items then carry ``positive_mask`` / ``negative_mask`` (float
+            ``[N]``) and the model needs no CLIP.
     """
 
     def __init__(self, *, sketches: dict[str, list[Path]], photos: dict[str, list[Path]],
-                 length: int, image_size: int, seed: int = 0):
+                 length: int, image_size: int, seed: int = 0,
+                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if seed < 0:
@@ -48,6 +53,7 @@ class TripletDataset(Dataset):
         self.length = int(length)
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.mask_lookup = mask_lookup
         # Sorted class order and str paths: the draw depends only on the data, not on dict order.
         self.photos = {c: [os.fspath(p) for p in v] for c, v in sorted(photos.items()) if v}
         self.sketches = {c: [os.fspath(p) for p in v] for c, v in sorted(sketches.items()) if v}
@@ -88,6 +94,9 @@ class TripletDataset(Dataset):
         item["sketch"] = preprocess_sketch(load_image(item["sketch_path"]), size)  # [3, S, S]
         item["positive"] = preprocess_photo(load_image(item["positive_path"]), size)  # [3, S, S]
         item["negative"] = preprocess_photo(load_image(item["negative_path"]), size)  # [3, S, S]
+        if self.mask_lookup is not None:
+            item["positive_mask"] = self.mask_lookup(item["positive_path"]).float()  # [N]
+            item["negative_mask"] = self.mask_lookup(item["negative_path"]).float()  # [N]
         return item
 
 

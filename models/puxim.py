@@ -24,7 +24,9 @@ class PuXIM(nn.Module):
         encoder: the shared (or untied) sketch/photo ViT.
         interaction: the matching head (PMM-int).
         sampler: the frozen VxL sampler; may be ``None`` when masks come precomputed in the batch
-            (``batch["photo_mask"]``) or when ``use_mask`` is False.
+            (``batch["photo_mask"]`` ``[2B, N]`` for cat(positive, negative), or
+            ``batch["positive_mask"]`` and ``batch["negative_mask"]`` ``[B, N]`` each, as
+            ``TripletDataset(mask_lookup=...)`` gives them) or when ``use_mask`` is False.
         use_mask: False is the ``non-mask`` ablation: no sampler, masks of ones.
         mask_memory: the interaction head reads the *masked* photo tokens (the paper, Fig. 1e)
             when True; the released code's unmasked tokens when False.
@@ -56,13 +58,26 @@ class PuXIM(nn.Module):
         if not self.use_mask:
             return photos.new_ones(n, num_patches, dtype=dtype)
         mask = batch.get("photo_mask")
+        if batch.get("positive_mask") is not None or batch.get("negative_mask") is not None:
+            # Per-photo masks from a precomputed cache (datasets: TripletDataset(mask_lookup=...)).
+            if mask is not None:
+                raise ValueError("give either batch['photo_mask'] or batch['positive_mask'] and "
+                                 "batch['negative_mask'], not both")
+            pos, neg = batch.get("positive_mask"), batch.get("negative_mask")
+            if pos is None or neg is None:
+                raise ValueError("batch['positive_mask'] and batch['negative_mask'] go together; one is missing")
+            if tuple(pos.shape) != (n // 2, num_patches) or tuple(neg.shape) != (n // 2, num_patches):
+                raise ValueError(f"batch['positive_mask'] and batch['negative_mask'] must be [B, N] = "
+                                 f"{(n // 2, num_patches)}, got {tuple(pos.shape)} and {tuple(neg.shape)}")
+            mask = torch.cat([pos, neg])  # [2B, N]
         if mask is not None:
             if tuple(mask.shape) != (n, num_patches):
                 raise ValueError(f"batch['photo_mask'] must be [2B, N] = {(n, num_patches)} for "
                                  f"cat(positive, negative), got {tuple(mask.shape)}")
             return mask.to(device=photos.device, dtype=dtype)
         if self.sampler is None:
-            raise RuntimeError("PuXIM(use_mask=True) without a sampler needs batch['photo_mask']")
+            raise RuntimeError("PuXIM(use_mask=True) without a sampler needs batch['photo_mask'] (or "
+                               "batch['positive_mask'] and batch['negative_mask'])")
         names = list(batch["positive_class"]) + list(batch["negative_class"])
         return self.sampler(photos, names).to(dtype)  # [2B, N], no gradient
 

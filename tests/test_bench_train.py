@@ -1,0 +1,96 @@
+"""tools.bench_train: the three step configurations do what the table says, and the tool reports numbers."""
+import pytest
+import torch
+
+from losses import build_criterion
+from tools import bench_train
+
+B = 2
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    model = bench_train.build_bench_model("tiny")
+    return model, bench_train.make_batch(model, B, torch.device("cpu"))
+
+
+def _count_calls(model):
+    """Record CLIP text/image calls and encoder batch sizes."""
+    calls = {"text": 0, "image": 0, "encoder": []}
+    clip, sampler = model.sampler.clip, model.sampler
+    original_text, original_image = clip.encode_text, sampler.image_tokens
+    clip.encode_text = lambda tokens, **kw: (calls.__setitem__("text", calls["text"] + 1),
+                                             original_text(tokens, **kw))[1]
+    sampler.image_tokens = lambda images: (calls.__setitem__("image", calls["image"] + 1),
+                                           original_image(images))[1]
+    hook = model.encoder.register_forward_hook(lambda m, a, o: calls["encoder"].append((a[0].shape[0], a[1])))
+
+    def restore():
+        del clip.encode_text, sampler.image_tokens
+        hook.remove()
+    return calls, restore
+
+
+@pytest.mark.parametrize("config,text_calls,image_calls,encoder_calls", [
+    ("a", 2 * B, 1, [(2 * B, "sketch"), (2 * B, "photo")]),  # per-photo text, 2 sketches per sample
+    ("b", 0, 1, [(B, "sketch"), (2 * B, "photo")]),  # text features cached after the first step
+    ("c", 0, 0, [(B, "sketch"), (2 * B, "photo")]),  # no CLIP at all
+])
+def test_step_configurations_do_the_documented_work(model_and_batch, config, text_calls, image_calls,
+                                                     encoder_calls):
+    model, batch = model_and_batch
+    model.train()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-5)
+    step = bench_train.make_step(model, build_criterion(None), optimizer, batch, config, None, None)
+    step()  # warm-up: fills the text cache for (b)
+    calls, restore = _count_calls(model)
+    try:
+        losses = step()
+    finally:
+        restore()
+    assert (calls["text"], calls["image"], calls["encoder"]) == (text_calls, image_calls, encoder_calls)
+    assert torch.isfinite(losses["loss"])
+
+
+def test_reference_forward_computes_the_same_losses(model_and_batch):
+    """(a) differs in how it spends work, not in what it computes: same masks, same losses (no dropout)."""
+    model, batch = model_and_batch
+    model.eval()
+    criterion = build_criterion(None)
+    with torch.no_grad():
+        ref = bench_train.reference_forward(model, batch)
+        ours = bench_train.ours_forward(model, batch, cached=False)
+        cached = bench_train.ours_forward(model, batch, cached=True)
+    assert torch.equal(ref["photo_mask"], ours["photo_mask"]) and torch.equal(cached["photo_mask"], ours["photo_mask"])
+    assert ref["photo_mask"].sum(1).tolist() == [19.0] * (2 * B)
+    ref_losses, our_losses = criterion(ref), criterion(ours)
+    for name in our_losses:
+        torch.testing.assert_close(ref_losses[name], our_losses[name], rtol=1e-5, atol=1e-6)
+    model.train()
+
+
+def test_bench_main_reports_positive_numbers(capsys):
+    result = bench_train.main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0",
+                               "--flops", "on"])
+    assert set(result["rows"]) == {"a", "b", "c"} and set(result["ratios"]) == {"b/a", "c/a"}
+    for row in result["rows"].values():
+        assert row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["gflop_per_step"] > 0
+        assert row["peak_mem_mib"] is None and row["mfu"] is None  # CPU: no GPU memory, no peak
+    # FLOPs: (a) does the most work (2nd sketch, text encoder), (c) the least (no CLIP).
+    flops = {k: r["gflop_per_step"] for k, r in result["rows"].items()}
+    assert flops["a"] > flops["b"] > flops["c"]
+    assert result["ratios"]["b/a"] == pytest.approx(result["rows"]["b"]["samples_per_s"]
+                                                    / result["rows"]["a"]["samples_per_s"])
+    out = capsys.readouterr().out
+    assert "(a) reference-like" in out and "samples/s ratios (mean step): b/a = " in out
+
+
+def test_flop_count_includes_attention():
+    """CLIP's MHA fast path and CPU fused attention must not hide FLOPs: check one block by hand."""
+    layer = torch.nn.MultiheadAttention(32, 2, batch_first=True).eval().requires_grad_(False)
+    x = torch.rand(3, 10, 32)
+    flops = bench_train.count_flops(lambda: layer(x, x, x, need_weights=False), torch.device("cpu"))
+    # qkv + out projections: 2 * 4 * 32^2 per token; scores and weighted sum: 2 * 2 * 10 * 32 per token.
+    assert flops == 3 * 10 * (2 * 4 * 32 * 32 + 2 * 2 * 10 * 32)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

@@ -1,0 +1,312 @@
+"""Benchmark one PuXIM training step three ways, side by side, on the same model and batch.
+
+    python -m tools.bench_train --arch b16 --batch_size 2 --steps 3 --warmup 1            # CPU
+    python -m tools.bench_train --arch b16 --batch_size 64 --device cuda --amp bf16       # GPU, with MFU
+
+(a) **reference-like** — what the released training code does per step, built from our modules:
+    fp32 whatever ``--amp`` says; the sketch and the unused second sketch go through the encoder
+    in one ``[2B]`` call and, as there, the backward pass runs through both (the second sketch's
+    rows only get zero gradients); positive and negative photos in one ``[2B]`` call; the CLIP
+    image tower on the ``[2B]`` photos; the CLIP *text* encoder called once per photo on
+    ``["a", class]`` (tokenised each time, no cache: the sampler's text cache is cleared before
+    every photo); the interaction decoder called twice, on (sketch, positive) and (sketch,
+    negative). Not included: the released code's ``torch.autograd.set_detect_anomaly(True)``,
+    which would slow it further, and its batch-axis attention bug (same FLOPs).
+(b) **ours, CLIP online** — ``PuXIM.forward`` as ``train.py`` runs it: one sketch pass ``[B]``, one
+    photo pass ``[2B]``, CLIP image tower on the photos, text features from the per-class cache;
+    under ``--amp``.
+(c) **ours, cached masks** — the same, with ``positive_mask``/``negative_mask`` in the batch as a
+    ``--vxl_cache`` run gets them: no CLIP at all; under ``--amp``.
+
+Every step is forward, losses, backward and an Adam step. Inputs are random tensors of the preset's
+size; without ``--clip_weights`` the CLIP is random too (speed does not depend on the weights). The
+three configurations are timed in interleaved rounds (a, b, c, a, b, c, ...) so that load changes
+on a shared machine hit them alike. On CUDA the peak memory of each step and the model FLOPs
+utilisation (FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode``, CLIP's
+forward included where it runs, divided by step time and the GPU's dense bf16 peak) are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+from typing import Callable, Dict, Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, from the vendors' data sheets.
+GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                        ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+
+CONFIGS = {
+    "a": "(a) reference-like: fp32, 2nd sketch, text enc. per photo",
+    "b": "(b) ours: CLIP online, cached text",
+    "c": "(c) ours: cached VxL masks, no CLIP",
+}
+CLASS_NAMES = ["airplane", "alarm clock", "ant", "ape", "apple", "armor", "axe", "banana", "bat", "bear",
+               "bee", "beetle", "bell", "bench", "bicycle", "blimp", "bread", "butterfly", "cabin", "camel"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Benchmark PuXIM training steps", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="b16", choices=["b16", "tiny"])
+    p.add_argument("--batch_size", type=int, default=2, help="triplets per step (the released code used 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast dtype of (b) and (c); (a) is always fp32, as the released code")
+    p.add_argument("--clip_weights", default=None, help="OpenAI-format CLIP file (default: random CLIP weights)")
+    p.add_argument("--configs", default="abc", help="which configurations to run, e.g. 'ac'")
+    p.add_argument("--flops", default="auto", choices=["auto", "on", "off"],
+                   help="count FLOPs of one step per configuration (auto: on CUDA only)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: looked up from the GPU's name)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ----------------------------------------------------------------------------- set-up
+def build_bench_model(arch: str, clip_weights: Optional[str] = None):
+    """PuXIM of the preset with its VxL sampler; b16 without ``clip_weights`` gets a random CLIP ViT-B/16."""
+    from models import build_model
+
+    args = SimpleNamespace(arch=arch, clip_weights=clip_weights, vit_weights=None)
+    if arch == "tiny" or clip_weights is not None:
+        return build_model(args)
+    import open_clip
+
+    from models import PuXIM, VxLSampler
+    from models.vxl_sampler import CLIP_MODEL_NAME
+
+    # Random weights in OpenAI's architecture (QuickGELU): the same FLOPs as the real CLIP.
+    clip = open_clip.CLIP(**open_clip.get_model_config(CLIP_MODEL_NAME)).float().eval()
+    sampler = VxLSampler(clip, open_clip.get_tokenizer(CLIP_MODEL_NAME))
+    base = build_model(args, with_sampler=False)
+    return PuXIM(encoder=base.encoder, interaction=base.interaction, sampler=sampler)
+
+
+def make_batch(model, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Random inputs of the preset's size, distinct class names, and the masks (c) reads from a cache."""
+    size = model.sampler.image_size  # the encoder's input size too (PuXIM checks the grids agree)
+    g = torch.Generator().manual_seed(seed)
+
+    def images():
+        return (torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1).to(device)  # [B, 3, S, S]
+
+    names = [CLASS_NAMES[i % len(CLASS_NAMES)] + ("" if i < len(CLASS_NAMES) else f" {i}")
+             for i in range(2 * batch_size)]
+    batch = dict(sketch=images(), sketch2=images(), positive=images(), negative=images(),
+                 positive_class=names[:batch_size], negative_class=names[batch_size:])
+    masks = model.sampler(torch.cat([batch["positive"], batch["negative"]]), names)  # [2B, N]
+    batch["cached_masks"] = (masks[:batch_size], masks[batch_size:])
+    return batch
+
+
+# ----------------------------------------------------------------------------- the steps
+def reference_forward(model, batch: dict) -> Dict[str, torch.Tensor]:
+    """(a)'s forward, as the released ``Model.forward`` orders the work (see module doc)."""
+    sampler, b = model.sampler, batch["sketch"].shape[0]
+    photos = torch.cat([batch["positive"], batch["negative"]])  # [2B, 3, S, S]
+    names = list(batch["positive_class"]) + list(batch["negative_class"])
+    # CLIP text encoder once per photo on ["a", class], no cache (released code), then the same
+    # surgery + mask as ours on the features just computed.
+    texts = {}
+    for name in names:
+        sampler._text_cache.clear()
+        sampler.text_features([name])  # tokenises and encodes ["a", prompt(name)]
+        texts.update(sampler._text_cache)
+    sampler._text_cache.update(texts)
+    mask = sampler(photos, names)  # [2B, N]: CLIP image tower on the photos, no gradient
+
+    sketches = model.encoder(torch.cat([batch["sketch"], batch["sketch2"]]), "sketch")  # [2B, 1 + N, D]
+    sketch_tokens = sketches[:b]  # the second sketch is never used, but backward runs through its rows
+    photo_tokens = model.encoder(photos, "photo")  # [2B, 1 + N, D]
+    patch_tokens = photo_tokens[:, 1:]  # [2B, N, D]
+    memory = photo_tokens
+    if model.mask_memory:
+        memory = torch.cat([photo_tokens[:, :1], patch_tokens * mask.unsqueeze(-1)], dim=1)
+    logits = torch.cat([model.interaction(sketch_tokens, memory[:b]),  # (s, p)   [B, 2]
+                        model.interaction(sketch_tokens, memory[b:])])  # (s, n)  [B, 2]
+    return {
+        "sketch_emb": sketch_tokens[:, 0], "positive_emb": photo_tokens[:b, 0], "negative_emb": photo_tokens[b:, 0],
+        "photo_patch_tokens": patch_tokens, "photo_mask": mask, "match_logits": logits,
+        "match_labels": torch.cat([torch.ones(b), torch.zeros(b)]).long().to(logits.device),
+    }
+
+
+def ours_forward(model, batch: dict, cached: bool) -> Dict[str, torch.Tensor]:
+    """(b) and (c): ``PuXIM.forward`` on the training batch, with or without the cached masks."""
+    inputs = {k: batch[k] for k in ("sketch", "positive", "negative", "positive_class", "negative_class")}
+    if cached:
+        inputs["positive_mask"], inputs["negative_mask"] = batch["cached_masks"]
+    return model(inputs)
+
+
+def make_step(model, criterion, optimizer, batch, config: str, amp_dtype: Optional[torch.dtype],
+              scaler) -> Callable[[], dict]:
+    """One full training step of ``config``: forward, losses (fp32), backward, Adam."""
+    device_type = batch["sketch"].device.type
+    autocast_dtype = None if config == "a" else amp_dtype
+
+    def step() -> dict:
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            outputs = reference_forward(model, batch) if config == "a" else ours_forward(model, batch, config == "c")
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        losses = criterion(outputs)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and config != "a":
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            losses["loss"].backward()
+            optimizer.step()
+        return losses
+
+    return step
+
+
+# ----------------------------------------------------------------------------- measuring
+def gpu_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in name), None)
+
+
+def count_flops(step: Callable[[], dict], device: torch.device) -> int:
+    """FLOPs of one step (matmuls, convolutions, attention; forward and backward).
+
+    Two kernels hide their matmuls from ``FlopCounterMode``: ``nn.MultiheadAttention``'s inference
+    fast path (CLIP's frozen blocks take it), switched off while counting, and the CPU's fused
+    attention, counted through the plain (math) attention on the CPU. CUDA's fused attention
+    kernels are counted as they are.
+    """
+    from contextlib import ExitStack
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with ExitStack() as stack:
+            if device.type == "cpu":
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            counter = stack.enter_context(FlopCounterMode(display=False))
+            step()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    configs = [c for c in "abc" if c in args.configs]
+    if not configs or set(args.configs) - set("abc"):
+        raise SystemExit(f"--configs takes letters among a, b, c (got {args.configs!r})")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--batch_size and --steps must be >= 1, --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked but CUDA is not available here")
+    if device.type == "cpu" and args.amp != "none":
+        raise SystemExit("--amp bf16/fp16 needs --device cuda (training on the CPU runs in fp32)")
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+    from losses import build_criterion
+
+    torch.manual_seed(args.seed)
+    model = build_bench_model(args.arch, args.clip_weights).to(device).train()
+    criterion = build_criterion(SimpleNamespace()).to(device)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-5, weight_decay=1e-3)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    batch = make_batch(model, args.batch_size, device, seed=args.seed)
+    steps = {c: make_step(model, criterion, optimizer, batch, c, amp_dtype, scaler) for c in configs}
+
+    for _ in range(args.warmup):
+        for c in configs:
+            steps[c]()
+    times = {c: [] for c in configs}
+    peaks = {c: 0 for c in configs}
+    for _ in range(args.steps):  # interleaved rounds: a, b, c, a, b, c, ...
+        for c in configs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            steps[c]()
+            _sync(device)
+            times[c].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[c] = max(peaks[c], torch.cuda.max_memory_allocated(device))
+
+    want_flops = args.flops == "on" or (args.flops == "auto" and device.type == "cuda")
+    peak_tflops = gpu_peak_tflops(device, args.peak_tflops)
+    rows = {}
+    for c in configs:
+        step_s = sum(times[c]) / len(times[c])
+        row = {"name": CONFIGS[c], "precision": "fp32" if c == "a" or amp_dtype is None else args.amp,
+               "samples_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s,
+               "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
+               "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
+        if want_flops:
+            flops = count_flops(steps[c], device)
+            row["gflop_per_step"] = flops / 1e9
+            row["achieved_tflops"] = flops / step_s / 1e12
+            row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
+        rows[c] = row
+    others = [c for c in configs if c != "a" and "a" in rows]
+    ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}
+    # On a shared machine the fastest step is the least disturbed one: its ratio is printed too.
+    best_ratios = {f"{c}/a": rows["a"]["step_ms_min"] / rows[c]["step_ms_min"] for c in others}
+    result = {"arch": args.arch, "batch_size": args.batch_size, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "amp": args.amp,
+              "peak_bf16_tflops": peak_tflops, "rows": rows, "ratios": ratios,
+              "best_step_ratios": best_ratios}
+    print(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = (f"PuXIM training step, arch {result['arch']}, batch {result['batch_size']}, {result['device_name']} "
+            f"({result['threads']} threads), {result['steps']} timed steps per config after {result['warmup']} "
+            f"warm-up, interleaved")
+    cols = f"{'configuration':<58} {'prec':>5} {'samples/s':>10} {'step ms':>9} {'min..max ms':>15} {'x (a)':>6} " \
+           f"{'peak MiB':>9} " \
+           f"{'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6}"
+    lines = [head, cols, "-" * len(cols)]
+    base = result["rows"].get("a")
+    for row in result["rows"].values():
+        def fmt(key, spec, scale=1.0):
+            value = row.get(key)
+            return format(value * scale, spec) if value is not None else "n/a"
+
+        speedup = row["samples_per_s"] / base["samples_per_s"] if base else None
+        spread = f"{row['step_ms_min']:.0f}..{row['step_ms_max']:.0f}"
+        lines.append(f"{row['name']:<58} {row['precision']:>5} {row['samples_per_s']:>10.3f} {row['step_ms']:>9.1f} "
+                     f"{spread:>15} "
+                     f"{format(speedup, '.2f') if speedup else 'n/a':>6} {fmt('peak_mem_mib', '.0f'):>9} "
+                     f"{fmt('gflop_per_step', '.1f'):>11} {fmt('achieved_tflops', '.2f'):>8} "
+                     f"{fmt('mfu', '.1%'):>6}")
+    if result["ratios"]:
+        def join(ratios):
+            return ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items())
+
+        lines.append(f"samples/s ratios (mean step): {join(result['ratios'])}; "
+                     f"(fastest step): {join(result['best_step_ratios'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

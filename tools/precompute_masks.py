@@ -1,0 +1,202 @@
+"""Compute the VxL keep-mask of every training photo once, so that training can skip CLIP.
+
+    python -m tools.precompute_masks --data_path ROOT --dataset sketchy_extend \\
+        --test_class test_class_sketchy25 --clip_weights ViT-B-16.pt --out masks/sketchy25.npz
+    python train.py ... --vxl_cache masks/sketchy25.npz          # same settings, no CLIP
+
+    python -m tools.precompute_masks --out masks/synthetic.npz   # the synthetic benchmark, tiny preset
+
+The masks come from the very sampler training would build (``models.build_vxl_sampler`` with
+train.py's flags: --arch, --clip_weights, --keep_ratio, --prompt, --vxl_norm, --clip_input_norm) on
+the very photos it would see (``datasets.transforms.preprocess_photo`` at --image_size), in fp32.
+The photo's class text is its class in the split (its folder name), as in training.
+
+Resumable: the cache at --out is saved every --save_every batches; running the same command again
+loads it (refusing one made with other settings) and computes only the missing photos.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+log = logging.getLogger("precompute_masks")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Precompute VxL keep-masks of the training photos", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data (as train.py)")
+    g.add_argument("--data_path", default=None, help="dataset root; omit for the synthetic benchmark")
+    g.add_argument("--dataset", default="sketchy_extend")
+    g.add_argument("--test_class", default="test_class_sketchy25")
+    g.add_argument("--custom_split", action="store_true",
+                   help="take the unseen classes from cname_cid_zero.txt without the canonical check")
+    g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
+    g.add_argument("--image_size", type=int, default=None, help="photo size (default: the preset's)")
+
+    g = p.add_argument_group("VxL sampler (as train.py)")
+    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
+                   help="preset (default: tiny without --data_path, else b16)")
+    g.add_argument("--clip_weights", default=None,
+                   help="OpenAI-format CLIP ViT-B/16 file, or 'openai'; tiny: a fixed random tiny CLIP when omitted")
+    g.add_argument("--keep_ratio", type=float, default=0.3)
+    g.add_argument("--prompt", default="{}")
+    g.add_argument("--vxl_norm", default="token", choices=["token", "channel"])
+    g.add_argument("--clip_input_norm", default="encoder", choices=["encoder", "clip"])
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="the cache file (.npz) to write or complete")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--save_every", type=int, default=200, help="save the partial cache every N batches")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+class _PhotoSet(Dataset):
+    """(absolute path, relative path, class) -> preprocessed photo, as the training dataset makes it."""
+
+    def __init__(self, items, image_size: int):
+        self.items, self.image_size = items, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from datasets.transforms import load_image, preprocess_photo
+
+        path, rel, cname = self.items[i]
+        return preprocess_photo(load_image(path), self.image_size), rel, cname  # [3, S, S]
+
+
+def _resolve(args) -> argparse.Namespace:
+    from models.encoder import ENCODER_PRESETS
+
+    if args.arch is None:
+        args.arch = "tiny" if args.data_path is None else "b16"
+    if args.image_size is None:
+        args.image_size = ENCODER_PRESETS[args.arch]["img_size"]
+    if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
+        args.clip_weights = None
+    for name in ("batch_size", "save_every", "image_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num_workers must be >= 0 (got {args.num_workers})")
+    return args
+
+
+def _load_split(args):
+    from datasets import load_benchmark
+
+    if args.data_path is None:
+        from datasets.synthetic import ensure_synthetic_benchmark
+
+        root = ensure_synthetic_benchmark(args.synthetic_dir)
+        return load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    return load_benchmark(args.data_path, args.dataset, args.test_class, check_canonical=not args.custom_split)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked but CUDA is not available here (use --device cpu).")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _command(argv) -> str:
+    """This run's flags, quoted: the command that completes the cache (saved in its meta)."""
+    return " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def main(argv=None) -> dict:
+    from datasets.filelist import DatasetError
+    from models.vxl_cache import MaskCache, MaskCacheError, expected_cache_key, mask_cache_key
+
+    args = _resolve(get_args_parser().parse_args(argv))
+    try:
+        key = expected_cache_key(args)
+        split = _load_split(args)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    grid = key["grid_size"]
+    num_patches = grid[0] * grid[1]
+
+    # Every training photo with the class text training gives CLIP (its class in the split).
+    lookup_root = split.root
+    items = []
+    for cname, files in sorted(split.train_photos.items()):
+        for path in files:
+            items.append((str(path), str(path.relative_to(lookup_root).as_posix()), cname))
+
+    try:
+        if os.path.exists(args.out):
+            cache = MaskCache.load(args.out, expected_key=key)
+            log.info("resuming %s: %d photos already cached", args.out, len(cache))
+        else:
+            cache = MaskCache(key=key, num_patches=num_patches)
+    except MaskCacheError as e:
+        raise SystemExit(f"error: {e}\n(--out {args.out} holds another cache: choose another --out or delete it)") \
+            from None
+    cache.meta.update(command=_command(argv), dataset=split.name, train_photos=len(items),
+                      torch=torch.__version__, precision="fp32")
+    todo = [it for it in items if it[1] not in cache]
+    summary = {"out": args.out, "train_photos": len(items), "already_cached": len(items) - len(todo),
+               "computed": 0, "num_patches": num_patches}
+    if not todo:
+        cache.meta["complete"] = True
+        cache.save(args.out)
+        print(f"{args.out}: all {len(items)} training photos already cached; nothing to do.")
+        return summary
+
+    from models.vxl_sampler import build_vxl_sampler
+
+    device = _device(args.device)
+    # The same builder and keyword mapping as models.build_model (train.py's flags).
+    sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
+                                feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
+    built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
+    if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
+        raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "
+                           f"build_vxl_sampler: {built_key} vs {key}")
+    try:
+        import open_clip
+        cache.meta["open_clip"] = open_clip.__version__
+    except Exception:  # pragma: no cover - open_clip is a hard dependency of the sampler
+        pass
+    cache.meta.update(device=str(device), complete=False)
+
+    loader = DataLoader(_PhotoSet(todo, args.image_size), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    start = time.perf_counter()
+    bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
+    for step, (images, rels, cnames) in enumerate(bar, 1):
+        masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
+        cache.add(list(rels), masks)
+        summary["computed"] += len(rels)
+        if step % args.save_every == 0:
+            cache.save(args.out)
+    bar.close()
+    cache.meta["complete"] = True
+    cache.save(args.out)
+    elapsed = time.perf_counter() - start
+    kept = num_patches - sampler.num_masked
+    print(f"{args.out}: {summary['computed']} masks computed in {elapsed:.1f} s "
+          f"({summary['computed'] / max(elapsed, 1e-9):.1f} photos/s), {len(cache)} of {len(items)} training photos "
+          f"cached; each keeps {kept} of {num_patches} patches. Train with --vxl_cache {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
