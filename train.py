@@ -105,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vxl_cache", default=None,
                    help="precomputed VxL masks (python -m tools.precompute_masks ... --out FILE): "
                         "training then runs no CLIP at all; a cache made with other settings is refused")
-    g.add_argument("--dropout", type=float, default=None, help="encoder dropout (default: the preset's, 0.1)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout of the encoder and the interaction decoder (default: 0.1, as specified)")
 
     g = p.add_argument_group("loss")
     g.add_argument("--margin", type=float, default=None, help="triplet margin (1.0; non-mask: 0.2)")

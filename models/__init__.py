@@ -37,7 +37,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
     ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
-    ``dropout`` (None: the preset's 0.1).
+    ``dropout`` (None: the presets' 0.1; otherwise used by the encoder and the interaction head).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
@@ -68,7 +68,10 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)
-    interaction = InteractionHead(**INTERACTION_PRESETS[arch])
+    interaction_cfg = dict(INTERACTION_PRESETS[arch])
+    if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
+        interaction_cfg["dropout"] = float(args.dropout)
+    interaction = InteractionHead(**interaction_cfg)
     return PuXIM(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
                  mask_memory=int_memory == "masked")
 

@@ -1,0 +1,56 @@
+"""Two CPU processes under torchrun (gloo) train exactly like one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from datasets.synthetic import CLASSES, UNSEEN_CLASSES, make_synthetic_benchmark
+
+    seen = [c for c in CLASSES if c not in UNSEEN_CLASSES][:4]
+    root = tmp_path_factory.mktemp("ddp") / "bench"
+    return make_synthetic_benchmark(root, seed=0, sketches_per_class=6, photos_per_class=6, unseen_per_class=4,
+                                    size=64, classes=seen + list(UNSEEN_CLASSES[:2]), progress=False)
+
+
+def run(cmd, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "0",
+            "--no_progress", "--no_tb_images", "--device", "cpu", "--epoch", "2", "--datasetLen", "32",
+            "--batch_size", "8", "--dropout", "0", "--seed", "5"]
+    proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(l) for l in (out / "e" / "log.txt").read_text().splitlines()]
+
+
+def test_two_gloo_processes_match_one_process(bench, tmp_path):
+    single = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path / "one")
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train.py", "--data_path", str(bench)], tmp_path / "two")
+    assert len(single) == len(ddp) == 2
+    for a, b in zip(single, ddp):
+        assert a["step"] == b["step"] == (a["epoch"] + 1) * 4
+        for key in ("train_loss", "train_loss_tri", "train_loss_rec", "train_loss_int"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+        # evaluation is split across the ranks and gathered: the same metrics
+        assert b["test_mAP@all"] == pytest.approx(a["test_mAP@all"], abs=1e-4)
+    assert single[1]["train_loss"] != single[0]["train_loss"]  # the steps did change the model
+
+
+def test_batch_not_divisible_by_world_size_is_refused(bench, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         "--data_path", str(bench), "--custom_split", "--arch", "tiny", "--exp", "e", "--output_dir",
+         str(tmp_path), "--batch_size", "7", "--num_workers", "0", "--device", "cpu", "--no_progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "not divisible by the 2 processes" in proc.stdout + proc.stderr
