@@ -141,7 +141,8 @@ def test_build_model_options(tmp_path):
     assert (s.keep_ratio, s.prompt, s.feature_norm, s.input_norm, s.surgery_depth) == (
         0.5, "a photo of {}", "channel", "clip", 2)
     assert model.encoder.photo_vit is not None and not model.mask_memory
-    assert model.encoder.vit.pos_drop.p == 0.0 and model.interaction.decoder.layers[0].dropout.p == 0.1
+    # --dropout sets every dropout of the trained parts: encoder and interaction decoder
+    assert model.encoder.vit.pos_drop.p == 0.0 and model.interaction.decoder.layers[0].dropout.p == 0.0
     with pytest.raises(ValueError, match="--clip_weights"):
         build_model(SimpleNamespace(arch="b16"))
     no_sampler = build_model(SimpleNamespace(arch="tiny"), with_sampler=False)
