@@ -96,7 +96,7 @@ def train_one_epoch(
         if progress:
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
         if exp_logger is not None and global_step % log_every == 0:
-            exp_logger.scalars({k: float(v) for k, v in losses.items()}, global_step, prefix="train_step/")
+            exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, global_step, prefix="train_step/")
         if should_stop():
             interrupted = True
             break

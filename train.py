@@ -37,7 +37,7 @@ log = logging.getLogger("train")
 # 50 epochs of 5,000 triplets) with batch 16 instead of 2; ``tiny`` trains from scratch on a CPU.
 ARCH_DEFAULTS = {
     "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=16, epoch=50, image_size=224, datasetLen=5000),
-    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=6, image_size=64, datasetLen=3200),
+    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=4, image_size=64, datasetLen=1600),
 }
 DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw")
 TEST_CLASSES = (
@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_class", default="test_class_sketchy25", choices=TEST_CLASSES,
                    help="which zero-shot split (see README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...)")
     g.add_argument("--datasetLen", type=int, default=None,
-                   help="sampled triplets per epoch (released code: 5000; tiny preset: 3200)")
+                   help="sampled triplets per epoch (released code: 5000; tiny preset: 1600)")
     g.add_argument("--testall", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate on all unseen sketches and photos (--no-testall with --eval_per_class)")
     g.add_argument("--eval_per_class", type=int, default=None,
@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--w_int", type=float, default=0.1)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 6)")
+    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 4)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch of triplets (b16: 16, tiny: 32; released code: 2)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
