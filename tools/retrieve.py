@@ -27,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tools import ToolError, run_tool
+
 log = logging.getLogger("retrieve")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CACHE_FORMAT = 1
 UNKNOWN_CLASS = ""  # gallery images directly in the gallery folder have no class
-
-
-class ToolError(RuntimeError):
-    """A problem with the command line or its inputs; printed without a traceback."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,20 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[tuple[str, float]]:
     """Run the tool; returns the top K as ``(path, cosine score)``, best first."""
-    from utils.logger import setup_logging
-
-    args = get_args_parser().parse_args(argv)
-    setup_logging()
-    try:
-        return run(args)
-    except Exception as e:
-        from datasets.filelist import DatasetError
-        from utils.checkpoint import CheckpointError
-
-        if not isinstance(e, (ToolError, DatasetError, CheckpointError)):
-            raise
-        print(f"tools.retrieve: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_tool("tools.retrieve", run, get_args_parser().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- gallery

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
+
+from tools import ToolError, run_tool
 
 log = logging.getLogger("visualize_masks")
 
 # train.py's defaults for the sampler options.
 SAMPLER_DEFAULTS = dict(keep_ratio=0.3, prompt="{}", vxl_norm="token", clip_input_norm="encoder")
-
-
-class ToolError(RuntimeError):
-    """A problem with the command line or its inputs; printed without a traceback."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,20 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[Path]:
     """Run the tool; returns the written PNG paths."""
-    from utils.logger import setup_logging
-
-    args = get_args_parser().parse_args(argv)
-    setup_logging()
-    try:
-        return run(args)
-    except Exception as e:
-        from datasets.filelist import DatasetError
-        from utils.checkpoint import CheckpointError
-
-        if not isinstance(e, (ToolError, DatasetError, CheckpointError)):
-            raise
-        print(f"tools.visualize_masks: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_tool("tools.visualize_masks", run, get_args_parser().parse_args(argv))
 
 
 def resolve_settings(args) -> dict:
