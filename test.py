@@ -157,6 +157,12 @@ def print_table(metrics: dict, ckpt_path: Path) -> None:
     for key, what in rows:
         if key in metrics:
             print(f"  {key:<13} {metrics[key]:.4f}   {what}")
+    chance = metrics.get("chance_mAP")
+    if chance:
+        ratios = {k: metrics[k] / chance for k in ("mAP@all", "P@100")}
+        verdict = "at least" if min(ratios.values()) >= 2 else "BELOW"
+        print(f"  mAP@all is {ratios['mAP@all']:.1f}x and P@100 {ratios['P@100']:.1f}x the chance level: "
+              f"{verdict} 2x chance")
     sys.stdout.flush()
 
 

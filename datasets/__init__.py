@@ -28,7 +28,8 @@ def build_datasets(args, mask_cache=None) -> dict:
     False: the released code's quick-evaluation strides), ``eval_per_class`` (None: when set,
     at most that many queries and gallery photos per class, chosen reproducibly),
     ``check_files`` (True), ``custom_split`` (False: the unseen classes must equal the
-    canonical list of ``test_class``; True: a user's own split, taken as written).
+    canonical list of ``test_class``; True: a user's own split, taken as written),
+    ``no_progress`` (False: a progress bar while the synthetic benchmark is drawn).
 
     ``mask_cache``: precomputed VxL keep-masks (``models.vxl_cache.MaskCache``, keyed by paths
     relative to ``split.root``); every training photo must be in it (checked here, before
@@ -43,7 +44,8 @@ def build_datasets(args, mask_cache=None) -> dict:
     if data_path is None:
         from .synthetic import ensure_synthetic_benchmark  # lazy: draws images on first use
 
-        root = ensure_synthetic_benchmark(getattr(args, "synthetic_dir", None))  # None: default cache
+        root = ensure_synthetic_benchmark(getattr(args, "synthetic_dir", None),  # None: default cache
+                                          progress=not getattr(args, "no_progress", False))
         split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25",
                                check_canonical=False, check_files=check_files)
     else:

@@ -12,7 +12,7 @@ from .vxl_sampler import VxLSampler, build_vxl_sampler
 
 __all__ = [
     "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
-    "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary",
+    "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary", "compile_model",
 ]
 
 # The paper's PMM-int decoder (b16) and a small CPU version (tiny).
@@ -37,7 +37,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
     ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
-    ``dropout`` (None: the presets' 0.1; otherwise used by the encoder and the interaction head).
+    ``dropout`` (None: the presets' 0.1; otherwise used by the encoder and the interaction head),
+    ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
@@ -64,7 +65,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
         )
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
-                            dropout=_arg(args, "dropout", None))
+                            dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None))
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)
@@ -88,3 +89,15 @@ def model_summary(model: PuXIM) -> dict:
         "interaction": count(model.interaction.parameters()),
         "trainable": count(model.trainable_parameters()),
     }
+
+
+def compile_model(model: PuXIM, *, backend: str = "inductor", mode: str | None = None) -> PuXIM:
+    """``torch.compile`` the trained parts (encoder, interaction head) in place and return the model.
+
+    ``nn.Module.compile`` compiles a module's call without wrapping it, so parameter names, the
+    state dict and so every checkpoint stay those of the uncompiled model. The frozen VxL sampler
+    stays eager: its text-embedding cache is Python state that compilation would keep re-tracing.
+    """
+    model.encoder.compile(backend=backend, mode=mode)
+    model.interaction.compile(backend=backend, mode=mode)
+    return model

@@ -7,3 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Every test module starts with one thread, whatever an earlier module (e.g. an end-to-end run) set."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

@@ -228,10 +228,11 @@ def test_build_datasets_synthetic_default(tmp_path, monkeypatch):
     """Without data_path: ensure_synthetic_benchmark(synthetic_dir), no canonical check."""
     import datasets.synthetic as synthetic
 
-    calls = []
+    calls, bars = [], []
 
-    def fake_ensure(cache_dir=None, **kw):
+    def fake_ensure(cache_dir=None, progress=True, **kw):
         calls.append(cache_dir)
+        bars.append(progress)
         write_split(tmp_path / "synth", unseen=["sun", "moon"], seen=["cup", "car"])
         return tmp_path / "synth"
 
@@ -241,3 +242,5 @@ def test_build_datasets_synthetic_default(tmp_path, monkeypatch):
     assert out["class_to_idx"] == {"moon": 0, "sun": 1} and len(out["train"]) == 5000
     out = build_datasets(types.SimpleNamespace())
     assert calls[-1] is None and out["split"].name == "sketchy_extend/test_class_sketchy25"
+    build_datasets(types.SimpleNamespace(no_progress=True))  # train.py --no_progress: no drawing bar
+    assert bars == [True, True, False]

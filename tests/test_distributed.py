@@ -25,7 +25,10 @@ def run(cmd, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "0",
             "--no_progress", "--no_tb_images", "--device", "cpu", "--epoch", "2", "--datasetLen", "32",
-            "--batch_size", "8", "--dropout", "0", "--seed", "5"]
+            "--batch_size", "8", "--dropout", "0", "--seed", "5",
+            # The paper's stem (no BatchNorm): BatchNorm statistics over each process's half batch would
+            # differ from one process's full batch (SyncBatchNorm, used on CUDA, does not run on CPU).
+            "--stem_norm", "none"]
     proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(l) for l in (out / "e" / "log.txt").read_text().splitlines()]

@@ -72,8 +72,8 @@ def test_tiny_stem_layout_and_shapes(tiny_encoder):
     torch.testing.assert_close(tiny_encoder.embed(x, "photo"), tokens[:, 0])
 
 
-def test_patch_embed_is_the_average_of_conv_and_stem(tiny_encoder):
-    pe = tiny_encoder.vit.patch_embed
+def test_patch_embed_is_the_average_of_conv_and_stem():
+    pe = build_encoder("tiny", stem_norm="none").vit.patch_embed  # the paper's stem, tiny sizes
     x = torch.randn(2, 3, 64, 64)
     w = [m.weight for m in pe.stem if isinstance(m, torch.nn.Conv2d)]
     # The stem written out with the functional API.
@@ -84,6 +84,31 @@ def test_patch_embed_is_the_average_of_conv_and_stem(tiny_encoder):
     p = F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=8)  # [2, 192, 8, 8]
     expected = ((s + p) / 2).flatten(2).transpose(1, 2)  # [2, 64, 192]
     torch.testing.assert_close(pe(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_stem_batch_norm():
+    # The tiny preset's deviation: conv, BatchNorm, ReLU (x3), conv, BatchNorm; b16 keeps the paper's stem.
+    assert ENCODER_PRESETS["tiny"]["stem_norm"] == "batch" and ENCODER_PRESETS["b16"]["stem_norm"] == "none"
+    torch.manual_seed(0)
+    enc = build_encoder("tiny").train()
+    stem = enc.vit.patch_embed.stem
+    assert [type(m).__name__ for m in stem] == ["Conv2d", "BatchNorm2d", "ReLU"] * 3 + ["Conv2d", "BatchNorm2d"]
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    x = torch.rand(4, 3, 64, 64)
+    # Written out: training-mode BatchNorm uses the batch's own statistics (biased variance, eps 1e-5).
+    s = x
+    for i, (conv, stride, pad) in enumerate(zip(convs, (2, 2, 2, 1), (3, 1, 1, 1))):
+        s = F.conv2d(s, conv.weight, stride=stride, padding=pad)
+        mean, var = s.mean(dim=(0, 2, 3), keepdim=True), s.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        s = (s - mean) / torch.sqrt(var + 1e-5)
+        if i < 3:
+            s = F.relu(s)
+    torch.testing.assert_close(stem(x), s, rtol=1e-4, atol=1e-4)
+    # So each call (sketches and photos are separate calls) starts at unit scale, whatever the input.
+    out = stem(torch.rand(4, 3, 64, 64) * 0.01 + 0.9)  # [4, 192, 8, 8], nearly blank images
+    assert out.mean().abs() < 1e-4 and out.std().item() == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ValueError, match="stem_norm"):
+        build_encoder("tiny", stem_norm="layer")
 
 
 def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):

@@ -23,14 +23,6 @@ TRAIN_ARGS = dict(arch="tiny", image_size=SIZE, vit_weights=None, clip_weights=N
                   test_class="test_class_sketchy25", custom_split=False, synthetic_dir=None, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads make the tiny model ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _save_train_checkpoint(model, path, **overrides):
     """A checkpoint with the keys train.py writes."""
     args = {**TRAIN_ARGS, **overrides}

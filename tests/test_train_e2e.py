@@ -45,8 +45,8 @@ def read_log(folder):
 
 
 def test_training_lowers_loss_and_stays_above_chance(trained):
-    # Note: this checks the loop, not the learning bar. The tiny ViT trained from scratch does not yet
-    # reach 2x chance on the synthetic benchmark (see README, "Known limitations").
+    # The loop on a 36-step run. The learning bar itself (>= 2x chance after the full `make run`
+    # schedule, ~500 steps) takes ~11 CPU minutes and is printed by `make run`, not re-run here.
     folder, result = trained
     lines = read_log(folder)
     assert [l["epoch"] for l in lines] == [0, 1, 2]
@@ -107,3 +107,21 @@ def test_resume_continues_exactly(synthetic_root, tmp_path):
     b = torch.load(tmp_path / "part" / "checkpoint.pth", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compile_flag_trains_and_saves_uncompiled_weights(synthetic_root, tmp_path):
+    # backend "eager": dynamo traces the encoder and the decoder without a C++ build (fast on CPU).
+    args = ["--datasetLen", "32", "--batch_size", "16", "--epoch", "1", "--eval_per_class", "2", "--no-testall",
+            "--no_tb_images", "--seed", "2"]
+    result = train.main(common(synthetic_root, tmp_path, "compiled", "--compile", "--compile_backend", "eager",
+                               *args))
+    plain = train.main(common(synthetic_root, tmp_path, "plain", *args))
+    assert result["global_step"] == plain["global_step"] == 2
+    a = torch.load(tmp_path / "compiled" / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "checkpoint.pth", weights_only=True)["model"]
+    assert list(a) == list(b) and not any("_orig_mod" in k for k in a)  # loadable without compiling
+    for k in a:  # same seed, same steps: the same weights
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    report = test_script.main(["--exp", "compiled", "--output_dir", str(tmp_path), "--num_workers", "0",
+                               "--device", "cpu", "--no_progress"])
+    assert report["metrics"]["mAP@all"] > 0

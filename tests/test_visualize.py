@@ -14,15 +14,6 @@ SIZE = 64  # the tiny preset's input size (8 x 8 patches of 8 pixels)
 N_PATCHES = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads make the tiny model ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- helpers
 def _random_images(n, h, w, seed, lo=50, hi=200):
     """Random uint8 images, channels in [lo, hi]: by default never GREEN, RED or BLUE (each has a 0)."""
