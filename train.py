@@ -37,7 +37,7 @@ log = logging.getLogger("train")
 # 50 epochs of 5,000 triplets) with batch 16 instead of 2; ``tiny`` trains from scratch on a CPU.
 ARCH_DEFAULTS = {
     "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=16, epoch=50, image_size=224, datasetLen=5000),
-    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=4, image_size=64, datasetLen=1600),
+    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, image_size=64, datasetLen=1600),
 }
 DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw")
 TEST_CLASSES = (
@@ -105,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vxl_cache", default=None,
                    help="precomputed VxL masks (python -m tools.precompute_masks ... --out FILE): "
                         "training then runs no CLIP at all; a cache made with other settings is refused")
-    g.add_argument("--dropout", type=float, default=None, help="dropout of the encoder and the interaction decoder (default: 0.1, as specified)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout of the encoder and the interaction decoder (b16: 0.1, as specified; tiny: 0)")
     g.add_argument("--stem_norm", default=None, choices=["none", "batch"],
                    help="BatchNorm after each conv of the encoder's stem (b16: none, as in the paper; "
                         "tiny: batch, without which the from-scratch tiny ViT collapses)")
@@ -117,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--w_int", type=float, default=0.1)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 4)")
+    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 10)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch of triplets (b16: 16, tiny: 32; released code: 2)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")

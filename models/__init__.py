@@ -18,7 +18,7 @@ __all__ = [
 # The paper's PMM-int decoder (b16) and a small CPU version (tiny).
 INTERACTION_PRESETS = {
     "b16": dict(d_model=768, nhead=4, num_layers=4, dim_feedforward=1024, dropout=0.1),
-    "tiny": dict(d_model=192, nhead=4, num_layers=2, dim_feedforward=256, dropout=0.1),
+    "tiny": dict(d_model=192, nhead=4, num_layers=2, dim_feedforward=256, dropout=0.0),  # no dropout: see encoder
 }
 
 VARIANTS = ("puxim", "non-mask")

@@ -48,8 +48,9 @@ def test_b16_stem_layout():
     assert sum(p.numel() for p in enc.parameters()) == 85_798_656 + 2_147_520
 
 
-def test_dropout_placement(tiny_encoder):
-    vit = tiny_encoder.vit
+def test_dropout_placement():
+    assert ENCODER_PRESETS["tiny"]["dropout"] == 0.0  # the CPU preset trains without dropout
+    vit = build_encoder("tiny", dropout=0.1).vit  # where the paper's 0.1 goes
     assert vit.pos_drop.p == 0.1  # embeddings
     for blk in vit.blocks:
         assert blk.attn.proj_drop.p == 0.1  # attention output
@@ -124,7 +125,8 @@ def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):
         torch.testing.assert_close(tiny_encoder(x, "sketch"), h, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_is_active_in_training(tiny_encoder):
+def test_dropout_is_active_in_training():
+    tiny_encoder = build_encoder("tiny", dropout=0.1).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         try:
