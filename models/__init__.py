@@ -37,7 +37,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
     ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
-    ``dropout`` (None: the presets' 0.1; otherwise used by the encoder and the interaction head),
+    ``dropout`` (None: the preset's, 0.1 for b16 and 0 for tiny; otherwise used by the encoder and
+    the interaction head),
     ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
