@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 
 class ToolError(RuntimeError):
     """A problem with the command line or its inputs; printed without a traceback."""
+
+
+def select_device(name: str) -> torch.device:
+    """``--device`` of a tool: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (ToolError without CUDA)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ToolError("--device cuda was asked but CUDA is not available here (use --device cpu).")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def run_tool(prog: str, run, args):

@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tools import ToolError, select_device
+
 log = logging.getLogger("precompute_masks")
 
 
@@ -106,14 +108,6 @@ def _load_split(args):
     return load_benchmark(args.data_path, args.dataset, args.test_class, check_canonical=not args.custom_split)
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked but CUDA is not available here (use --device cpu).")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _command(argv) -> str:
     """This run's flags, quoted: the command that completes the cache (saved in its meta)."""
     return " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -161,7 +155,10 @@ def main(argv=None) -> dict:
 
     from models.vxl_sampler import build_vxl_sampler
 
-    device = _device(args.device)
+    try:
+        device = select_device(args.device)
+    except ToolError as e:  # this tool reports bad input through SystemExit(message)
+        raise SystemExit(str(e)) from None
     # The same builder and keyword mapping as models.build_model (train.py's flags).
     sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
                                 feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools import ToolError, run_tool
+from tools import ToolError, run_tool, select_device
 
 log = logging.getLogger("retrieve")
 
@@ -170,14 +170,6 @@ def write_cache(path: Path, key: str, feats: np.ndarray, items: list[tuple[str, 
 
 
 # ----------------------------------------------------------------------------- model
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ToolError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def build_from_checkpoint(ckpt: dict, ckpt_path: str, device: torch.device):
     """The PuXIM model of a checkpoint (its saved args), weights loaded, no sampler, nothing downloaded."""
     from models import build_model

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tools import ToolError, run_tool
+from tools import ToolError, run_tool, select_device
 
 log = logging.getLogger("visualize_masks")
 
@@ -141,10 +141,7 @@ def run(args) -> list[Path]:
 
     if args.batch < 1:
         raise ToolError(f"--batch must be positive, got {args.batch}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ToolError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = select_device(args.device)
     settings = resolve_settings(args)
     items = choose_photos(args, settings)
     images = [load_image(p) for p, _ in items]  # fail early, naming a bad file
