@@ -73,17 +73,73 @@ def test_reference_forward_computes_the_same_losses(model_and_batch):
 def test_bench_main_reports_positive_numbers(capsys):
     result = bench_train.main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0",
                                "--flops", "on"])
-    assert set(result["rows"]) == {"a", "b", "c"} and set(result["ratios"]) == {"b/a", "c/a"}
-    for row in result["rows"].values():
+    (run,) = result["runs"]
+    assert set(run["rows"]) == {"a", "b", "c"} and set(run["ratios"]) == {"b/a", "c/a"}
+    assert run["out_of_memory"] == [] and result["largest_batch"] == {"a": 2, "b": 2, "c": 2}
+    for row in run["rows"].values():
         assert row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["gflop_per_step"] > 0
         assert row["peak_mem_mib"] is None and row["mfu"] is None  # CPU: no GPU memory, no peak
+        assert row["compiled"] is False
     # FLOPs: (a) does the most work (2nd sketch, text encoder), (c) the least (no CLIP).
-    flops = {k: r["gflop_per_step"] for k, r in result["rows"].items()}
+    flops = {k: r["gflop_per_step"] for k, r in run["rows"].items()}
     assert flops["a"] > flops["b"] > flops["c"]
-    assert result["ratios"]["b/a"] == pytest.approx(result["rows"]["b"]["samples_per_s"]
-                                                    / result["rows"]["a"]["samples_per_s"])
+    assert run["ratios"]["b/a"] == pytest.approx(run["rows"]["b"]["samples_per_s"]
+                                                 / run["rows"]["a"]["samples_per_s"])
     out = capsys.readouterr().out
     assert "(a) reference-like" in out and "samples/s ratios (mean step): b/a = " in out
+    assert "largest batch" not in out  # one batch size: no summary line
+
+
+def test_out_of_memory_drops_a_configuration_from_larger_batches(monkeypatch, capsys):
+    """Several batch sizes in one call: (a) 'runs out of memory' from batch 4 on, (b) and (c) go on."""
+    real_make_step = bench_train.make_step
+    attempts = []
+
+    def make_step(model, criterion, optimizer, batch, config, amp_dtype, scaler):
+        step = real_make_step(model, criterion, optimizer, batch, config, amp_dtype, scaler)
+        size = batch["sketch"].shape[0]
+
+        def maybe_oom():
+            attempts.append((config, size))
+            if config == "a" and size >= 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return step()
+        return maybe_oom
+
+    monkeypatch.setattr(bench_train, "make_step", make_step)
+    result = bench_train.main(["--arch", "tiny", "--batch_size", "4", "2", "8", "--steps", "2", "--warmup", "1"])
+    assert [r["batch_size"] for r in result["runs"]] == [2, 4, 8]  # ascending
+    assert [sorted(r["rows"]) for r in result["runs"]] == [["a", "b", "c"], ["b", "c"], ["b", "c"]]
+    assert [r["out_of_memory"] for r in result["runs"]] == [[], ["a"], []]
+    assert ("a", 4) in attempts and ("a", 8) not in attempts  # tried once at 4 (warm-up), never at 8
+    assert attempts.count(("a", 4)) == 1
+    assert result["runs"][1]["ratios"] == {}  # no (a) to compare with
+    assert result["largest_batch"] == {"a": 2, "b": 8, "c": 8}
+    out = capsys.readouterr().out
+    assert "out of memory at batch 4" in out and "largest batch that fit: (a) 2, (b) 8, (c) 8" in out
+
+
+def test_compile_leaves_the_reference_configuration_eager(model_and_batch):
+    import copy
+
+    model = copy.deepcopy(model_and_batch[0])
+    models = bench_train.build_step_models(model, "eager")
+    assert models["b"] is model and models["c"] is model and models["a"] is not model
+    assert model.encoder._compiled_call_impl is not None and model.interaction._compiled_call_impl is not None
+    assert models["a"].encoder._compiled_call_impl is None and models["a"].interaction._compiled_call_impl is None
+    assert models["a"].sampler is model.sampler  # the frozen CLIP is shared, not copied
+    eager, compiled = models["a"].state_dict(), model.state_dict()
+    assert eager.keys() == compiled.keys() and all(torch.equal(eager[k], compiled[k]) for k in eager)
+    assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(models["a"].trainable_parameters(),
+                                                                  model.trainable_parameters()))
+
+
+def test_bench_main_with_compile():
+    result = bench_train.main(["--arch", "tiny", "--steps", "1", "--warmup", "1", "--configs", "ab",
+                               "--compile", "--compile_backend", "eager", "--flops", "on"])
+    rows = result["runs"][0]["rows"]
+    assert (rows["a"]["compiled"], rows["b"]["compiled"]) == (False, True) and result["compile"] == "eager"
+    assert rows["a"]["gflop_per_step"] > rows["b"]["gflop_per_step"] > 0
 
 
 def test_flop_count_includes_attention():

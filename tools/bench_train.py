@@ -1,7 +1,8 @@
 """Benchmark one PuXIM training step three ways, side by side, on the same model and batch.
 
     python -m tools.bench_train --arch b16 --batch_size 2 --steps 3 --warmup 1            # CPU
-    python -m tools.bench_train --arch b16 --batch_size 64 --device cuda --amp bf16       # GPU, with MFU
+    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 32 64 128 256   # GPU, MFU
+    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 128 --compile  # torch.compile
 
 (a) **reference-like** — what the released training code does per step, built from our modules:
     fp32 whatever ``--amp`` says; the sketch and the unused second sketch go through the encoder
@@ -18,6 +19,14 @@
 (c) **ours, cached masks** — the same, with ``positive_mask``/``negative_mask`` in the batch as a
     ``--vxl_cache`` run gets them: no CLIP at all; under ``--amp``.
 
+With ``--compile``, (b) and (c) run the encoder and the interaction decoder through ``torch.compile``
+as ``train.py --compile`` does, while (a) runs an eager copy of the same weights (the released code
+has no compilation); the compiler's first calls fall in the warm-up steps.
+
+Several ``--batch_size`` values are measured one after the other; a configuration that runs out of
+GPU memory is reported as such and left out of larger batches, so one call finds the largest batch
+that fits and its MFU.
+
 Every step is forward, losses, backward and an Adam step. Inputs are random tensors of the preset's
 size; without ``--clip_weights`` the CLIP is random too (speed does not depend on the weights). The
 three configurations are timed in interleaved rounds (a, b, c, a, b, c, ...) so that load changes
@@ -28,6 +37,7 @@ forward included where it runs, divided by step time and the GPU's dense bf16 pe
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from types import SimpleNamespace
 from typing import Callable, Dict, Optional
@@ -51,12 +61,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Benchmark PuXIM training steps", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="b16", choices=["b16", "tiny"])
-    p.add_argument("--batch_size", type=int, default=2, help="triplets per step (the released code used 2)")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[2],
+                   help="triplets per step (the released code used 2); several values are measured in turn")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast dtype of (b) and (c); (a) is always fp32, as the released code")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and interaction head of (b) and (c) (as train.py --compile)")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend of --compile")
     p.add_argument("--clip_weights", default=None, help="OpenAI-format CLIP file (default: random CLIP weights)")
     p.add_argument("--configs", default="abc", help="which configurations to run, e.g. 'ac'")
     p.add_argument("--flops", default="auto", choices=["auto", "on", "off"],
@@ -209,12 +223,113 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def build_step_models(model, compile_backend: Optional[str] = None) -> dict:
+    """The model each configuration trains: one shared model, or with compilation an eager (a).
+
+    With ``compile_backend``, (b) and (c) get ``model`` compiled in place (``models.compile_model``)
+    and (a) an eager deep copy of its trained parts with the same weights; the frozen VxL sampler is
+    shared, not copied.
+    """
+    if compile_backend is None:
+        return {c: model for c in "abc"}
+    import copy
+
+    from models import compile_model
+
+    eager = copy.deepcopy(model, memo={id(model.sampler): model.sampler})
+    compile_model(model, backend=compile_backend)
+    return {"a": eager, "b": model, "c": model}
+
+
+def _free_after_oom(device: torch.device, optimizers) -> None:
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_batch_size(models: dict, optimizers: dict, criterion, configs, batch_size: int, args,
+                       device: torch.device, amp_dtype, scaler, peak_tflops) -> dict:
+    """Time ``configs`` at one batch size: warm-up, then interleaved timed rounds (a, b, c, a, ...).
+
+    A configuration that runs out of memory is recorded in ``out_of_memory`` and dropped from the
+    rounds; the others go on.
+    """
+    out_of_memory = []
+    try:
+        batch = make_batch(models["b"], batch_size, device, seed=args.seed)
+    except torch.OutOfMemoryError:
+        batch = None
+    if batch is None:  # not even the masks of one batch fit
+        _free_after_oom(device, optimizers.values())
+        return {"batch_size": batch_size, "rows": {}, "out_of_memory": list(configs), "ratios": {},
+                "best_step_ratios": {}}
+    steps = {c: make_step(models[c], criterion, optimizers[c], batch, c, amp_dtype, scaler) for c in configs}
+    times = {c: [] for c in configs}
+    peaks = {c: 0 for c in configs}
+
+    def run(c: str, timed: bool) -> None:
+        if c in out_of_memory:
+            return
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            steps[c]()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        except torch.OutOfMemoryError:
+            out_of_memory.append(c)
+        else:
+            if timed:
+                times[c].append(elapsed)
+            if device.type == "cuda":
+                peaks[c] = max(peaks[c], torch.cuda.max_memory_allocated(device))
+            return
+        _free_after_oom(device, optimizers.values())  # outside the except: its traceback holds tensors
+
+    for _ in range(args.warmup):
+        for c in configs:
+            run(c, timed=False)
+    for _ in range(args.steps):
+        for c in configs:
+            run(c, timed=True)
+
+    want_flops = args.flops == "on" or (args.flops == "auto" and device.type == "cuda")
+    rows = {}
+    for c in configs:
+        if c in out_of_memory:
+            continue
+        step_s = sum(times[c]) / len(times[c])
+        row = {"name": CONFIGS[c], "precision": "fp32" if c == "a" or amp_dtype is None else args.amp,
+               "compiled": models[c] is not models["a"], "samples_per_s": batch_size / step_s,
+               "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
+               "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
+        if want_flops:
+            # Counted on the eager model (same mathematics): compiled kernels hide their matmuls.
+            flops = count_flops(make_step(models["a"], criterion, optimizers["a"], batch, c, amp_dtype, scaler),
+                                device)
+            row["gflop_per_step"] = flops / 1e9
+            row["achieved_tflops"] = flops / step_s / 1e12
+            row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
+        rows[c] = row
+    others = [c for c in rows if c != "a" and "a" in rows]
+    ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}
+    # On a shared machine the fastest step is the least disturbed one: its ratio is printed too.
+    best_ratios = {f"{c}/a": rows["a"]["step_ms_min"] / rows[c]["step_ms_min"] for c in others}
+    del steps, batch
+    return {"batch_size": batch_size, "rows": rows, "out_of_memory": out_of_memory, "ratios": ratios,
+            "best_step_ratios": best_ratios}
+
+
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     configs = [c for c in "abc" if c in args.configs]
     if not configs or set(args.configs) - set("abc"):
         raise SystemExit(f"--configs takes letters among a, b, c (got {args.configs!r})")
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+    if min(args.batch_size) < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("--batch_size and --steps must be >= 1, --warmup >= 0")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -227,67 +342,45 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     model = build_bench_model(args.arch, args.clip_weights).to(device).train()
+    models = build_step_models(model, args.compile_backend if args.compile else None)
+    models["a"].train()
     criterion = build_criterion(SimpleNamespace()).to(device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-5, weight_decay=1e-3)
+    optimizers = {}  # one Adam per distinct model: (a) has its own when (b) and (c) are compiled
+    for c in "abc":
+        same = next((optimizers[o] for o in optimizers if models[o] is models[c]), None)
+        optimizers[c] = same or torch.optim.Adam(models[c].trainable_parameters(), lr=1e-5, weight_decay=1e-3)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    batch = make_batch(model, args.batch_size, device, seed=args.seed)
-    steps = {c: make_step(model, criterion, optimizer, batch, c, amp_dtype, scaler) for c in configs}
-
-    for _ in range(args.warmup):
-        for c in configs:
-            steps[c]()
-    times = {c: [] for c in configs}
-    peaks = {c: 0 for c in configs}
-    for _ in range(args.steps):  # interleaved rounds: a, b, c, a, b, c, ...
-        for c in configs:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            start = time.perf_counter()
-            steps[c]()
-            _sync(device)
-            times[c].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks[c] = max(peaks[c], torch.cuda.max_memory_allocated(device))
-
-    want_flops = args.flops == "on" or (args.flops == "auto" and device.type == "cuda")
     peak_tflops = gpu_peak_tflops(device, args.peak_tflops)
-    rows = {}
-    for c in configs:
-        step_s = sum(times[c]) / len(times[c])
-        row = {"name": CONFIGS[c], "precision": "fp32" if c == "a" or amp_dtype is None else args.amp,
-               "samples_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s,
-               "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
-               "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
-        if want_flops:
-            flops = count_flops(steps[c], device)
-            row["gflop_per_step"] = flops / 1e9
-            row["achieved_tflops"] = flops / step_s / 1e12
-            row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
-        rows[c] = row
-    others = [c for c in configs if c != "a" and "a" in rows]
-    ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}
-    # On a shared machine the fastest step is the least disturbed one: its ratio is printed too.
-    best_ratios = {f"{c}/a": rows["a"]["step_ms_min"] / rows[c]["step_ms_min"] for c in others}
-    result = {"arch": args.arch, "batch_size": args.batch_size, "device": str(device),
+
+    runs, active = [], list(configs)
+    for batch_size in sorted(set(args.batch_size)):
+        if not active:
+            break
+        run = measure_batch_size(models, optimizers, criterion, active, batch_size, args, device, amp_dtype,
+                                 scaler, peak_tflops)
+        active = [c for c in active if c not in run["out_of_memory"]]  # a larger batch will not fit either
+        runs.append(run)
+    largest = {c: max((r["batch_size"] for r in runs if c in r["rows"]), default=None) for c in configs}
+    result = {"arch": args.arch, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "amp": args.amp,
-              "peak_bf16_tflops": peak_tflops, "rows": rows, "ratios": ratios,
-              "best_step_ratios": best_ratios}
-    print(format_table(result))
+              "compile": args.compile_backend if args.compile else None, "peak_bf16_tflops": peak_tflops,
+              "runs": runs, "largest_batch": largest}
+    print(format_report(result))
     return result
 
 
-def format_table(result: dict) -> str:
-    head = (f"PuXIM training step, arch {result['arch']}, batch {result['batch_size']}, {result['device_name']} "
+def format_table(result: dict, run: dict) -> str:
+    compiled = f", (b) and (c) compiled ({result['compile']})" if result["compile"] else ""
+    head = (f"PuXIM training step, arch {result['arch']}, batch {run['batch_size']}, {result['device_name']} "
             f"({result['threads']} threads), {result['steps']} timed steps per config after {result['warmup']} "
-            f"warm-up, interleaved")
+            f"warm-up, interleaved{compiled}")
     cols = f"{'configuration':<58} {'prec':>5} {'samples/s':>10} {'step ms':>9} {'min..max ms':>15} {'x (a)':>6} " \
            f"{'peak MiB':>9} " \
            f"{'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6}"
     lines = [head, cols, "-" * len(cols)]
-    base = result["rows"].get("a")
-    for row in result["rows"].values():
+    base = run["rows"].get("a")
+    for row in run["rows"].values():
         def fmt(key, spec, scale=1.0):
             value = row.get(key)
             return format(value * scale, spec) if value is not None else "n/a"
@@ -299,13 +392,23 @@ def format_table(result: dict) -> str:
                      f"{format(speedup, '.2f') if speedup else 'n/a':>6} {fmt('peak_mem_mib', '.0f'):>9} "
                      f"{fmt('gflop_per_step', '.1f'):>11} {fmt('achieved_tflops', '.2f'):>8} "
                      f"{fmt('mfu', '.1%'):>6}")
-    if result["ratios"]:
+    for c in run["out_of_memory"]:
+        lines.append(f"{CONFIGS[c]:<58} out of memory at batch {run['batch_size']}")
+    if run["ratios"]:
         def join(ratios):
             return ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items())
 
-        lines.append(f"samples/s ratios (mean step): {join(result['ratios'])}; "
-                     f"(fastest step): {join(result['best_step_ratios'])}")
+        lines.append(f"samples/s ratios (mean step): {join(run['ratios'])}; "
+                     f"(fastest step): {join(run['best_step_ratios'])}")
     return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    tables = [format_table(result, run) for run in result["runs"]]
+    if len(result["runs"]) > 1:
+        tables.append("largest batch that fit: " + ", ".join(
+            f"({c}) {bs if bs is not None else 'none'}" for c, bs in result["largest_batch"].items()))
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":
