@@ -150,3 +150,28 @@ def test_flop_count_includes_attention():
     # qkv + out projections: 2 * 4 * 32^2 per token; scores and weighted sum: 2 * 2 * 10 * 32 per token.
     assert flops == 3 * 10 * (2 * 4 * 32 * 32 + 2 * 2 * 10 * 32)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_gpu_check_script_logs_each_part_and_returns_the_first_failure(tmp_path):
+    """tools/gpu_check.sh (run on GPU machines): its parts run, log to OUT_DIR, and a failure is the exit status."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.sh"
+
+    def run(python, parts):
+        env = dict(os.environ, PYTHON=python, PARTS=parts)
+        return subprocess.run(["bash", str(script), str(tmp_path / parts.replace(" ", "_"))], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    if torch.cuda.is_available():  # on a GPU machine the CUDA tests would really run, inside this test
+        pytest.skip("run tools/gpu_check.sh itself on a GPU machine")
+    ok = run(sys.executable, "environment test_cuda")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "| torch " in (tmp_path / "environment_test_cuda" / "environment.txt").read_text()
+    assert "7 skipped" in (tmp_path / "environment_test_cuda" / "test_cuda.txt").read_text()  # no GPU here
+    assert "bench_bf16" not in ok.stdout  # only the parts asked for
+    failed = run("false", "environment")
+    assert failed.returncode == 1 and "=== environment: exit 1" in failed.stdout
