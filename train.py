@@ -314,6 +314,8 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     from models import build_model, model_summary
 
     amp_dtype = select_amp(args, device)
+    if device.type == "cuda":  # fixed image sizes: let cuDNN time and keep the fastest stem convolutions
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed + rank)
     if args.synthetic:
         log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.", args.arch)
