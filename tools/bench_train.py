@@ -1,8 +1,8 @@
 """Benchmark one PuXIM training step three ways, side by side, on the same model and batch.
 
     python -m tools.bench_train --arch b16 --batch_size 2 --steps 3 --warmup 1            # CPU
-    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 32 64 128 256   # GPU, MFU
-    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 128 --compile  # torch.compile
+    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 8 16 32 64 128   # GPU, MFU
+    python -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size 32 --compile    # torch.compile
 
 (a) **reference-like** — what the released training code does per step, built from our modules:
     fp32 whatever ``--amp`` says; the sketch and the unused second sketch go through the encoder
