@@ -131,20 +131,29 @@ def run(cmd, out, *extra):
 
 
 def test_fp16_training_with_grad_scaler_and_evaluation_on_both_devices(bench, tmp_path):
-    """train.py --amp fp16 (GradScaler) on the GPU; test.py on the GPU (autocast) and on the CPU (fp32) agree."""
+    """train.py --amp fp16 (GradScaler) on the GPU; test.py in fp32 on the GPU and on the CPU agree."""
+    import numpy as np
+
     log = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path, "--amp", "fp16")
-    assert all(torch.isfinite(torch.tensor(line["train_loss"])) for line in log)
+    assert all(np.isfinite(line["train_loss"]) for line in log)
     assert log[1]["train_loss"] != log[0]["train_loss"]
-    metrics = {}
+    results = {}
     for device in ("cuda", "cpu"):
         proc = subprocess.run([sys.executable, "test.py", "--exp", "e", "--output_dir", str(tmp_path),
-                               "--device", device, "--num_workers", "0", "--no_progress", "--out",
-                               str(tmp_path / device)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                               "--device", device, "--amp", "none", "--num_workers", "0", "--no_progress",
+                               "--save_features", "--out", str(tmp_path / device)],
+                              cwd=REPO, capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        metrics[device] = json.loads((tmp_path / device / "metrics.json").read_text())
-    for key in ("mAP@all", "P@100"):
-        assert metrics["cuda"]["metrics"][key] == pytest.approx(metrics["cpu"]["metrics"][key], abs=0.02), key
+        results[device] = (json.loads((tmp_path / device / "metrics.json").read_text())["metrics"],
+                           np.load(tmp_path / device / "features.npz"))
+    (gpu_metrics, gpu_feats), (cpu_metrics, cpu_feats) = results["cuda"], results["cpu"]
+    for part in ("query", "gallery"):  # the same embeddings (cuDNN's TF32 convolutions aside)
+        a, b = gpu_feats[part], cpu_feats[part]
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() > 0.999, (part, cosine.min())
+    for key in ("mAP@all", "P@100"):  # 8 photos: one swapped pair of near-equal scores moves mAP a little
+        assert gpu_metrics[key] == pytest.approx(cpu_metrics[key], abs=0.05), key
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
