@@ -26,7 +26,8 @@ from utils.checkpoint import (
     CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state, save_checkpoint,
     set_rng_state, strip_wrappers,
 )
-from utils.experiment import ExperimentError, RunLock, prepare_output_dir, write_args_json
+from utils.experiment import (ExperimentError, RunLock, check_experiment_name, prepare_output_dir,
+                              write_args_json)
 from datasets.robust import BadFileLog
 from utils.logger import ExperimentLogger, setup_logging
 from utils.visualize import mask_summary, retrieval_summary, select_items
@@ -145,6 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill flags left unset from the preset and check combinations; no side effects."""
+    check_experiment_name(args.exp)  # one folder inside --output_dir: --overwrite deletes only there
     args.synthetic = args.data_path is None
     if args.arch is None:
         args.arch = "tiny" if args.synthetic else "b16"

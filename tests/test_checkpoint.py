@@ -104,12 +104,64 @@ def test_output_dir_is_never_overwritten_by_accident(tmp_path):
     out = tmp_path / "exp"
     prepare_output_dir(out, resume=False, overwrite=False)
     (out / "log.txt").write_text("{}\n")
+    (out / "checkpoint.pth").write_bytes(b"x")
     with pytest.raises(ExperimentError, match="(?s)already holds a run.*--resume.*--overwrite"):
         prepare_output_dir(out, resume=False, overwrite=False)
-    with pytest.raises(ExperimentError, match="no checkpoint"):
-        prepare_output_dir(out, resume=True, overwrite=False)
+    prepare_output_dir(out, resume=True, overwrite=False)  # a checkpoint: resumable
     prepare_output_dir(out, resume=False, overwrite=True)
-    assert out.is_dir() and not (out / "log.txt").exists()
+    assert out.is_dir() and not (out / "log.txt").exists() and not (out / "checkpoint.pth").exists()
+
+
+def test_a_run_that_never_saved_says_overwrite(tmp_path):
+    """A run killed or failed before its first checkpoint: both messages point to --overwrite."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    with pytest.raises(ExperimentError, match="(?s)stopped before its first checkpoint.*--overwrite starts it again"):
+        prepare_output_dir(out, resume=False, overwrite=False)
+    with pytest.raises(ExperimentError, match="(?s)no checkpoint.*before it saved its first checkpoint.*--overwrite"):
+        prepare_output_dir(out, resume=True, overwrite=False)
+
+
+def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
+    out = tmp_path / "exp"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events.out.tfevents.1").write_bytes(b"e")
+    for name in ("args.json", "log.txt", "train.log", "best.pth", "metrics.json", ".checkpoint.pth.123.tmp"):
+        (out / name).write_text("x")
+    (out / "my_notes.md").write_text("keep me")
+    (out / "eval_other").mkdir()
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["eval_other", "my_notes.md"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", " padded"])
+def test_experiment_name_must_be_one_folder(name):
+    from utils.experiment import check_experiment_name
+
+    with pytest.raises(ExperimentError, match="plain folder name"):
+        check_experiment_name(name)
+
+
+def test_experiment_name_accepts_plain_names():
+    from utils.experiment import check_experiment_name
+
+    for name in ("sketchy25", "run-1_b16.v2", "é"):
+        assert check_experiment_name(name) == name
+
+
+def test_train_refuses_exp_dotdot_with_overwrite_and_deletes_nothing(tmp_path):
+    """--exp .. --overwrite once deleted everything beside the experiments folder."""
+    import train
+
+    results = tmp_path / "results"
+    (results / "precious").mkdir(parents=True)
+    (results / "precious" / "best.pth").write_bytes(b"keep")
+    (tmp_path / "args.json").write_text("{}")  # --output_dir/.. 'holds a run'
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--exp", "..", "--output_dir", str(results), "--overwrite", "--device", "cpu", "--no_progress"])
+    assert exc.value.code == 2
+    assert (results / "precious" / "best.pth").read_bytes() == b"keep" and (tmp_path / "args.json").exists()
 
 
 def test_lock_refuses_live_owner_and_takes_over_stale(tmp_path):

@@ -21,23 +21,54 @@ class ExperimentError(RuntimeError):
     """The experiment folder cannot be used as asked; the message says why and what to do."""
 
 
+# What a run (train.py, then test.py) writes into its folder: all that --overwrite deletes.
+RUN_FILES = ("args.json", "log.txt", "train.log", "checkpoint.pth", "best.pth", "bad_files.txt",
+             "metrics.json", "per_class.csv", "features.npz", LOCK_NAME)
+RUN_DIRS = ("tb",)
+
+
+def check_experiment_name(name: str) -> str:
+    """``--exp`` must name one folder inside ``--output_dir``: ``..``, ``""`` or a path would let
+    ``--overwrite`` delete what lies outside it."""
+    if (not name or name.strip() != name or name in (".", "..") or "/" in name
+            or (os.altsep and os.altsep in name) or os.sep in name):
+        raise ExperimentError(
+            f"--exp {name!r}: give a plain folder name (letters, digits, '-', '_', '.'; no '/', not '.' or "
+            f"'..', not empty); the run goes to --output_dir/--exp.")
+    return name
+
+
+def _run_files(output_dir: Path) -> list[Path]:
+    names = [output_dir / n for n in RUN_FILES if (output_dir / n).is_file()]
+    names += [output_dir / d for d in RUN_DIRS if (output_dir / d).is_dir()]
+    return names + sorted(output_dir.glob(".*.pth.*.tmp"))  # half-written checkpoints of a killed save
+
+
 def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Create ``output_dir``; refuse to reuse one that holds a previous run unless asked to.
 
     A folder "holds a run" when it has ``args.json``, ``log.txt`` or a checkpoint. ``--resume``
-    continues it; ``--overwrite`` deletes it first; anything else is an error, so an existing
-    experiment is never overwritten by accident.
+    continues it; ``--overwrite`` deletes the previous run's files (``RUN_FILES``, ``tb/``) and
+    nothing else; anything else is an error, so an existing experiment is never overwritten by
+    accident.
     """
     markers = ["args.json", "log.txt", "checkpoint.pth", "best.pth"]
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExperimentError(f"{output_dir} is a file, not an experiment folder: choose another --exp or "
+                              f"--output_dir.")
     has_run = output_dir.is_dir() and any((output_dir / m).exists() for m in markers)
+    never_saved = has_run and not any((output_dir / m).exists() for m in ("checkpoint.pth", "best.pth"))
     if resume:
         if not (output_dir / "checkpoint.pth").is_file():
-            raise ExperimentError(
-                f"--resume: no checkpoint at {output_dir / 'checkpoint.pth'}. Start the run without "
-                f"--resume (or check --exp / --output_dir)."
-            )
+            hint = (" That run stopped before it saved its first checkpoint: start it again with --overwrite."
+                    if never_saved else " Start the run without --resume (or check --exp / --output_dir).")
+            raise ExperimentError(f"--resume: no checkpoint at {output_dir / 'checkpoint.pth'}.{hint}")
         return
     if has_run and not overwrite:
+        if never_saved:
+            raise ExperimentError(
+                f"experiment folder {output_dir} holds a run that stopped before its first checkpoint "
+                f"(nothing to resume): --overwrite starts it again, or choose another --exp.")
         raise ExperimentError(
             f"experiment folder {output_dir} already holds a run. Use --resume to continue it, "
             f"--overwrite to replace it, or choose another --exp."
@@ -46,7 +77,11 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
         lock = RunLock(output_dir)
         lock.check_free()
         log.warning("--overwrite: deleting the previous run in %s", output_dir)
-        shutil.rmtree(output_dir)
+        for path in _run_files(output_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        others = sorted(p.name for p in output_dir.iterdir())
+        if others:  # not ours: a user's notes, test.py --out folders, pictures
+            log.warning("--overwrite kept what the run did not write in %s: %s", output_dir, ", ".join(others[:10]))
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
