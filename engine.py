@@ -183,7 +183,13 @@ def evaluate(
                                             amp_dtype=amp_dtype, progress=progress, failed_out=q_failed)
     g_feats, g_labels, _ = extract_features(model, gallery_loader, device=device, modality="photo",
                                             amp_dtype=amp_dtype, progress=progress, failed_out=g_failed)
-    for kind, failed in (("queries", q_failed), ("gallery photos", g_failed)):
+    for kind, failed, feats in (("queries", q_failed, q_feats), ("gallery photos", g_failed, g_feats)):
+        if failed and feats.shape[0] == 0:  # nothing left to rank: say which files, not "shape (0, D)"
+            from datasets.filelist import DatasetError
+
+            raise DatasetError(
+                f"none of the {len(failed)} unseen-class {kind} could be read, e.g. {failed[0][1]}. Check the "
+                f"test split with python -m datasets.prepare --check ROOT --dataset ... --verify_images")
         if failed:
             log.warning("%d %s could not be read and are left out of the metrics, e.g. %s",
                         len(failed), kind, failed[0][1])

@@ -74,10 +74,11 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     except Exception as e:
         from datasets.filelist import DatasetError
+        from utils.errors import user_message
 
         if not isinstance(e, DatasetError):
             raise
-        log.error("%s", e)
+        log.error("%s", user_message(e))  # a DataLoader worker's traceback stripped
         raise SystemExit(2) from None
 
 

@@ -276,10 +276,11 @@ def main(argv=None) -> dict:
     except Exception as e:
         from datasets.filelist import DatasetError  # bad data: a message, not a traceback
         from models.vxl_cache import MaskCacheError
+        from utils.errors import user_message
 
         if not isinstance(e, (DatasetError, MaskCacheError)):
             raise
-        logging.getLogger("train").error("%s", e)
+        logging.getLogger("train").error("%s", user_message(e))  # a worker's traceback stripped
         raise SystemExit(2) from None
 
 
@@ -418,9 +419,15 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],
                             "samples_per_s": stats["samples_per_s"]}, epoch, prefix="speed/")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epoch:
-            metrics = engine.evaluate(ddp_model, loaders["query"], loaders["gallery"], device=device,
-                                      amp_dtype=amp_dtype, class_names=class_names, progress=progress,
-                                      return_features=is_main and not args.no_tb_images)
+            try:
+                metrics = engine.evaluate(ddp_model, loaders["query"], loaders["gallery"], device=device,
+                                          amp_dtype=amp_dtype, class_names=class_names, progress=progress,
+                                          return_features=is_main and not args.no_tb_images)
+            except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
+                save(epoch + 1, 0)
+                log.error("the evaluation after epoch %d failed; the trained epoch is saved in %s", epoch,
+                          output_dir / "checkpoint.pth")
+                raise
             features = metrics.pop("_features", None)
             metrics.pop("_unreadable", None)  # counted in the metrics; listed by test.py
             if features is not None:

@@ -459,6 +459,24 @@ def test_too_many_bad_training_images_stop_the_run(damaged, tmp_path, caplog):
     assert not (tmp_path / "toomany" / ".lock").exists()
 
 
+def test_failed_evaluation_keeps_the_trained_epoch(bench, tmp_path, caplog):
+    """Every unseen sketch unreadable: a message naming one (code 2), and the epoch's checkpoint is kept."""
+    from datasets import load_benchmark
+
+    root = tmp_path / "bench"
+    shutil.copytree(bench, root)
+    split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    for path, _ in split.test_sketches:  # (path, class) pairs
+        damage(Path(path), "zero_byte")
+    caplog.clear()
+    with pytest.raises(SystemExit) as exc:
+        train.main(common(root, tmp_path, "noquery", "--epoch", "1", "--datasetLen", "4", "--batch_size", "2"))
+    assert exc.value.code == 2
+    assert "none of the 8 unseen-class queries could be read" in caplog.text and "zero-byte" in caplog.text
+    ckpt = load_checkpoint(tmp_path / "noquery" / "checkpoint.pth")
+    assert ckpt["next_epoch"] == 1 and ckpt["global_step"] == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. A non-finite loss stops the run with its step; the last good checkpoint stays
 # ------------------------------------------------------------------------------------------------

@@ -34,5 +34,7 @@ def run_tool(prog: str, run, args):
 
         if not isinstance(e, (ToolError, DatasetError, CheckpointError)):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        from utils.errors import user_message
+
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
