@@ -211,6 +211,27 @@ def test_resume_after_interruption(tree, tmp_path, monkeypatch):
     assert run_precompute(tree.root, out)["computed"] == 0 and calls == []  # complete: nothing to do
 
 
+def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tree.root, root)
+    split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    items = [path for _, files in sorted(split.train_photos.items()) for path in files]
+    broken = items[5]  # in the second batch of 4
+    good = broken.read_bytes()
+    broken.write_bytes(b"")
+    out = tmp_path / "masks.npz"
+    with pytest.raises(SystemExit) as exc:
+        run_precompute(root, out)  # default --save_every: nothing saved before the failure
+    message = str(exc.value)
+    assert str(broken) in message and "zero-byte" in message and "Original Traceback" not in message
+    assert "4 masks computed in this run are saved" in message and "rerun the same command" in message
+    assert len(MaskCache.load(out)) == 4
+    broken.write_bytes(good)
+    assert run_precompute(root, out)["computed"] == 5
+
+
 # ----------------------------------------------------------------------------- training equivalence
 def test_forward_with_cached_masks_equals_online_sampler(tree):
     """The key equivalence: the same batch gives the same losses and gradients with or without CLIP."""

@@ -116,6 +116,7 @@ def _command(argv) -> str:
 def main(argv=None) -> dict:
     from datasets.filelist import DatasetError
     from models.vxl_cache import MaskCache, MaskCacheError, expected_cache_key, mask_cache_key
+    from utils.errors import user_message
 
     args = _resolve(get_args_parser().parse_args(argv))
     try:
@@ -177,12 +178,21 @@ def main(argv=None) -> dict:
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
     bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
-    for step, (images, rels, cnames) in enumerate(bar, 1):
-        masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
-        cache.add(list(rels), masks)
-        summary["computed"] += len(rels)
-        if step % args.save_every == 0:
+    try:
+        for step, (images, rels, cnames) in enumerate(bar, 1):
+            masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
+            cache.add(list(rels), masks)
+            summary["computed"] += len(rels)
+            if step % args.save_every == 0:
+                cache.save(args.out)
+    except DatasetError as e:  # an unreadable photo: keep what is done, say how to go on
+        bar.close()
+        if summary["computed"]:
             cache.save(args.out)
+        raise SystemExit(f"error: {user_message(e)}\n{summary['computed']} masks computed in this run are saved in "
+                         f"{args.out}; replace or remove that photo (python -m datasets.prepare --check ROOT "
+                         f"--verify_images lists every unreadable file), then rerun the same command to continue.") \
+            from None
     bar.close()
     cache.meta["complete"] = True
     cache.save(args.out)
