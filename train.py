@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Subset
 import engine
 from utils import distributed as dist_utils
 from utils.checkpoint import (
-    CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state, save_checkpoint,
-    set_rng_state, strip_wrappers,
+    CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state,
+    save_checkpoint, set_rng_state, strip_wrappers,
 )
 from utils.experiment import (ExperimentError, RunLock, check_experiment_name, prepare_output_dir,
                               write_args_json)
@@ -391,7 +391,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             "model": model_state_dict(model), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
-            "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": 1,
+            "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
             "bad_files": bad_file_log.state(),
         }
         save_checkpoint(state, output_dir / name)

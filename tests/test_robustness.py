@@ -314,6 +314,14 @@ def make_bad_checkpoint(kind: str, good: Path, dest: Path, marker: Path) -> Path
         state = load_checkpoint(good)
         state["args"]["separate_encoders"] = True
         save_checkpoint(state, dest)
+    elif kind == "folder":
+        dest.mkdir()
+    elif kind == "newer_format":
+        state = load_checkpoint(good)
+        state["format"] = 99
+        save_checkpoint(state, dest)
+    elif kind == "state_dict":  # weights alone, as other repositories save them
+        torch.save(load_checkpoint(good)["model"], dest)
     return dest
 
 
@@ -322,6 +330,9 @@ BAD_CHECKPOINTS = {
     "not_a_checkpoint": "not a readable PyTorch checkpoint",
     "pickled_code": "pickled Python objects or code",
     "other_arch": "does not match this model's architecture",
+    "folder": "is a folder: pass the .pth file inside it",
+    "newer_format": "newer than this code reads (1): update this repository",
+    "state_dict": "not a PuXIM checkpoint (no 'model' entry): use a checkpoint.pth or best.pth",
 }
 
 

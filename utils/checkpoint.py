@@ -106,9 +106,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+# The layout of what train.py saves; raised when a change would stop older code reading it right.
+CHECKPOINT_FORMAT = 1
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (safe loading only)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder: pass the .pth file inside it (e.g. "
+                              f"{path / 'best.pth'}), or give the experiment with --exp.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check --exp / --checkpoint.")
     if path.stat().st_size == 0:
@@ -129,7 +136,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint: {first})."
         ) from e
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a PuXIM checkpoint (no 'model' entry).")
+        raise CheckpointError(f"{path} is not a PuXIM checkpoint (no 'model' entry): use a checkpoint.pth or "
+                              f"best.pth written by this repository's train.py.")
+    version = state.get("format", CHECKPOINT_FORMAT)
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this code reads "
+                              f"({CHECKPOINT_FORMAT}): update this repository (git pull) to load it.")
     return state
 
 
