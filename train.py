@@ -171,6 +171,37 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# Flags that define the run: --resume with another value would silently make it another run
+# (other data, another triplet stream, another model or objective, best.pth across two test sets).
+RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "datasetLen", "testall", "eval_per_class",
+                      "image_size", "arch", "variant", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm",
+                      "int_memory", "separate_encoders", "stem_norm", "dropout", "clip_weights", "margin", "w_tri",
+                      "w_rec", "w_int", "seed", "batch_size")
+# Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
+RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
+                   "eval_batch_size", "log_every", "num_workers", "max_bad_fraction")
+
+
+def check_resume_args(args, saved: dict, source: Path) -> None:
+    """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
+    def same(key):
+        ours, theirs = getattr(args, key, None), saved.get(key)
+        if key == "data_path" and ours is not None and theirs is not None:
+            return Path(ours).resolve() == Path(theirs).resolve()
+        return ours == theirs or (isinstance(ours, (list, tuple)) and list(ours) == list(theirs or []))
+
+    differ = [f"--{k} {getattr(args, k, None)!r} (the run has {saved.get(k)!r})"
+              for k in RUN_DEFINING_FLAGS if k in saved and not same(k)]
+    if differ:
+        raise UserError(f"--resume: {source} was trained with other settings; resuming with "
+                        + "; ".join(differ) + " would make it another run. Resume with the run's values (see "
+                        "args.json), or start a new --exp.")
+    changed = [f"--{k} {getattr(args, k)!r} (was {saved[k]!r})" for k in RESUMABLE_FLAGS
+               if k in saved and not same(k)]
+    if changed:
+        log.info("--resume with changed flags: %s", "; ".join(changed))
+
+
 def select_device(args) -> torch.device:
     if args.device == "cpu":
         return torch.device("cpu")
@@ -342,6 +373,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     bad_state = {}
     if args.resume:
         ckpt = load_checkpoint(output_dir / "checkpoint.pth")
+        check_resume_args(args, ckpt.get("args", {}), output_dir / "checkpoint.pth")
         load_model_weights(model, ckpt["model"], source=str(output_dir / "checkpoint.pth"))
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -352,6 +384,9 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         set_rng_state(ckpt["rng"])
         log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %.4f",
                  start_epoch, skip_batches, global_step, best["mAP@all"])
+        if start_epoch >= args.epoch:
+            log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
+                        "train longer.", start_epoch)
     if is_main:
         write_args_json(output_dir, vars(args))
     if args.compile:

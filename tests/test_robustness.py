@@ -350,7 +350,8 @@ def test_test_py_refuses_bad_checkpoint(kind, baseline, tmp_path, caplog):
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["truncated", "not_a_checkpoint", "pickled_code", "separate_encoders"])
+@pytest.mark.parametrize("kind", ["truncated", "not_a_checkpoint", "pickled_code", "separate_encoders",
+                                  "batch_size"])
 def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
     folder = tmp_path / "exp"
     shutil.copytree(baseline["folder"], folder)
@@ -359,6 +360,8 @@ def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
     extra = []
     if kind == "separate_encoders":  # resumed with another architecture than it was trained with
         extra, expected = ["--separate_encoders"], "--separate_encoders"
+    elif kind == "batch_size":  # another triplet stream: not the run it claims to continue
+        extra, expected = ["--batch_size", "2"], "--batch_size 2 (the run has 1)"
     else:
         make_bad_checkpoint(kind, baseline["folder"] / "checkpoint.pth", ckpt, marker)
         expected = BAD_CHECKPOINTS[kind]
@@ -371,6 +374,21 @@ def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
     assert not marker.exists(), "loading the checkpoint ran its pickled code"
     assert sha(ckpt) == before, "a refused checkpoint must be left as it is"
     assert not (folder / ".lock").exists()
+
+
+def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_path, caplog, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    saved = {"data_path": str(data), "batch_size": 8, "seed": 0, "lr": 1e-5, "epoch": 10}
+    monkeypatch.chdir(tmp_path)
+    args = train.argparse.Namespace(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20)  # relative path
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    assert "--lr 0.0001 (was 1e-05)" in caplog.text and "--epoch 20 (was 10)" in caplog.text
+    args.data_path = str(tmp_path / "other")
+    with pytest.raises(train.UserError, match="--data_path .*other.* would make it another run"):
+        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------------------------
