@@ -34,6 +34,7 @@ all values lie in [0, 1] and as 0..255 otherwise (clipped). Colour profiles are 
 """
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 
@@ -64,34 +65,62 @@ class ImageLoadError(DatasetError):
     """An image file could not be opened or decoded; the message names the path."""
 
 
+# Smaller than this on either side, an image cannot show a sketch or a photo: a placeholder or a
+# broken export, refused rather than blown up to 224 x 224 of one colour.
+MIN_IMAGE_SIDE = 8
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open, fully decode and convert an image to RGB (transparency onto white).
 
-    Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays active. Any failure —
-    missing, zero-byte, corrupt or truncated file, bomb — raises :class:`ImageLoadError`
-    naming the path.
+    Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays active, and its warning
+    zone (over ~89 M pixels) is refused too, before the image is decoded. Any failure — missing,
+    zero-byte, corrupt or truncated file, a folder or a link loop, an image under
+    ``MIN_IMAGE_SIDE`` pixels, a bomb — raises :class:`ImageLoadError` naming the path.
     """
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncation is found here and not later
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min(img.size) < MIN_IMAGE_SIDE:
+                    raise ImageLoadError(
+                        f"{path}: the image is {img.size[0]}x{img.size[1]} pixels, too small to show a sketch "
+                        f"or a photo (at least {MIN_IMAGE_SIDE} px a side); replace it or remove it from the list.")
+                img.load()  # decode now, so truncation is found here and not later
+                return to_rgb(img)
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
         raise ImageLoadError(
             f"{path}: image file not found; re-check the dataset (python -m datasets.prepare "
             f"--check ...)."
         ) from None
-    except Image.DecompressionBombError as err:
+    except IsADirectoryError:
+        raise ImageLoadError(f"{path}: is a folder, not an image file; fix the list or the folder layout.") from None
+    except PermissionError:
+        raise ImageLoadError(f"{path}: permission denied; make the file readable (chmod) or remove it from "
+                             f"the list.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(
-            f"{path}: refused as a possible decompression bomb ({err}); remove the file or "
-            f"raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine."
+            f"{path}: refused as a possible decompression bomb ({err}); downscale the image (the model "
+            f"sees a few hundred pixels a side), remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine."
         ) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageLoadError(f"{path}: a symbolic link that loops (it points back to itself); fix or "
+                                 f"remove the link.") from None
+        raise _unreadable(path, err) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-        size = _file_size(path)
-        detail = "zero-byte file" if size == 0 else f"{type(err).__name__}: {err}"
-        raise ImageLoadError(
-            f"{path}: cannot read the image ({detail}); the file is corrupt or truncated — "
-            f"replace it or remove it from the list."
-        ) from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path, err: Exception) -> ImageLoadError:
+    size = _file_size(path)
+    detail = "zero-byte file" if size == 0 else f"{type(err).__name__}: {err}"
+    return ImageLoadError(
+        f"{path}: cannot read the image ({detail}); the file is corrupt or truncated — "
+        f"replace it or remove it from the list."
+    )
 
 
 def _file_size(path) -> int | None:

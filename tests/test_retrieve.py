@@ -220,7 +220,7 @@ def test_synthetic_checkpoint_uses_the_synthetic_benchmark(tmp_path, setup, monk
 
 @pytest.mark.parametrize("case", ["sketch_not_image", "sketch_missing", "empty_gallery", "gallery_missing",
                                   "topk_too_large", "topk_zero", "arch_mismatch", "checkpoint_missing",
-                                  "corrupt_gallery_image"])
+                                  "corrupt_gallery_image", "blank_sketch", "out_is_a_folder"])
 def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, case):
     ckpt, sketch, gallery = str(setup["ckpt"]), str(setup["sketch"]), str(setup["gallery"])
     topk = "3"
@@ -258,12 +258,21 @@ def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, case):
         (tmp_path / "gal" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
         topk = "1"
         expect = "broken.jpg: cannot read the image"
+    elif case == "blank_sketch":
+        sketch = str(tmp_path / "blank.png")
+        Image.new("RGB", (64, 64), (250, 250, 250)).save(sketch)
+        expect = f"{sketch}: the sketch is blank"
+    elif case == "out_is_a_folder":
+        out = tmp_path / "pictures"
+        out.mkdir()
+        expect = f"--out {out} is a folder"
     else:
         ckpt = str(tmp_path / "none.pth")
         expect = "none.pth does not exist"
+    out = tmp_path / "pictures" if case == "out_is_a_folder" else tmp_path / "g.png"
     with pytest.raises(SystemExit) as exc:
         retrieve.main(["--checkpoint", ckpt, "--sketch", sketch, "--gallery", gallery, "--topk", topk,
-                       "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "g.png"),
+                       "--cache_dir", str(tmp_path / "cache"), "--out", str(out),
                        "--device", "cpu", "--no_progress"])
     assert exc.value.code == 2
     err = capsys.readouterr().err

@@ -210,3 +210,49 @@ def test_load_image_is_independent_of_the_file(tmp_path):
     img = load_image(tmp_path / "good.png")
     (tmp_path / "good.png").unlink()
     assert img.mode == "RGB" and np.asarray(img).shape == (64, 64, 3)
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` RGB pixels, with almost no data (never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_bomb_warning_zone_is_refused_before_decoding(tmp_path):
+    """Between Pillow's warning (~89 MP) and error (~179 MP) limits it only warned and decoded (GBs of RAM)."""
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header_claiming(10000, 10000))  # 100 MP: Pillow warns, does not refuse
+    assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageLoadError, match=r"big\.png: refused as a possible decompression bomb.*downscale"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("size,ok", [((1, 1), False), ((7, 300), False), ((8, 8), True)])
+def test_tiny_images_are_refused_by_name(tmp_path, size, ok):
+    path = tmp_path / "icon.png"
+    Image.new("RGB", size, (0, 0, 0)).save(path)
+    if ok:
+        assert load_image(path).size == size
+        return
+    with pytest.raises(ImageLoadError, match=rf"icon\.png: the image is {size[0]}x{size[1]} pixels, too small"):
+        load_image(path)
+
+
+def test_folder_symlink_loop_and_unreadable_file_get_their_own_reason(tmp_path):
+    import os
+
+    folder = tmp_path / "photo.jpg"
+    folder.mkdir()
+    with pytest.raises(ImageLoadError, match=r"photo\.jpg: is a folder, not an image file"):
+        load_image(folder)
+    loop = tmp_path / "loop.png"
+    os.symlink(loop, loop)
+    with pytest.raises(ImageLoadError, match=r"loop\.png: a symbolic link that loops"):
+        load_image(loop)

@@ -204,7 +204,7 @@ def embed_gallery(model, items, *, image_size: int, device, batch_size: int, num
 
 # ----------------------------------------------------------------------------- the tool
 def run(args) -> list[tuple[str, float]]:
-    from datasets.transforms import load_image, preprocess_sketch
+    from datasets.transforms import INK_THRESHOLD, ink_bbox, load_image, preprocess_sketch
     from utils.checkpoint import load_checkpoint
     from utils.visualize import cosine_ranking, retrieval_grid, save_png
 
@@ -224,6 +224,11 @@ def run(args) -> list[tuple[str, float]]:
         raise ToolError(f"--topk {args.topk} must be between 1 and the gallery size, {len(items)} images.")
 
     sketch_img = load_image(args.sketch)  # fails early, naming the file, when it is not an image
+    if ink_bbox(np.asarray(sketch_img)) is None:  # its ranking would say nothing about any drawing
+        raise ToolError(f"{args.sketch}: the sketch is blank (no pixel darker than R+G+B = {INK_THRESHOLD}); "
+                        f"draw dark strokes on a light background.")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ToolError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'retrieval.png'}")
     known = {c for _, c in items if c != UNKNOWN_CLASS}
     query_class = args.sketch_class
     if query_class is None and Path(args.sketch).resolve().parent.name in known:
