@@ -35,6 +35,8 @@ __all__ = [
     "build_encoder",
     "load_vit_weights",
     "WeightLoadError",
+    "WeightFileNotFoundError",
+    "WeightMismatchError",
 ]
 
 # The paper's encoder (ViT-B/16) and a small CPU preset built by the very same code.
@@ -62,6 +64,14 @@ _HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "pre_logits.", "attn_pool."
 
 class WeightLoadError(RuntimeError):
     """A pretrained-weight source could not be read (missing file, offline hub, bad format)."""
+
+
+class WeightFileNotFoundError(WeightLoadError, FileNotFoundError):
+    """A weight file named on the command line does not exist."""
+
+
+class WeightMismatchError(WeightLoadError, ValueError):
+    """Weights that do not fit the model (other architecture, other key names, missing piece)."""
 
 
 def _stem_strides(patch_size: int) -> Tuple[int, int, int, int]:
@@ -288,13 +298,13 @@ def _load_into_vit(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], s
                     num_prefix_tokens=vit.num_prefix_tokens)
                 report["resampled"][key] = (tuple(source_sd[key].shape), tuple(want))
             else:
-                raise ValueError(
+                raise WeightMismatchError(
                     f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
                     f"{tuple(want)} in the encoder")
         new_sd[key] = value.to(target[key].dtype)
         report["loaded"].append(key)
     if not new_sd:
-        raise ValueError(
+        raise WeightMismatchError(
             f"{source}: none of its {len(source_sd)} keys is a timm VisionTransformer key (e.g. "
             f"'blocks.0.attn.qkv.weight'); convert the checkpoint to timm's naming first")
     for key in target:
@@ -326,7 +336,7 @@ def load_vit_weights(encoder: SketchPhotoEncoder, source: str) -> dict:
     if os.path.isfile(source):
         source_sd = _read_state_dict_file(source)
     elif os.sep in source or source.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz")):
-        raise FileNotFoundError(f"ViT weights file not found: {source}")
+        raise WeightFileNotFoundError(f"ViT weights file not found: {source}")
     else:
         source_sd = _state_dict_from_timm_tag(source)
 

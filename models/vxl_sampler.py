@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["VxLSampler", "build_vxl_sampler", "build_tiny_clip", "load_openai_state_dict",
@@ -267,7 +269,7 @@ class VxLSampler(nn.Module):
             try:
                 model = open_clip.create_model(model_name, pretrained="openai", precision="fp32", device="cpu")
             except Exception as e:
-                raise RuntimeError(
+                raise WeightLoadError(
                     f"could not download OpenAI's CLIP weights for {model_name} ({type(e).__name__}: {e}). "
                     f"Without internet pass a local file: --clip_weights /path/to/ViT-B-16.pt") from e
         else:
@@ -309,7 +311,7 @@ def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) ->
 def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """State dict of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a state dict."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise WeightFileNotFoundError(
             f"CLIP checkpoint not found: {path} (pass OpenAI's ViT-B-16.pt, or 'openai' to download it)")
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
@@ -319,12 +321,12 @@ def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             try:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"{path}: neither a TorchScript archive nor a PyTorch state dict ({e})") from e
+                raise WeightMismatchError(f"{path}: neither a TorchScript archive nor a PyTorch state dict ({e})") from e
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = {k[len("module."):] if k.startswith("module.") else k: v
                       for k, v in state_dict["state_dict"].items()}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (an OpenAI CLIP state dict)")
+        raise WeightMismatchError(f"{path}: expected a dict of tensors (an OpenAI CLIP state dict)")
     return dict(state_dict)
 
 
@@ -340,12 +342,12 @@ def load_openai_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     state_dict = {k: v for k, v in state_dict.items() if not (k in _OPENAI_NON_WEIGHT_KEYS and k not in target)}
     for key, value in state_dict.items():
         if key in target and value.shape != target[key].shape:
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+            raise WeightMismatchError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
                              f"{tuple(target[key].shape)} in the CLIP model (is it a ViT-B/16 checkpoint?)")
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
     if missing or unexpected:
-        raise ValueError(f"{source}: not an OpenAI-format CLIP checkpoint of this architecture; "
+        raise WeightMismatchError(f"{source}: not an OpenAI-format CLIP checkpoint of this architecture; "
                          f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
@@ -355,7 +357,7 @@ def _check_quick_gelu(model: nn.Module, source: str) -> None:
     from open_clip.transformer import QuickGELU
     act = model.visual.transformer.resblocks[0].mlp.gelu
     if not isinstance(act, QuickGELU):
-        raise ValueError(f"{source}: OpenAI CLIP weights need QuickGELU, the model uses {type(act).__name__} "
+        raise WeightMismatchError(f"{source}: OpenAI CLIP weights need QuickGELU, the model uses {type(act).__name__} "
                          f"(use open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
 
 
@@ -363,7 +365,7 @@ def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, **kwargs) -
     """The sampler of a preset: ``b16`` needs OpenAI's CLIP ViT-B/16, ``tiny`` uses a random tiny CLIP."""
     if arch == "b16":
         if clip_weights is None:
-            raise ValueError("the b16 model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "
+            raise WeightMismatchError("the b16 model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "
                              "--clip_weights PATH (OpenAI's ViT-B-16.pt) or --clip_weights openai to download it")
         return VxLSampler.from_pretrained(clip_weights, **kwargs)
     if arch == "tiny":

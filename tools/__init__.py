@@ -30,9 +30,10 @@ def run_tool(prog: str, run, args):
         return run(args)
     except Exception as e:
         from datasets.filelist import DatasetError
+        from models.encoder import WeightLoadError
         from utils.checkpoint import CheckpointError
 
-        if not isinstance(e, (ToolError, DatasetError, CheckpointError)):
+        if not isinstance(e, (ToolError, DatasetError, CheckpointError, WeightLoadError)):
             raise
         from utils.errors import user_message
 

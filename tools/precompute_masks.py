@@ -161,8 +161,13 @@ def main(argv=None) -> dict:
     except ToolError as e:  # this tool reports bad input through SystemExit(message)
         raise SystemExit(str(e)) from None
     # The same builder and keyword mapping as models.build_model (train.py's flags).
-    sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
-                                feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
+    from models.encoder import WeightLoadError
+
+    try:
+        sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
+                                    feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
+    except WeightLoadError as e:
+        raise SystemExit(f"error: {e}") from None
     built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
     if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
         raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "
