@@ -110,6 +110,7 @@ def test_output_dir_is_never_overwritten_by_accident(tmp_path):
     prepare_output_dir(out, resume=True, overwrite=False)  # a checkpoint: resumable
     prepare_output_dir(out, resume=False, overwrite=True)
     assert out.is_dir() and not (out / "log.txt").exists() and not (out / "checkpoint.pth").exists()
+    assert (out / ".overwritten" / "checkpoint.pth").exists()  # set aside until the new run saves
 
 
 def test_a_run_that_never_saved_says_overwrite(tmp_path):
@@ -123,7 +124,9 @@ def test_a_run_that_never_saved_says_overwrite(tmp_path):
         prepare_output_dir(out, resume=True, overwrite=False)
 
 
-def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
+def test_overwrite_sets_aside_only_what_a_run_writes_until_the_new_run_saves(tmp_path):
+    from utils.experiment import discard_overwritten
+
     out = tmp_path / "exp"
     (out / "tb").mkdir(parents=True)
     (out / "tb" / "events.out.tfevents.1").write_bytes(b"e")
@@ -132,7 +135,39 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
     (out / "my_notes.md").write_text("keep me")
     (out / "eval_other").mkdir()
     prepare_output_dir(out, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".overwritten", "eval_other", "my_notes.md"]
+    assert sorted(p.name for p in (out / ".overwritten").iterdir()) == sorted(
+        [".checkpoint.pth.123.tmp", "args.json", "best.pth", "log.txt", "metrics.json", "tb", "train.log"])
+    # The new attempt fails before its first checkpoint: a plain run says where the old run is ...
+    (out / "args.json").write_text("{}")
+    with pytest.raises(ExperimentError, match=r"(?s)--overwrite starts it again.*still in .*\.overwritten"):
+        prepare_output_dir(out, resume=False, overwrite=False)
+    # ... a second --overwrite drops the failed attempt's files and keeps the old run aside ...
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert not (out / "args.json").exists() and (out / ".overwritten" / "best.pth").read_text() == "x"
+    # ... and the first checkpoint of the new run deletes it.
+    discard_overwritten(out)
     assert sorted(p.name for p in out.iterdir()) == ["eval_other", "my_notes.md"]
+
+
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExperimentError, match="cannot create the experiment folder"):
+        prepare_output_dir(tmp_path / "afile" / "exp", resume=False, overwrite=False)
+
+
+def test_overwrite_with_a_bad_data_path_loses_nothing(tmp_path):
+    import train
+
+    out = tmp_path / "results" / "e"
+    out.mkdir(parents=True)
+    (out / "best.pth").write_bytes(b"weights")
+    (out / "args.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--exp", "e", "--output_dir", str(tmp_path / "results"), "--overwrite", "--data_path",
+                    str(tmp_path / "typo"), "--arch", "tiny", "--device", "cpu", "--no_progress"])
+    assert exc.value.code == 2
+    assert (out / ".overwritten" / "best.pth").read_bytes() == b"weights"
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", " padded"])

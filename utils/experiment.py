@@ -25,6 +25,7 @@ class ExperimentError(RuntimeError):
 RUN_FILES = ("args.json", "log.txt", "train.log", "checkpoint.pth", "best.pth", "bad_files.txt",
              "metrics.json", "per_class.csv", "features.npz", LOCK_NAME)
 RUN_DIRS = ("tb",)
+OVERWRITTEN = ".overwritten"  # where --overwrite keeps the previous run until the new one has a checkpoint
 
 
 def check_experiment_name(name: str) -> str:
@@ -56,6 +57,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
     if output_dir.exists() and not output_dir.is_dir():
         raise ExperimentError(f"{output_dir} is a file, not an experiment folder: choose another --exp or "
                               f"--output_dir.")
+    if output_dir.is_dir():
+        RunLock(output_dir).check_free()  # a live run is named first, whatever --resume/--overwrite say
     has_run = output_dir.is_dir() and any((output_dir / m).exists() for m in markers)
     never_saved = has_run and not any((output_dir / m).exists() for m in ("checkpoint.pth", "best.pth"))
     if resume:
@@ -66,23 +69,45 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
         return
     if has_run and not overwrite:
         if never_saved:
+            kept = (f" The run it replaced is still in {output_dir / OVERWRITTEN}: move its files back to restore it."
+                    if (output_dir / OVERWRITTEN).is_dir() else "")
             raise ExperimentError(
                 f"experiment folder {output_dir} holds a run that stopped before its first checkpoint "
-                f"(nothing to resume): --overwrite starts it again, or choose another --exp.")
+                f"(nothing to resume): --overwrite starts it again, or choose another --exp.{kept}")
         raise ExperimentError(
             f"experiment folder {output_dir} already holds a run. Use --resume to continue it, "
             f"--overwrite to replace it, or choose another --exp."
         )
     if has_run and overwrite:
-        lock = RunLock(output_dir)
-        lock.check_free()
-        log.warning("--overwrite: deleting the previous run in %s", output_dir)
-        for path in _run_files(output_dir):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        others = sorted(p.name for p in output_dir.iterdir())
+        RunLock(output_dir).check_free()
+        previous = output_dir / OVERWRITTEN
+        if previous.exists():  # an earlier --overwrite never reached its first checkpoint: keep that run
+            log.warning("--overwrite: deleting the files of the attempt that stopped before its first checkpoint; "
+                        "the run it replaced stays in %s until this run saves one", previous)
+            for path in _run_files(output_dir):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:  # kept aside, not deleted, until this run has saved a checkpoint: a failing start loses nothing
+            previous.mkdir()
+            for path in _run_files(output_dir):
+                path.rename(previous / path.name)
+            log.warning("--overwrite: the previous run in %s is moved to %s and deleted once this run saves its "
+                        "first checkpoint", output_dir, previous)
+        others = sorted(p.name for p in output_dir.iterdir() if p.name != OVERWRITTEN)
         if others:  # not ours: a user's notes, test.py --out folders, pictures
             log.warning("--overwrite kept what the run did not write in %s: %s", output_dir, ", ".join(others[:10]))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, ...
+        raise ExperimentError(f"cannot create the experiment folder {output_dir} ({e.strerror}: {e.filename}); "
+                              f"choose another --output_dir or --exp.") from None
+
+
+def discard_overwritten(output_dir: Path) -> None:
+    """Delete the run that ``--overwrite`` set aside, once the new run has saved a checkpoint."""
+    previous = output_dir / OVERWRITTEN
+    if previous.is_dir():
+        shutil.rmtree(previous)
+        log.info("--overwrite: the previous run (%s) is deleted now that this run has a checkpoint", previous)
 
 
 def _pid_alive(pid: int) -> bool:
