@@ -26,8 +26,8 @@ from utils.checkpoint import (
     CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state,
     save_checkpoint, set_rng_state, strip_wrappers,
 )
-from utils.experiment import (ExperimentError, RunLock, check_experiment_name, prepare_output_dir,
-                              write_args_json)
+from utils.experiment import (ExperimentError, RunLock, check_experiment_name, discard_overwritten,
+                              prepare_output_dir, write_args_json)
 from datasets.robust import BadFileLog
 from utils.logger import ExperimentLogger, setup_logging
 from utils.visualize import mask_summary, retrieval_summary, select_items
@@ -58,13 +58,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp", default="puxim", help="experiment name: outputs go to OUTPUT_DIR/EXP")
     g.add_argument("--output_dir", default="results", help="parent folder of experiment folders")
     g.add_argument("--resume", action="store_true", help="continue results/EXP from its checkpoint.pth")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing results/EXP first")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing results/EXP (its files are kept in .overwritten/ until the first checkpoint)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and the triplet stream")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
                    help="dataset root holding Sketchy/, TUBerlin/, QuickDraw/; omit for the synthetic benchmark")
-    g.add_argument("--dataset", default="sketchy_extend", choices=DATASETS)
+    g.add_argument("--dataset", default="sketchy_extend", choices=DATASETS, help="benchmark under --data_path")
     g.add_argument("--test_class", default="test_class_sketchy25", choices=TEST_CLASSES,
                    help="which zero-shot split (see README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...)")
     g.add_argument("--datasetLen", type=int, default=None,
@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "them against the canonical list of --test_class")
     g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
     g.add_argument("--image_size", type=int, default=None, help="input size (default: the preset's)")
-    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="unreadable training images are skipped and listed in bad_files.txt; stop when "
                         "more than this fraction of draws fail")
@@ -112,17 +112,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "tiny: batch, without which the from-scratch tiny ViT collapses)")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--margin", type=float, default=None, help="triplet margin (1.0; non-mask: 0.2)")
-    g.add_argument("--w_tri", type=float, default=1.0)
-    g.add_argument("--w_rec", type=float, default=0.05)
-    g.add_argument("--w_int", type=float, default=0.1)
+    g.add_argument("--margin", type=float, default=None, help="triplet margin (None: 1.0; --variant non-mask: 0.2)")
+    g.add_argument("--w_tri", type=float, default=1.0, help="weight of the triplet loss")
+    g.add_argument("--w_rec", type=float, default=0.05, help="weight of the PMM reconstruction loss")
+    g.add_argument("--w_int", type=float, default=0.1, help="weight of the PMM interaction loss")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 10)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch of triplets (b16: 16, tiny: 32; released code: 2)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
-    g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3)")
+    g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3, tiny: 1e-4)")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -161,6 +161,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.clip_weights = None
     if not args.testall and args.eval_per_class is None:
         raise UserError("--no-testall needs --eval_per_class N (how many queries/photos per class)")
+    if args.eval_per_class is not None:
+        log.warning("--eval_per_class %d: evaluating on at most %d sketches and photos per unseen class, not the "
+                    "full split: the mAP is not comparable with the paper's, and best.pth is chosen on this subset "
+                    "(test.py evaluates the full split).", args.eval_per_class, args.eval_per_class)
     for name in ("epoch", "batch_size", "datasetLen", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
@@ -208,7 +212,7 @@ def select_device(args) -> torch.device:
     if not torch.cuda.is_available():
         if args.device == "cuda":
             raise UserError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-        log.warning("CUDA is not available: training on the CPU.")
+        log.warning("CUDA is not available: running on the CPU.")
         return torch.device("cpu")
     if dist_utils.launched_by_torchrun():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -306,10 +310,11 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     except Exception as e:
         from datasets.filelist import DatasetError  # bad data: a message, not a traceback
+        from models.encoder import WeightLoadError
         from models.vxl_cache import MaskCacheError
         from utils.errors import user_message
 
-        if not isinstance(e, (DatasetError, MaskCacheError)):
+        if not isinstance(e, (DatasetError, MaskCacheError, WeightLoadError)):
             raise
         logging.getLogger("train").error("%s", user_message(e))  # a worker's traceback stripped
         raise SystemExit(2) from None
@@ -320,6 +325,10 @@ def run(args) -> dict:
     output_dir = Path(args.output_dir) / args.exp
     device = select_device(args)
     rank, world, _ = dist_utils.init_distributed(device.type)
+    if args.batch_size % world:  # before anything is built or written
+        dist_utils.cleanup()
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) is not divisible by the {world} "
+                        f"processes of torchrun: use a multiple of {world}.")
     is_main = rank == 0
     if is_main:
         prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -382,8 +391,8 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         global_step, best = ckpt["global_step"], ckpt["best"]
         bad_state = ckpt.get("bad_files", {})
         set_rng_state(ckpt["rng"])
-        log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %.4f",
-                 start_epoch, skip_batches, global_step, best["mAP@all"])
+        log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", start_epoch, skip_batches,
+                 global_step, f"{best['mAP@all']:.4f}" if best["mAP@all"] >= 0 else "none yet (not evaluated)")
         if start_epoch >= args.epoch:
             log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
                         "train longer.", start_epoch)
@@ -430,6 +439,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             "bad_files": bad_file_log.state(),
         }
         save_checkpoint(state, output_dir / name)
+        discard_overwritten(output_dir)  # --overwrite's previous run, kept until now
 
     metrics: dict = {}
     for epoch in range(start_epoch, args.epoch):

@@ -312,7 +312,7 @@ def _check_canonical(path, unseen, test_class) -> None:
         raise DatasetError(
             f"{path}: the unseen classes differ from the canonical {test_class} split "
             f"(datasets/splits/). Not canonical: {extra}; canonical but missing: {absent}. Use "
-            f"the ZSE-SBIR lists, or pass check_canonical=False for a custom split."
+            f"the ZSE-SBIR lists, or pass --custom_split for a split of your own."
         )
 
 
