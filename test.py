@@ -90,6 +90,8 @@ def run(args) -> dict:
     exp_dir = Path(args.output_dir) / args.exp
     ckpt_path = Path(args.checkpoint) if args.checkpoint else exp_dir / "best.pth"
     out_dir = Path(args.out) if args.out else (exp_dir if not args.checkpoint else ckpt_path.parent)
+    if out_dir.exists() and not out_dir.is_dir():  # found now, not after the whole evaluation
+        raise UserError(f"--out {out_dir} is a file: give a folder for metrics.json and per_class.csv.")
     ckpt = load_checkpoint(ckpt_path)
     if "args" not in ckpt:
         raise CheckpointError(f"{ckpt_path} carries no training arguments; it was not written by train.py.")
@@ -129,7 +131,9 @@ def run(args) -> dict:
         "listed": {"queries": len(data["query"]), "gallery": len(data["gallery"])},
         "not_evaluated": {kind: [{"path": p, "reason": r} for p, r in items] for kind, items in unreadable.items()},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    tmp = out_dir / f".metrics.json.{os.getpid()}.tmp"  # whole or not at all: the file other tools read
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, out_dir / "metrics.json")
     q_counts = np.bincount(np.asarray(data["query"].labels), minlength=len(class_names)) \
         if hasattr(data["query"], "labels") else None
     with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as f:

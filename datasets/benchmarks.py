@@ -280,8 +280,38 @@ def check_split_files(split: BenchmarkSplit, *, show: int = 5) -> None:
         raise DatasetError(
             f"{len(missing)} of {len(paths)} files listed in {split.split_dir} are missing, e.g.\n"
             f"  {shown}\nDownload/extract the images under {split.root}, or run `python -m "
-            f"datasets.prepare --check ...` for a full report."
+            f"datasets.prepare --check ...` for a full report.{unicode_normalisation_hint(missing[0])}"
         )
+
+
+def unicode_normalisation_hint(path: Path) -> str:
+    """A sentence for a missing path whose name exists on disk spelt in another Unicode normalisation.
+
+    ``café`` can be written as one code point for ``é`` (NFC, most lists) or ``e`` plus a combining
+    accent (NFD, as macOS file systems and some archives write names): they look the same when
+    printed, but are different file names on Linux.
+    """
+    import unicodedata
+
+    path = Path(path)
+    current = Path(path.parts[0])
+    for part in path.parts[1:]:
+        if os.path.lexists(current / part):
+            current = current / part
+            continue
+        try:
+            names = os.listdir(current)
+        except OSError:
+            return ""
+        target = unicodedata.normalize("NFC", part)
+        for name in names:
+            if name != part and unicodedata.normalize("NFC", name) == target:
+                return (f"\nNote: {current / name} exists, spelt with another Unicode normalisation than the list's "
+                        f"{part!r} (NFC vs NFD: they print the same). Rename the files to NFC (e.g. `convmv -r -f "
+                        f"utf8 -t utf8 --nfc --notest DIR`) or rebuild the lists from the files with "
+                        f"`python -m datasets.prepare --root ...`.")
+        return ""
+    return ""
 
 
 def _group(items, classes) -> dict[str, list[Path]]:

@@ -161,3 +161,18 @@ def test_quickdraw_sized_list_parses_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(items) == n and items[-1] == (lines[-1].rsplit(" ", 1)[0], classes[(n - 1) % 30])
     assert elapsed < 2.0, f"parsing took {elapsed:.2f} s"
+
+
+def test_missing_file_spelt_in_another_unicode_normalisation_is_explained(tmp_path):
+    import unicodedata
+
+    from datasets.benchmarks import unicode_normalisation_hint
+
+    nfd = unicodedata.normalize("NFD", "crème")
+    (tmp_path / "photo" / nfd).mkdir(parents=True)
+    (tmp_path / "photo" / nfd / "a.jpg").write_bytes(b"x")
+    listed = tmp_path / "photo" / unicodedata.normalize("NFC", "crème") / "a.jpg"  # how the list spells it
+    assert not listed.exists()
+    hint = unicode_normalisation_hint(listed)
+    assert "another Unicode normalisation" in hint and str(tmp_path / "photo" / nfd) in hint
+    assert unicode_normalisation_hint(tmp_path / "photo" / "absent" / "a.jpg") == ""

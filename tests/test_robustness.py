@@ -350,6 +350,17 @@ def test_test_py_refuses_bad_checkpoint(kind, baseline, tmp_path, caplog):
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+def test_test_py_refuses_an_out_that_is_a_file_before_evaluating(baseline, tmp_path, caplog):
+    out = tmp_path / "results.txt"
+    out.write_text("mine")
+    caplog.clear()
+    with pytest.raises(SystemExit) as exc:
+        test_script.main(["--checkpoint", str(baseline["folder"] / "best.pth"), "--out", str(out),
+                          "--num_workers", "0", "--device", "cpu", "--no_progress"])
+    assert exc.value.code == 2 and f"--out {out} is a file" in caplog.text
+    assert out.read_text() == "mine" and "embed" not in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["truncated", "not_a_checkpoint", "pickled_code", "separate_encoders",
                                   "batch_size"])
 def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
