@@ -52,6 +52,7 @@ def train_one_epoch(
     should_stop: Callable[[], bool] = lambda: False,
     bad_file_log=None,
     progress: bool = True,
+    carry: dict | None = None,
 ) -> dict:
     """Train for one pass over ``loader``; return averaged loss terms and throughput.
 
@@ -59,9 +60,14 @@ def train_one_epoch(
     and the result says ``interrupted``. The returned ``steps`` is the number of optimizer steps taken.
     ``bad_file_log`` (a :class:`datasets.robust.BadFileLog`) receives the unreadable files that the
     dataset skipped in each batch.
+
+    ``carry`` continues an interrupted epoch: the ``partial`` entry of the result that stopped it
+    (loss sums over its steps, averaged over ranks, and their count), so the epoch's averages are
+    those of an uninterrupted epoch.
     """
     model.train()
     criterion.train()
+    carry = carry or {"sums": {}, "steps": 0}
     sums: dict[str, float] = {}
     steps = samples = 0
     interrupted = False
@@ -102,10 +108,15 @@ def train_one_epoch(
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    stats = {k: dist_utils.all_reduce_mean(v / max(steps, 1), device) for k, v in sums.items()}
+    rank_mean_sums = {k: dist_utils.all_reduce_mean(v, device) for k, v in sums.items()}  # [same on every rank]
+    epoch_sums = {k: carry["sums"].get(k, 0.0) + v for k, v in rank_mean_sums.items()}
+    epoch_steps = carry["steps"] + steps
+    stats = {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
     world = dist_utils.get_world_size()
     stats.update(
         steps=steps,
+        epoch_steps=epoch_steps,
+        partial={"sums": epoch_sums, "steps": epoch_steps},
         global_step=global_step,
         epoch_time=elapsed,
         samples_per_s=samples * world / elapsed if elapsed > 0 else math.nan,

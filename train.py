@@ -379,6 +379,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, skip_batches, global_step, best = 0, 0, 0, {"mAP@all": -1.0, "epoch": -1}
+    partial = None  # loss sums of an interrupted epoch's first part, carried into its log line
     bad_state = {}
     if args.resume:
         ckpt = load_checkpoint(output_dir / "checkpoint.pth")
@@ -388,6 +389,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, skip_batches = ckpt["next_epoch"], ckpt.get("skip_batches", 0)
+        partial = ckpt.get("partial_epoch") if skip_batches else None
         global_step, best = ckpt["global_step"], ckpt["best"]
         bad_state = ckpt.get("bad_files", {})
         set_rng_state(ckpt["rng"])
@@ -436,7 +438,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             "scaler": scaler.state_dict() if scaler is not None else None,
             "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
             "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
-            "bad_files": bad_file_log.state(),
+            "bad_files": bad_file_log.state(), "partial_epoch": partial,
         }
         save_checkpoint(state, output_dir / name)
         discard_overwritten(output_dir)  # --overwrite's previous run, kept until now
@@ -448,15 +450,18 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             ddp_model, criterion, loaders["train"], optimizer, device=device, epoch=epoch,
             global_step=global_step, amp_dtype=amp_dtype, scaler=scaler, exp_logger=exp_logger,
             log_every=args.log_every, should_stop=stop, bad_file_log=bad_file_log, progress=progress,
+            carry=partial,
         )
         global_step = stats["global_step"]
+        partial = stats.pop("partial")
         if stats["interrupted"]:
             save(epoch, skip_batches + stats["steps"])
             log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
                         "Continue with --resume.", stop.signal, epoch, global_step, output_dir / "checkpoint.pth")
             exp_logger.close()
             raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-        skip_batches = 0
+        skip_batches, partial = 0, None
+        stats["steps"] = stats.pop("epoch_steps")  # the whole epoch's, across an interruption
         line = {"epoch": epoch, "step": global_step, **{f"train_{k}": v for k, v in stats.items()
                                                          if k not in ("interrupted", "global_step")},
                 "bad_files_skipped": bad_file_log.failed}

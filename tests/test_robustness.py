@@ -284,6 +284,14 @@ def test_sigterm_and_sigint_checkpoint_mid_epoch_and_resume_exactly(bench, basel
     assert result["global_step"] == baseline["global_step"]
     assert [l["epoch"] for l in read_log(folder)] == baseline["epochs"]
     assert_same_weights(load_checkpoint(folder / "checkpoint.pth")["model"], baseline["model"])
+    # ... and the same log: the interrupted epoch's line averages all of its steps, not only the last part
+    for resumed, reference in zip(read_log(folder), read_log(baseline["folder"])):
+        assert resumed["train_steps"] == reference["train_steps"] == STEPS_PER_EPOCH
+        for key in ("train_loss", "train_loss_tri", "train_loss_rec", "train_loss_int", "test_mAP@all"):
+            if key in reference:  # test_mAP@all only in the evaluated (last) epoch
+                assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+            else:
+                assert key not in resumed, key
 
 
 # ------------------------------------------------------------------------------------------------
