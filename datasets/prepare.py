@@ -212,10 +212,14 @@ def _list_lines(files: dict[str, list[str]], classes: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- check
 
 def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = None, *,
-               verify_images: bool = False, show: int = 10, out=print) -> int:
-    """Report on a prepared root; returns the number of problems found."""
+               verify_images: bool = False, custom_split: bool = False, show: int = 10, out=print) -> int:
+    """Report on a prepared root; returns the number of problems found.
+
+    ``custom_split`` (a split of your own, as ``train.py --custom_split``): the unseen classes need
+    not be the canonical ones and no published count applies; every other check runs.
+    """
     key, test_class, spec = resolve_split(dataset, test_class)
-    expected = EXPECTED_COUNTS.get((key, test_class), {})
+    expected = {} if custom_split else EXPECTED_COUNTS.get((key, test_class), {})
     split_dir = Path(root).expanduser() / spec.dataset_dir / spec.split_dir
     problems: list[str] = []
 
@@ -224,9 +228,13 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
         if echo:
             out(f"  PROBLEM: {msg}")
 
-    out(f"Checking {split_dir} ({key} / {test_class})")
+    out(f"Checking {split_dir} ({key} / {test_class}{', custom split' if custom_split else ''})")
+    if not Path(root).expanduser().is_dir():
+        problem(f"{root}: data root not found (pass the folder that holds {spec.dataset_dir}/)")
+        return len(problems)
     if not split_dir.is_dir():
-        problem(f"{split_dir}: split folder not found")
+        problem(f"{split_dir}: split folder not found; build its lists with python -m datasets.prepare --root "
+                f"{root} --dataset {dataset}")
         return len(problems)
 
     class_files = {"seen_classes": spec.seen_class_file, "unseen_classes": spec.unseen_class_file}
@@ -240,7 +248,7 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
             continue
         _report_count(out, problem, fname, what, len(classes[what]), expected.get(what))
     seen, unseen = classes["seen_classes"], classes["unseen_classes"]
-    if unseen is not None:
+    if unseen is not None and not custom_split:
         canonical = canonical_unseen_classes(test_class)
         extra, absent = sorted(set(unseen) - set(canonical)), sorted(set(canonical) - set(unseen))
         if extra or absent:
@@ -321,6 +329,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_class", default=None,
                         help="split name, e.g. test_class_sketchy25 (default: the dataset's first)")
     parser.add_argument("--force", action="store_true", help="overwrite existing lists")
+    parser.add_argument("--custom_split", action="store_true",
+                        help="with --check: a split of your own (no canonical classes, no published counts)")
     parser.add_argument("--verify_images", action="store_true",
                         help="with --check: also open and decode every image (slow)")
     return parser
@@ -331,7 +341,7 @@ def main(argv=None) -> int:
     try:
         if args.check is not None:
             return 1 if check_root(args.check, args.dataset, args.test_class,
-                                   verify_images=args.verify_images) else 0
+                                   verify_images=args.verify_images, custom_split=args.custom_split) else 0
         written = build_lists(args.root, args.dataset, args.test_class, force=args.force)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -118,7 +118,7 @@ def test_check_reports_class_mismatch(sketchy_root, capsys, monkeypatch):
     assert "classes of its class file have no files: ['zebra']" in out
     assert "not canonical ['mug']; canonical but missing ['cup']" in out
     code, out = run(["--check", sketchy_root / "nowhere", "--dataset", "sketchy_extend"], capsys)
-    assert code == 1 and "split folder not found" in out
+    assert code == 1 and "data root not found" in out
 
 
 @pytest.mark.parametrize("dataset,dirs,split,lists", [
@@ -166,3 +166,21 @@ def test_build_errors(tmp_path, capsys):
     code, out = run(["--root", tmp_path, "--dataset", "sketchy_extend"], capsys)
     assert code == 1 and "['swan']" in out and "no photos" in out
     assert not (tmp_path / "Sketchy/zeroshot1").exists()  # nothing written on error
+
+
+def test_check_a_custom_split_and_a_missing_root(tmp_path, capsys):
+    """--custom_split checks a split of one's own (here the synthetic one) without the canonical classes or
+    the published counts; a missing root says so instead of 'split folder not found'."""
+    from datasets.synthetic import make_synthetic_benchmark
+
+    root = make_synthetic_benchmark(tmp_path / "bench", seed=0, sketches_per_class=2, photos_per_class=2,
+                                    unseen_per_class=2, size=32, classes=["sun", "moon", "star", "candle"],
+                                    progress=False)
+    assert prepare.main(["--check", str(root), "--dataset", "sketchy_extend", "--verify_images"]) == 1  # not canonical
+    assert "not canonical" in capsys.readouterr().out
+    assert prepare.main(["--check", str(root), "--dataset", "sketchy_extend", "--custom_split",
+                         "--verify_images"]) == 0
+    out = capsys.readouterr().out
+    assert "custom split" in out and "OK:" in out and "PROBLEM" not in out
+    assert prepare.main(["--check", str(tmp_path / "nowhere"), "--dataset", "sketchy_extend"]) == 1
+    assert "data root not found" in capsys.readouterr().out
