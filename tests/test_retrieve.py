@@ -177,6 +177,17 @@ def test_embedding_cache_reuse_and_invalidation(setup, tmp_path, monkeypatch, ca
     assert len(list(cache.glob("*.npz"))) == 1  # one slot per (checkpoint, gallery): replaced, not piled up
 
 
+def test_checkpoint_whose_data_root_moved_says_what_to_pass(tmp_path, setup, capsys):
+    ckpt = _save_train_checkpoint(setup["model"], tmp_path / "ckpt.pth", data_path=str(tmp_path / "moved"),
+                                  custom_split=True)
+    with pytest.raises(SystemExit) as exc:
+        retrieve.main(["--checkpoint", str(ckpt), "--sketch", str(setup["sketch"]), "--device", "cpu",
+                       "--no_progress", "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"trained on --data_path {tmp_path / 'moved'}, which is not there" in err
+    assert "--gallery FOLDER" in err and "synthetic" not in err
+
+
 def test_default_gallery_is_the_checkpoints_split(tmp_path, setup):
     from datasets import load_benchmark
     from datasets.synthetic import make_synthetic_benchmark

@@ -105,6 +105,10 @@ def split_gallery(args, saved: dict) -> tuple[list[tuple[str, str]], str]:
         root = ensure_synthetic_benchmark(args.synthetic_dir or saved.get("synthetic_dir"))
         split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
     else:
+        if args.data_path is None and not Path(data_path).expanduser().is_dir():
+            raise ToolError(f"the checkpoint was trained on --data_path {data_path}, which is not there (any more): "
+                            f"pass --data_path ROOT where the dataset is now, or --gallery FOLDER to search a folder "
+                            f"of photos.")
         custom = args.custom_split if args.custom_split is not None else saved.get("custom_split", False)
         split = load_benchmark(data_path, args.dataset or saved.get("dataset", "sketchy_extend"),
                                args.test_class or saved.get("test_class", "test_class_sketchy25"),
@@ -204,7 +208,7 @@ def embed_gallery(model, items, *, image_size: int, device, batch_size: int, num
 
 # ----------------------------------------------------------------------------- the tool
 def run(args) -> list[tuple[str, float]]:
-    from datasets.transforms import INK_THRESHOLD, ink_bbox, load_image, preprocess_sketch
+    from datasets.transforms import INK_THRESHOLD, ImageLoadError, ink_bbox, load_image, preprocess_sketch
     from utils.checkpoint import load_checkpoint
     from utils.visualize import cosine_ranking, retrieval_grid, save_png
 
@@ -223,7 +227,10 @@ def run(args) -> list[tuple[str, float]]:
     if not 1 <= args.topk <= len(items):
         raise ToolError(f"--topk {args.topk} must be between 1 and the gallery size, {len(items)} images.")
 
-    sketch_img = load_image(args.sketch)  # fails early, naming the file, when it is not an image
+    try:  # fails early, naming the file, when it is not an image
+        sketch_img = load_image(args.sketch)
+    except ImageLoadError as e:  # its advice is about dataset lists; this is a single query file
+        raise ToolError(f"--sketch {str(e).split('; ')[0]}: give a PNG or JPEG drawing.") from None
     if ink_bbox(np.asarray(sketch_img)) is None:  # its ranking would say nothing about any drawing
         raise ToolError(f"{args.sketch}: the sketch is blank (no pixel darker than R+G+B = {INK_THRESHOLD}); "
                         f"draw dark strokes on a light background.")
