@@ -53,8 +53,10 @@ def step(model, batch, amp_dtype=None):
         out = model(batch)
     out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
     losses = build_criterion(SimpleNamespace())(out)
-    losses["loss"].backward()
-    grads = torch.cat([p.grad.flatten().float() for p in model.trainable_parameters()])
+    # fp16 needs its loss scaled, as GradScaler does in training, or small gradients underflow.
+    scale = 2.0 ** 12 if amp_dtype == torch.float16 else 1.0
+    (losses["loss"] * scale).backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.trainable_parameters()]) / scale
     return {k: v.item() for k, v in losses.items()}, grads, out["photo_mask"]
 
 
