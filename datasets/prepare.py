@@ -283,10 +283,14 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
             problem(f"{fname}: {len(missing)} of {len(paths)} listed files are missing, e.g. "
                     + ", ".join(str(p) for p in missing[:show]))
         if verify_images:
-            bad = _unreadable(set(paths) - set(missing), fname)
+            blank: list[str] = []
+            bad = _unreadable(set(paths) - set(missing), fname, blank if kind.startswith("sketch") else None)
             if bad:
                 problem(f"{fname}: {len(bad)} unreadable images, e.g.\n    "
                         + "\n    ".join(bad[:show]))
+            if blank:  # readable, and trained on as blank images: worth knowing, not an error
+                out(f"  note: {fname}: {len(blank)} blank sketches (no pixel with R+G+B <= 300), e.g. "
+                    + ", ".join(blank[:show]))
     out(f"{'OK' if not problems else f'{len(problems)} problem(s)'}: {split_dir}")
     return len(problems)
 
@@ -301,17 +305,22 @@ def _report_count(out, problem, fname, what, found, expected) -> None:
         problem(f"{fname}: {found} {what}, published count is {expected}", echo=False)
 
 
-def _unreadable(paths, fname) -> list[str]:
+def _unreadable(paths, fname, blank_out: list | None = None) -> list[str]:
+    """Messages of the images that cannot be read; blank ones (no ink) go to ``blank_out`` when given."""
+    import numpy as np
     from tqdm import tqdm
 
-    from .transforms import ImageLoadError, load_image
+    from .transforms import ImageLoadError, ink_bbox, load_image
 
     bad = []
     for p in tqdm(sorted(paths), desc=f"verifying {fname}", unit="img", leave=False):
         try:
-            load_image(p)
+            img = load_image(p)
         except ImageLoadError as err:
             bad.append(str(err))
+            continue
+        if blank_out is not None and ink_bbox(np.asarray(img)) is None:
+            blank_out.append(str(p))
     return bad
 
 

@@ -182,5 +182,10 @@ def test_check_a_custom_split_and_a_missing_root(tmp_path, capsys):
                          "--verify_images"]) == 0
     out = capsys.readouterr().out
     assert "custom split" in out and "OK:" in out and "PROBLEM" not in out
+    blank = sorted((root / "Sketchy").rglob("sketch/**/sun_*.png"))[0]
+    Image.new("RGB", (32, 32), "white").save(blank)  # readable, but nothing drawn
+    assert prepare.main(["--check", str(root), "--dataset", "sketchy_extend", "--custom_split",
+                         "--verify_images"]) == 0  # a note, not a problem
+    assert f"1 blank sketches (no pixel with R+G+B <= 300), e.g. {blank}" in capsys.readouterr().out
     assert prepare.main(["--check", str(tmp_path / "nowhere"), "--dataset", "sketchy_extend"]) == 1
     assert "data root not found" in capsys.readouterr().out
