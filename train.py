@@ -58,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp", default="puxim", help="experiment name: outputs go to OUTPUT_DIR/EXP")
     g.add_argument("--output_dir", default="results", help="parent folder of experiment folders")
     g.add_argument("--resume", action="store_true", help="continue results/EXP from its checkpoint.pth")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing results/EXP (its files are kept in .overwritten/ until the first checkpoint)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing results/EXP (its files wait in .overwritten/ until the first checkpoint)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and the triplet stream")
 
     g = p.add_argument_group("data")
@@ -106,7 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vxl_cache", default=None,
                    help="precomputed VxL masks (python -m tools.precompute_masks ... --out FILE): "
                         "training then runs no CLIP at all; a cache made with other settings is refused")
-    g.add_argument("--dropout", type=float, default=None, help="dropout of the encoder and the interaction decoder (b16: 0.1, as specified; tiny: 0)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout of the encoder and the interaction decoder (b16: 0.1, as specified; tiny: 0)")
     g.add_argument("--stem_norm", default=None, choices=["none", "batch"],
                    help="BatchNorm after each conv of the encoder's stem (b16: none, as in the paper; "
                         "tiny: batch, without which the from-scratch tiny ViT collapses)")
@@ -161,10 +163,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.clip_weights = None
     if not args.testall and args.eval_per_class is None:
         raise UserError("--no-testall needs --eval_per_class N (how many queries/photos per class)")
-    if args.eval_per_class is not None:
-        log.warning("--eval_per_class %d: evaluating on at most %d sketches and photos per unseen class, not the "
-                    "full split: the mAP is not comparable with the paper's, and best.pth is chosen on this subset "
-                    "(test.py evaluates the full split).", args.eval_per_class, args.eval_per_class)
     for name in ("epoch", "batch_size", "datasetLen", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
@@ -190,8 +188,14 @@ def check_resume_args(args, saved: dict, source: Path) -> None:
     """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)
-        if key == "data_path" and ours is not None and theirs is not None:
-            return Path(ours).resolve() == Path(theirs).resolve()
+        if key in ("data_path", "clip_weights") and ours is not None and theirs is not None:
+            if Path(ours).resolve() == Path(theirs).resolve():
+                return True
+            if key == "clip_weights" and Path(ours).is_file() and Path(theirs).is_file():
+                from models.vxl_cache import file_sha256  # the same CLIP file, moved
+
+                return file_sha256(ours) == file_sha256(theirs)
+            return False
         return ours == theirs or (isinstance(ours, (list, tuple)) and list(ours) == list(theirs or []))
 
     differ = [f"--{k} {getattr(args, k, None)!r} (the run has {saved.get(k)!r})"
@@ -357,6 +361,10 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     from models import build_model, model_summary
 
     amp_dtype = select_amp(args, device)
+    if args.eval_per_class is not None and is_main:
+        log.warning("--eval_per_class %d: evaluating on at most %d sketches and photos per unseen class, not the "
+                    "full split: the mAP is not comparable with the paper's, and best.pth is chosen on this subset "
+                    "(test.py evaluates the full split).", args.eval_per_class, args.eval_per_class)
     if device.type == "cuda":  # fixed image sizes: let cuDNN time and keep the fastest stem convolutions
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed + rank)

@@ -321,7 +321,8 @@ def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             try:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise WeightMismatchError(f"{path}: neither a TorchScript archive nor a PyTorch state dict ({e})") from e
+                raise WeightMismatchError(
+                    f"{path}: neither a TorchScript archive nor a PyTorch state dict ({e})") from e
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = {k[len("module."):] if k.startswith("module.") else k: v
                       for k, v in state_dict["state_dict"].items()}

@@ -408,6 +408,16 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
     args.data_path = str(tmp_path / "other")
     with pytest.raises(train.UserError, match="--data_path .*other.* would make it another run"):
         train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    # CLIP weights: the same file moved is the same run; another file is not.
+    (tmp_path / "old.pt").write_bytes(b"clip")
+    (tmp_path / "moved.pt").write_bytes(b"clip")
+    (tmp_path / "other.pt").write_bytes(b"clap")
+    args.data_path, saved["clip_weights"] = "data", str(tmp_path / "old.pt")
+    args.clip_weights = str(tmp_path / "moved.pt")
+    train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    args.clip_weights = str(tmp_path / "other.pt")
+    with pytest.raises(train.UserError, match="--clip_weights"):
+        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------------------------

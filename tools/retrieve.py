@@ -235,7 +235,8 @@ def run(args) -> list[tuple[str, float]]:
         raise ToolError(f"{args.sketch}: the sketch is blank (no pixel darker than R+G+B = {INK_THRESHOLD}); "
                         f"draw dark strokes on a light background.")
     if args.out is not None and Path(args.out).is_dir():
-        raise ToolError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'retrieval.png'}")
+        raise ToolError(f"--out {args.out} is a folder: give the file to write, e.g. "
+                        f"{Path(args.out) / 'retrieval.png'}")
     known = {c for _, c in items if c != UNKNOWN_CLASS}
     query_class = args.sketch_class
     if query_class is None and Path(args.sketch).resolve().parent.name in known:
