@@ -11,7 +11,7 @@
 #   BATCH_SIZES="16 32 64" COMPILE_BATCH=32 tools/gpu_check.sh
 #   PARTS="test_cuda bench_bf16" tools/gpu_check.sh   # some of: environment test_cuda bench_bf16 bench_compile
 #
-# On one H100 the whole check should take about 6 to 8 minutes (most of it compiling).
+# Not run on a GPU yet; estimated 6 to 8 minutes on one H100, most of it compiling.
 # Each part has its own time limit and writes its log under OUT_DIR; a failing part does not stop
 # the others, and the exit status is that of the first failure.
 set -uo pipefail
