@@ -146,8 +146,13 @@ def _dataset_dir(root: Path, spec: SplitSpec, layout: RawLayout) -> Path:
 
 
 def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = None, *,
-                force: bool = False) -> dict[str, Path]:
-    """Write the class files and file lists of one split; returns ``name -> written path``."""
+                force: bool = False, missing_only: bool = False) -> dict[str, Path]:
+    """Write the class files and file lists of one split; returns ``name -> written path``.
+
+    ``missing_only`` writes only the files the split folder lacks and keeps the others as they are:
+    the ZSE-SBIR release ships TU-Berlin without its photo training list and QuickDraw without its
+    training lists. An existing seen-class file must then name the classes the folders give.
+    """
     key, test_class, spec = resolve_split(dataset, test_class)
     layout = RAW_LAYOUTS[(key, test_class)]
     root = Path(root).expanduser()
@@ -186,9 +191,19 @@ def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = 
                spec.sketch_zero: _list_lines(sketches, unseen),
                spec.photo_zero: _list_lines(photos, unseen)}
     existing = [name for name in outputs if (split_dir / name).exists()]
-    if existing and not force:
+    if existing and missing_only:
+        if spec.seen_class_file in existing:  # the new training lists must be about the same classes
+            listed = read_class_file(split_dir / spec.seen_class_file)
+            if set(listed) != set(seen):
+                raise DatasetError(
+                    f"{split_dir / spec.seen_class_file} names other seen classes than the folders under "
+                    f"{dataset_dir}: only listed {sorted(set(listed) - set(seen))[:10]}, only in folders "
+                    f"{sorted(set(seen) - set(listed))[:10]}. Fix the folders, or rebuild every list with --force.")
+        outputs = {name: lines for name, lines in outputs.items() if name not in existing}
+    elif existing and not force:
         raise DatasetError(
-            f"{split_dir}: lists already exist ({', '.join(existing)}); pass --force to overwrite."
+            f"{split_dir}: lists already exist ({', '.join(existing)}); pass --missing_only to write only the "
+            f"absent ones, or --force to overwrite them all."
         )
     split_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -338,6 +353,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_class", default=None,
                         help="split name, e.g. test_class_sketchy25 (default: the dataset's first)")
     parser.add_argument("--force", action="store_true", help="overwrite existing lists")
+    parser.add_argument("--missing_only", action="store_true",
+                        help="with --root: write only the lists that do not exist (e.g. the training lists the "
+                             "ZSE-SBIR release lacks for TU-Berlin and QuickDraw), keep the others")
     parser.add_argument("--custom_split", action="store_true",
                         help="with --check: a split of your own (no canonical classes, no published counts)")
     parser.add_argument("--verify_images", action="store_true",
@@ -351,7 +369,10 @@ def main(argv=None) -> int:
         if args.check is not None:
             return 1 if check_root(args.check, args.dataset, args.test_class,
                                    verify_images=args.verify_images, custom_split=args.custom_split) else 0
-        written = build_lists(args.root, args.dataset, args.test_class, force=args.force)
+        if args.force and args.missing_only:
+            raise DatasetError("--force rewrites every list and --missing_only keeps the existing ones: pick one")
+        written = build_lists(args.root, args.dataset, args.test_class, force=args.force,
+                              missing_only=args.missing_only)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

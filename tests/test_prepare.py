@@ -189,3 +189,24 @@ def test_check_a_custom_split_and_a_missing_root(tmp_path, capsys):
     assert f"1 blank sketches (no pixel with R+G+B <= 300), e.g. {blank}" in capsys.readouterr().out
     assert prepare.main(["--check", str(tmp_path / "nowhere"), "--dataset", "sketchy_extend"]) == 1
     assert "data root not found" in capsys.readouterr().out
+
+
+def test_missing_only_completes_a_released_split_and_keeps_its_lists(tmp_path, capsys):
+    """TU-Berlin as ZSE-SBIR ships it: no photo training list. --missing_only writes it, keeps the rest."""
+    unseen = read_class_names(SPLITS / "test_class_tuberlin30.txt")
+    make_raw(tmp_path / "TUBerlin", {"png_ready": (["alarm clock", "wrist-watch"] + unseen, 2, ".png"),
+                                     "ImageResized_ready": (["alarm clock", "wrist-watch"] + unseen, 1, ".JPEG")})
+    assert run(["--root", tmp_path, "--dataset", "tu_berlin"], capsys)[0] == 0
+    split = tmp_path / "TUBerlin" / "zeroshot"
+    released = {p.name: p.read_bytes() for p in split.iterdir()}
+    (split / "ImageResized_ready_filelist_train.txt").unlink()
+    code, out = run(["--root", tmp_path, "--dataset", "tu_berlin"], capsys)
+    assert code == 1 and "--missing_only" in out
+    code, out = run(["--root", tmp_path, "--dataset", "tu_berlin", "--missing_only"], capsys)
+    assert code == 0 and out.count("wrote ") == 1 and "ImageResized_ready_filelist_train.txt" in out
+    assert {p.name: p.read_bytes() for p in split.iterdir()} == released  # the same lists as a full build
+    # A class file that disagrees with the folders is not completed around.
+    (split / "ImageResized_ready_filelist_train.txt").unlink()
+    (split / "cname_cid.txt").write_text("alarm clock 0\nzebra 1\n")
+    code, out = run(["--root", tmp_path, "--dataset", "tu_berlin", "--missing_only"], capsys)
+    assert code == 1 and "other seen classes than the folders" in out and "zebra" in out
