@@ -88,7 +88,7 @@ def test_test_script_rebuilds_model_from_checkpoint(trained, tmp_path):
     assert saved["metrics"]["mAP@all"] == pytest.approx(result["best"]["mAP@all"], abs=1e-6)
     for key in ("mAP@all", "mAP@200", "P@100", "P@200", "mAP@200_sake"):
         assert key in saved["metrics"]
-    assert saved["num_queries"] > 0 and saved["num_gallery"] > 0
+    assert saved["num_queries"] > 0 and saved["num_gallery"] > 0 and saved["precision"] == "fp32"
     assert "mAP@200" in saved["conventions"]["keys"]
     rows = (folder / "per_class.csv").read_text().splitlines()
     assert rows[0].startswith("class,mAP@all") and len(rows) == 1 + len(saved["split"]["unseen_classes"])
