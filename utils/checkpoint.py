@@ -44,9 +44,10 @@ def model_state_dict(model: torch.nn.Module) -> dict:
 
 
 def rng_state() -> dict:
+    """This process's random state: CPU, Python, and the current CUDA device's (the one it trains on)."""
     state = {"torch": torch.get_rng_state(), "python": list_tree(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -55,8 +56,10 @@ def set_rng_state(state: dict) -> None:
         torch.set_rng_state(state["torch"])
     if "python" in state:
         random.setstate(tuple_tree(state["python"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])
+    elif "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])  # checkpoints written before per-rank states
 
 
 def list_tree(x):
