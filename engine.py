@@ -76,7 +76,12 @@ def train_one_epoch(
     for batch in bar:
         bad, draws = batch.pop("bad_files", None), batch.pop("draws", None)
         if bad_file_log is not None and draws is not None:
-            bad_file_log.update(bad, int(draws.sum()))
+            # Counted over all ranks, so every rank keeps the same totals and stops at the same step
+            # when --max_bad_fraction is passed; rank 0 writes every rank's file names.
+            n_bad, n_draws = dist_utils.all_reduce_sum_ints([len(bad or []), int(draws.sum())], device)
+            if n_bad and dist_utils.is_dist():
+                bad = dist_utils.all_gather_objects(bad or [])
+            bad_file_log.update(bad or [], n_draws)
         batch = move_to(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(batch)
@@ -103,7 +108,7 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
         if exp_logger is not None and global_step % log_every == 0:
             exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, global_step, prefix="train_step/")
-        if should_stop():
+        if dist_utils.any_rank(should_stop(), device):  # every rank stops at the same step
             interrupted = True
             break
     bar.close()
@@ -151,7 +156,8 @@ def extract_features(
         ok = batch.get("ok", torch.ones(batch["image"].shape[0], dtype=torch.bool))
         if not ok.all():  # unreadable images (datasets.robust.AccountedImages): named, left out
             failed += [(p, e) for p, e, good in zip(batch["path"], batch["errors"], ok.tolist()) if not good]
-        images = batch["image"][ok].to(device, non_blocking=True)
+        images = batch["image"] if ok.all() else batch["image"][ok]  # no copy (pinned memory kept) when all ok
+        images = images.to(device, non_blocking=True)
         if images.shape[0] == 0:
             continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -57,3 +57,24 @@ def test_batch_not_divisible_by_world_size_is_refused(bench, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "not divisible by the 2 processes" in proc.stdout + proc.stderr
+
+
+def test_bad_files_are_counted_and_listed_over_all_ranks(bench, tmp_path):
+    """Unreadable training images: two processes list and count the same draws as one process."""
+    import shutil
+
+    from datasets import load_benchmark
+
+    root = tmp_path / "bench"
+    shutil.copytree(bench, root)
+    split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
+    for files in list(split.train_sketches.values())[:2]:
+        files[0].write_bytes(b"")  # zero-byte: skipped, its triplet replaced
+    logs, listed = {}, {}
+    for name, cmd in (("one", [sys.executable, "train.py"]),
+                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "train.py"])):
+        logs[name] = run(cmd + ["--data_path", str(root), "--max_bad_fraction", "0.9"], tmp_path / name)
+        listed[name] = sorted((tmp_path / name / "e" / "bad_files.txt").read_text(encoding="utf-8").splitlines())
+    assert logs["one"][-1]["bad_files_skipped"] == logs["two"][-1]["bad_files_skipped"] == len(listed["one"]) > 0
+    assert listed["two"] == listed["one"]

@@ -100,6 +100,25 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_reduce_sum_ints(values: list[int], device) -> list[int]:
+    """Element-wise sum of a few integers over ranks (one small collective)."""
+    if not is_dist():
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is True on any: ranks must leave a loop at the same step, or
+    the others wait forever in their next collective (a signal reaches torchrun's workers one by one)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_objects(items: list) -> list:
     """Concatenate a picklable list from every rank (rank order)."""
     if not is_dist():
