@@ -136,8 +136,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile the encoder and the interaction head (checkpoints stay uncompiled)")
     g.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' only checks tracing, without speed-up)")
-    g.add_argument("--compile_mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode (default: torch's default)")
+    g.add_argument("--compile_mode", default=None, choices=[None, "default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (default: torch's default). The CUDA-graph modes (reduce-overhead, "
+                        "max-autotune) are not offered: evaluation keeps embeddings across calls, which a graph "
+                        "replay overwrites")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: 2x the per-process batch")
     g.add_argument("--log_every", type=int, default=10, help="TensorBoard step-loss interval")
@@ -238,9 +240,10 @@ def select_amp(args, device: torch.device) -> torch.dtype | None:
         if args.amp in ("bf16", "fp16"):
             raise UserError(f"--amp {args.amp} needs a CUDA GPU; on the CPU training runs in fp32 (--amp none).")
         return None
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and newer
     if args.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if args.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if args.amp == "bf16" and not native_bf16:
         raise UserError("--amp bf16: this GPU has no bf16 support; use --amp fp16 or --amp none.")
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
@@ -265,9 +268,9 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
     eval_bs = args.eval_batch_size or 2 * per_rank
 
     def eval_loader(ds):
-        share = Subset(ds, range(rank, len(ds), world)) if world > 1 else ds
-        return DataLoader(AccountedImages(share), batch_size=eval_bs, shuffle=False,
-                          collate_fn=collate_skipping, **workers)
+        accounted = AccountedImages(ds)  # outside the Subset: an unreadable item keeps its dataset index
+        share = Subset(accounted, range(rank, len(ds), world)) if world > 1 else accounted
+        return DataLoader(share, batch_size=eval_bs, shuffle=False, collate_fn=collate_skipping, **workers)
 
     return {"train": train, "sampler": sampler, "query": eval_loader(data["query"]),
             "gallery": eval_loader(data["gallery"])}
@@ -400,7 +403,10 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         partial = ckpt.get("partial_epoch") if skip_batches else None
         global_step, best = ckpt["global_step"], ckpt["best"]
         bad_state = ckpt.get("bad_files", {})
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank") or []
+        # Each rank continues its own streams (dropout differs per rank); another world size starts
+        # every rank from rank 0's state.
+        set_rng_state(per_rank[rank] if len(per_rank) == world else ckpt["rng"])
         log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", start_epoch, skip_batches,
                  global_step, f"{best['mAP@all']:.4f}" if best["mAP@all"] >= 0 else "none yet (not evaluated)")
         if start_epoch >= args.epoch:
@@ -438,14 +444,16 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     shown_queries = select_items(data["query"].items, 4, seed=args.seed)
     shown_photos = select_items([(p, c) for c, ps in split.train_photos.items() for p in ps], 4, seed=args.seed)
 
-    def save(next_epoch: int, skip: int, name: str = "checkpoint.pth") -> None:
+    def save(next_epoch: int, skip: int, name: str = "checkpoint.pth", all_ranks: bool = True) -> None:
+        """Rank 0 writes; with ``all_ranks`` (every rank calls it) each rank's random state is kept."""
+        rngs = dist_utils.all_gather_objects([rng_state()]) if all_ranks else [rng_state()]
         if not is_main:
             return
         state = {
             "model": model_state_dict(model), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
-            "rng": rng_state(), "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
+            "rng": rngs[0], "rng_per_rank": rngs, "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
             "bad_files": bad_file_log.state(), "partial_epoch": partial,
         }
         save_checkpoint(state, output_dir / name)
@@ -482,7 +490,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
                                           amp_dtype=amp_dtype, class_names=class_names, progress=progress,
                                           return_features=is_main and not args.no_tb_images)
             except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
-                save(epoch + 1, 0)
+                save(epoch + 1, 0, all_ranks=False)  # other ranks may not get here: no collective
                 log.error("the evaluation after epoch %d failed; the trained epoch is saved in %s", epoch,
                           output_dir / "checkpoint.pth")
                 raise
@@ -506,8 +514,9 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         save(epoch + 1, 0)
         exp_logger.epoch_line(line)
         exp_logger.flush()
-        if stop():
-            log.warning("stopped by %s after epoch %d; continue with --resume.", stop.signal, epoch)
+        if dist_utils.any_rank(stop(), device):
+            log.warning("stopped by %s after epoch %d; continue with --resume.", stop.signal or "a signal to "
+                        "another rank", epoch)
             exp_logger.close()
             raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     exp_logger.close()

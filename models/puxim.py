@@ -102,7 +102,8 @@ class PuXIM(nn.Module):
             memory = photo_tokens  # the released code's choice
         queries = sketch_tokens.repeat(2, 1, 1)  # [2B, 1 + N, D]: the same sketch for (s, p) and (s, n)
         match_logits = self.interaction(queries, memory)  # [2B, 2]
-        match_labels = torch.cat([torch.ones(b), torch.zeros(b)]).long().to(sketch.device)  # [2B]
+        # [2B]: 1 for (s, p), 0 for (s, n); made on the device (a host copy would sync the stream)
+        match_labels = (torch.arange(2 * b, device=sketch.device) < b).long()
 
         return {
             "sketch_emb": sketch_tokens[:, 0],  # [B, D]

@@ -217,8 +217,9 @@ class VxLSampler(nn.Module):
             tokens = self.tokenizer(todo).to(device)  # [n, context]
             feats = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)  # [n, E]
             self._text_cache.update(zip(todo, feats))
-        dummy = self._text_cache["a"]  # the dummy class feature surgery subtracts against
-        return torch.stack([torch.stack([dummy, self._text_cache[t]]) for t in class_texts]).to(device)
+        # Cached features may sit on another device (cached before the model moved): bring each here.
+        dummy = self._text_cache["a"].to(device)  # the dummy class feature surgery subtracts against
+        return torch.stack([torch.stack([dummy, self._text_cache[t].to(device)]) for t in class_texts])
 
     # ----------------------------------------------------------------- surgery + mask
     @torch.no_grad()
@@ -302,7 +303,9 @@ def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) ->
     """A tiny open_clip CLIP with seeded random weights (the global RNG is left untouched)."""
     import open_clip
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Only the CPU generator (the one module init draws from, and the one fork_rng restores):
+        # torch.manual_seed would also reset every CUDA generator to this seed, for good.
+        torch.default_generator.manual_seed(seed)
         model = open_clip.CLIP(**tiny_clip_cfg(image_size, patch_size))
     return model.eval()
 
