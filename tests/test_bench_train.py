@@ -168,10 +168,20 @@ def test_gpu_check_script_logs_each_part_and_returns_the_first_failure(tmp_path)
 
     if torch.cuda.is_available():  # on a GPU machine the CUDA tests would really run, inside this test
         pytest.skip("run tools/gpu_check.sh itself on a GPU machine")
-    ok = run(sys.executable, "environment test_cuda")
+    ok = run(sys.executable, "test_cuda")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "8 skipped" in (tmp_path / "test_cuda" / "test_cuda.txt").read_text()  # no GPU here
+    assert "bench_bf16" not in ok.stdout and "=== environment" not in ok.stdout  # only the parts asked for
+    no_gpu = run(sys.executable, "environment test_cuda")  # the environment part fails without a GPU ...
+    assert no_gpu.returncode == 1 and "no CUDA GPU visible" in no_gpu.stdout
     assert "| torch " in (tmp_path / "environment_test_cuda" / "environment.txt").read_text()
-    assert "7 skipped" in (tmp_path / "environment_test_cuda" / "test_cuda.txt").read_text()  # no GPU here
-    assert "bench_bf16" not in ok.stdout  # only the parts asked for
+    assert "=== test_cuda: exit 0" in no_gpu.stdout  # ... the next part still runs, the first failure is the status
     failed = run("false", "environment")
     assert failed.returncode == 1 and "=== environment: exit 1" in failed.stdout
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA L40", 181.0),
+                                       ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-32GB", None)])
+def test_gpu_peak_lookup_prefers_the_longest_name(name, peak):
+    assert bench_train.peak_tflops_of(name) == peak

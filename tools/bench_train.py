@@ -45,8 +45,9 @@ from typing import Callable, Dict, Optional
 import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, from the vendors' data sheets.
-GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                        ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+GPU_BF16_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
+                        ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
+# First match wins: the longer names come before their prefixes ("L40S" before "L40" before "L4").
 
 CONFIGS = {
     "a": "(a) reference-like: fp32, 2nd sketch, text enc. per photo",
@@ -188,8 +189,12 @@ def gpu_peak_tflops(device: torch.device, override: Optional[float]) -> Optional
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_of(gpu_name: str) -> Optional[float]:
+    """Dense bf16 peak of a GPU from its name (``None`` when unknown: pass --peak_tflops)."""
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in gpu_name), None)
 
 
 def count_flops(step: Callable[[], dict], device: torch.device) -> int:
@@ -308,12 +313,20 @@ def measure_batch_size(models: dict, optimizers: dict, criterion, configs, batch
                "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
                "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
         if want_flops:
-            # Counted on the eager model (same mathematics): compiled kernels hide their matmuls.
-            flops = count_flops(make_step(models["a"], criterion, optimizers["a"], batch, c, amp_dtype, scaler),
-                                device)
-            row["gflop_per_step"] = flops / 1e9
-            row["achieved_tflops"] = flops / step_s / 1e12
-            row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
+            # Counted on the eager model (same mathematics): compiled kernels hide their matmuls. The
+            # eager step can need more memory than the compiled one that just fit.
+            try:
+                flops = count_flops(make_step(models["a"], criterion, optimizers["a"], batch, c, amp_dtype,
+                                              scaler), device)
+            except torch.OutOfMemoryError:
+                flops = None
+            if flops is None:
+                _free_after_oom(device, optimizers.values())
+                row.update(gflop_per_step=None, achieved_tflops=None, mfu=None)
+            else:
+                row["gflop_per_step"] = flops / 1e9
+                row["achieved_tflops"] = flops / step_s / 1e12
+                row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
         rows[c] = row
     others = [c for c in rows if c != "a" and "a" in rows]
     ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}

@@ -11,7 +11,8 @@
 #   BATCH_SIZES="16 32 64" COMPILE_BATCH=32 tools/gpu_check.sh
 #   PARTS="test_cuda bench_bf16" tools/gpu_check.sh   # some of: environment test_cuda bench_bf16 bench_compile
 #
-# Not run on a GPU yet; estimated 6 to 8 minutes on one H100, most of it compiling.
+# Not run on a GPU yet; estimated 8 to 10 minutes on one H100, most of it compiling: split it with PARTS
+# (e.g. test_cuda, then bench_bf16 bench_compile) where one call may last at most 10 minutes.
 # Each part has its own time limit and writes its log under OUT_DIR; a failing part does not stop
 # the others, and the exit status is that of the first failure.
 set -uo pipefail
@@ -29,7 +30,7 @@ part() {  # part NAME SECONDS COMMAND...: run one check with a time limit, log i
   local name=$1 limit=$2; shift 2
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+  timeout -k 30 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"  # -k: children that trap SIGTERM too
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc"
   if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
@@ -39,12 +40,14 @@ part environment 60 "$PY" -c "import sys, torch, timm, open_clip
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| timm', timm.__version__,
       '| open_clip', open_clip.__version__)
 print('cuda', torch.version.cuda, '| gpus', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-      '| bf16', torch.cuda.is_bf16_supported())"
-part test_cuda 300 "$PY" -m pytest -q -s -rs tests/test_cuda.py
+      '| native bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+if not torch.cuda.is_available():
+    sys.exit('no CUDA GPU visible: the other parts would only skip or fail')"
+part test_cuda 420 "$PY" -m pytest -q -s -rs tests/test_cuda.py
 # shellcheck disable=SC2086  # BATCH_SIZES is a list of numbers
 part bench_bf16 240 "$PY" -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size $BATCH_SIZES \
   --steps 5 --warmup 2
-part bench_compile 300 "$PY" -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size "$COMPILE_BATCH" \
+part bench_compile 480 "$PY" -m tools.bench_train --arch b16 --device cuda --amp bf16 --batch_size "$COMPILE_BATCH" \
   --steps 5 --warmup 3 --compile
 echo "logs in $OUT_DIR; exit $status"
 exit "$status"
