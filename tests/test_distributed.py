@@ -60,7 +60,8 @@ def test_batch_not_divisible_by_world_size_is_refused(bench, tmp_path):
 
 
 def test_bad_files_are_counted_and_listed_over_all_ranks(bench, tmp_path):
-    """Unreadable training images: two processes list and count the same draws as one process."""
+    """Unreadable images: two processes list and count the same training draws as one process, and
+    evaluate the same readable unseen photos (an unreadable one in a rank's shard once crashed it)."""
     import shutil
 
     from datasets import load_benchmark
@@ -70,6 +71,8 @@ def test_bad_files_are_counted_and_listed_over_all_ranks(bench, tmp_path):
     split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
     for files in list(split.train_sketches.values())[:2]:
         files[0].write_bytes(b"")  # zero-byte: skipped, its triplet replaced
+    for path, _ in split.test_photos[:2]:  # one in each rank's evaluation shard
+        path.write_bytes(b"")
     logs, listed = {}, {}
     for name, cmd in (("one", [sys.executable, "train.py"]),
                       ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -78,3 +81,4 @@ def test_bad_files_are_counted_and_listed_over_all_ranks(bench, tmp_path):
         listed[name] = sorted((tmp_path / name / "e" / "bad_files.txt").read_text(encoding="utf-8").splitlines())
     assert logs["one"][-1]["bad_files_skipped"] == logs["two"][-1]["bad_files_skipped"] == len(listed["one"]) > 0
     assert listed["two"] == listed["one"]
+    assert logs["two"][-1]["test_mAP@all"] == pytest.approx(logs["one"][-1]["test_mAP@all"], abs=1e-4)
