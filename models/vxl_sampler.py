@@ -119,6 +119,9 @@ class VxLSampler(nn.Module):
         clip_std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.register_buffer("_clip_mean", torch.tensor(clip_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_clip_std", torch.tensor(clip_std).view(1, 3, 1, 1), persistent=False)
+        # The encoder's, to undo it (buffers: no host-to-device copy in every forward).
+        self.register_buffer("_enc_mean", torch.tensor(_ENCODER_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_enc_std", torch.tensor(_ENCODER_STD).view(1, 3, 1, 1), persistent=False)
 
         # Text features per text ("a" and each prompted class name), computed once: the released
         # code re-ran the text encoder for every sample of every step.
@@ -151,9 +154,7 @@ class VxLSampler(nn.Module):
     def _to_clip_input(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_norm == "encoder":
             return images
-        mean = images.new_tensor(_ENCODER_MEAN).view(1, 3, 1, 1)
-        std = images.new_tensor(_ENCODER_STD).view(1, 3, 1, 1)
-        pixels = images * std + mean  # [B, 3, H, W] back to [0, 1]
+        pixels = images * self._enc_std.to(images) + self._enc_mean.to(images)  # [B, 3, H, W] back to [0, 1]
         return (pixels - self._clip_mean.to(images)) / self._clip_std.to(images)
 
     @staticmethod
