@@ -40,7 +40,7 @@ ARCH_DEFAULTS = {
     "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=16, epoch=50, image_size=224, datasetLen=5000),
     "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, image_size=64, datasetLen=1600),
 }
-DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw")
+DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw", "sketchy_am")  # sketchy_am: Sketchy-AM (zeroshot2)
 TEST_CLASSES = (
     "test_class_sketchy25", "test_class_sketchy21", "test_class_sketchyam",
     "test_class_tuberlin30", "test_class_quickdraw30",
