@@ -26,7 +26,7 @@ import engine
 from train import UserError, select_amp, select_device
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from utils.logger import setup_logging
-from utils.metrics import metric_conventions
+from utils.metrics import chance_ratios, metric_conventions
 
 log = logging.getLogger("test")
 
@@ -165,10 +165,8 @@ def print_table(metrics: dict, ckpt_path: Path) -> None:
     for key, what in rows:
         if key in metrics:
             print(f"  {key:<13} {metrics[key]:.4f}   {what}")
-    chance = metrics.get("chance_mAP")
-    if chance:
-        ratios = {k: metrics[k] / chance for k in ("mAP@all", "P@100")}
-        verdict = "at least" if min(ratios.values()) >= 2 else "BELOW"
+    if metrics.get("chance_mAP"):
+        ratios, verdict = chance_ratios(metrics)
         print(f"  mAP@all is {ratios['mAP@all']:.1f}x and P@100 {ratios['P@100']:.1f}x the chance level: "
               f"{verdict} 2x chance")
     sys.stdout.flush()

@@ -252,9 +252,7 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
     from datasets.robust import AccountedImages, SkipBadTriplets, collate_skipping
     from datasets.sampling import TripletIndexSampler
 
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes.")
-    per_rank = args.batch_size // world
+    per_rank = args.batch_size // world  # divisible: run() checked it before anything was built
     pin = device.type == "cuda"
     workers = dict(num_workers=args.num_workers, pin_memory=pin,
                    persistent_workers=args.num_workers > 0,
@@ -521,12 +519,12 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     exp_logger.close()
     if is_main and metrics:
-        chance = metrics["chance_mAP"]  # the fraction of the gallery that is relevant: chance for both
-        ratios = {k: metrics[k] / max(chance, 1e-12) for k in ("mAP@all", "P@100")}
-        verdict = "at least" if min(ratios.values()) >= 2 else "BELOW"
+        from utils.metrics import chance_ratios
+
+        ratios, verdict = chance_ratios(metrics)
         log.info("final unseen-class mAP@all %.4f (%.1fx chance), P@100 %.4f (%.1fx chance); chance level %.4f: "
                  "%s 2x chance. Best mAP@all %.4f at epoch %d.", metrics["mAP@all"], ratios["mAP@all"],
-                 metrics["P@100"], ratios["P@100"], chance, verdict, best["mAP@all"], best["epoch"])
+                 metrics["P@100"], ratios["P@100"], metrics["chance_mAP"], verdict, best["mAP@all"], best["epoch"])
     return {"final": metrics, "best": best, "global_step": global_step, "output_dir": str(output_dir)}
 
 

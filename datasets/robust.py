@@ -121,8 +121,8 @@ class BadFileLog:
             raise TooManyBadFiles(
                 f"{self.failed} of {self.draws} training draws ({100 * self.failed / self.draws:.1f}%) hit "
                 f"unreadable images, more than --max_bad_fraction {self.max_fraction}. They are listed in "
-                f"{self.path or 'bad_files.txt in the experiment folder'}. Fix or remove them (python -m datasets.prepare --check ROOT --verify_images), "
-                f"or raise --max_bad_fraction."
+                f"{self.path or 'bad_files.txt in the experiment folder'}. Fix or remove them (python -m "
+                f"datasets.prepare --check ROOT --verify_images), or raise --max_bad_fraction."
             )
 
     def state(self) -> dict:

@@ -58,6 +58,7 @@ __all__ = [
     "metric_conventions",
     "relevant_ranks",
     "metrics_from_ranks",
+    "chance_ratios",
 ]
 
 TIE_POLICY = "stable: gallery order (ties in similarity keep the gallery's order)"
@@ -447,3 +448,12 @@ def metric_conventions(ks_map: Sequence[int] = (200,), ks_precision: Sequence[in
         "relevance": "gallery item has the query's class label",
         "keys": keys,
     }
+
+
+def chance_ratios(metrics: Mapping) -> tuple[dict, str]:
+    """``({"mAP@all": r, "P@100": r}, "at least" | "BELOW")``: each metric over ``chance_mAP`` (the
+    fraction of the gallery that is relevant: what a random ranking scores on both), and whether both
+    reach the 2x-chance bar that ``make run`` is held to."""
+    chance = max(float(metrics["chance_mAP"]), 1e-12)
+    ratios = {k: metrics[k] / chance for k in ("mAP@all", "P@100")}
+    return ratios, "at least" if min(ratios.values()) >= 2 else "BELOW"
