@@ -18,3 +18,28 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A small synthetic benchmark for runs of train.py: 4 seen + 2 unseen classes, 64 px (one per module)."""
+    from datasets.synthetic import CLASSES, UNSEEN_CLASSES, make_synthetic_benchmark
+
+    seen = [c for c in CLASSES if c not in UNSEEN_CLASSES][:4]
+    root = tmp_path_factory.mktemp("bench") / "bench"
+    return make_synthetic_benchmark(root, seed=0, sketches_per_class=6, photos_per_class=6, unseen_per_class=4,
+                                    size=64, classes=seen + list(UNSEEN_CLASSES[:2]), progress=False)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` RGB pixels, with almost no data (never decoded):
+    how Pillow's decompression-bomb guards are met without allocating the image."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")

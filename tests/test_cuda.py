@@ -112,16 +112,6 @@ def test_compiled_model_matches_eager_on_cuda():
 
 
 # ----------------------------------------------------------------------------- train.py / test.py
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    from datasets.synthetic import CLASSES, UNSEEN_CLASSES, make_synthetic_benchmark
-
-    seen = [c for c in CLASSES if c not in UNSEEN_CLASSES][:4]
-    root = tmp_path_factory.mktemp("cuda") / "bench"
-    return make_synthetic_benchmark(root, seed=0, sketches_per_class=6, photos_per_class=6, unseen_per_class=4,
-                                    size=64, classes=seen + list(UNSEEN_CLASSES[:2]), progress=False)
-
-
 def run(cmd, out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", NVIDIA_TF32_OVERRIDE="0")  # plain fp32 where fp32 is asked
     args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "2",

@@ -11,16 +11,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    from datasets.synthetic import CLASSES, UNSEEN_CLASSES, make_synthetic_benchmark
-
-    seen = [c for c in CLASSES if c not in UNSEEN_CLASSES][:4]
-    root = tmp_path_factory.mktemp("ddp") / "bench"
-    return make_synthetic_benchmark(root, seed=0, sketches_per_class=6, photos_per_class=6, unseen_per_class=4,
-                                    size=64, classes=seen + list(UNSEEN_CLASSES[:2]), progress=False)
-
-
 def run(cmd, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "0",

@@ -17,12 +17,10 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ import torch
 
 import test as test_script
 import train
+from conftest import png_claiming  # tests/ is on sys.path (pytest prepends a test file's folder)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -423,16 +422,6 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
 # ------------------------------------------------------------------------------------------------
 # 5. Unreadable images: skipped, counted, named; too many stop the run; evaluation accounts for all
 # ------------------------------------------------------------------------------------------------
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels (a decompression bomb for Pillow)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
-
-
 def damage(path: Path, how: str) -> None:
     if how == "zero_byte":
         path.write_bytes(b"")

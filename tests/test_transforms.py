@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import png_claiming
 from datasets.filelist import DatasetError
 from datasets.transforms import (
     ENCODER_MEAN, ENCODER_STD, ImageLoadError, ink_bbox, load_image, preprocess_photo,
@@ -212,23 +213,10 @@ def test_load_image_is_independent_of_the_file(tmp_path):
     assert img.mode == "RGB" and np.asarray(img).shape == (64, 64, 3)
 
 
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` RGB pixels, with almost no data (never decoded)."""
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
-
-
 def test_bomb_warning_zone_is_refused_before_decoding(tmp_path):
     """Between Pillow's warning (~89 MP) and error (~179 MP) limits it only warned and decoded (GBs of RAM)."""
     path = tmp_path / "big.png"
-    path.write_bytes(_png_header_claiming(10000, 10000))  # 100 MP: Pillow warns, does not refuse
+    path.write_bytes(png_claiming(10000, 10000))  # 100 MP: Pillow warns, does not refuse
     assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageLoadError, match=r"big\.png: refused as a possible decompression bomb.*downscale"):
         load_image(path)
