@@ -15,20 +15,30 @@ Quickdraw         test_class_quickdraw30      ``ROOT/QuickDraw/zeroshot``
 ``sketchy_am`` is accepted as a shorthand for ``sketchy_extend`` + ``test_class_sketchyam``.
 
 Sketchy-AM (PuXIM's high-ambiguity training set) uses the Sketchy list names, as the
-authors' code does: ``zeroshot2/cname_cid.txt`` lists its 50 training classes,
-``all_photo_filelist_train.txt`` its 934 photos (the authors' list has paths
+authors' code does: ``zeroshot2/cname_cid.txt`` lists its training classes,
+``all_photo_filelist_train.txt`` its photos (the authors' list has paths
 ``ambiguity\\<class>\\<file>.jpg``, relative to ``ROOT/Sketchy``),
-``sketch_tx_000000000000_ready_filelist_train.txt`` the Sketchy sketches of those 50
-classes, and ``cname_cid_zero.txt`` + the two ``*_zero.txt`` lists are those of
-``zeroshot1`` (the 25 unseen classes). The authors' 50 classes include 9 of the 25 test
-classes (cup, harp, pineapple, ray, rifle, snail, squirrel, swan, volcano), so for this split
-a seen/unseen overlap is reported as a warning instead of an error.
-``python -m datasets.prepare --dataset sketchy_am`` builds these lists.
+``sketch_tx_000000000000_ready_filelist_train.txt`` the Sketchy sketches of those classes,
+and ``cname_cid_zero.txt`` + the two ``*_zero.txt`` lists are those of ``zeroshot1`` (the 25
+unseen classes). The released lists are broken in two ways: their 50 training classes (934
+photos) include 9 of the 25 test classes (cup, harp, pineapple, ray, rifle, snail, squirrel,
+swan, volcano), and their sketch list is zeroshot1's 100-class training list looked up by line
+number in the 50-class file, so every AM class gets another class's sketches and the 9 test
+classes get none. Zero-shot means no file and no class of the test split in training, so for
+this split the training classes that are also test classes are left out of training (with a
+logged warning naming them and the number of files left out) instead of refused. The released
+sketch list is refused (the class of a file is its folder, and most of its 100 classes are not
+AM classes); ``python -m datasets.prepare --dataset sketchy_am`` builds the lists without the
+test classes (41 classes), with the sketches of each class taken by class name.
+
+For every split, a seen class that is also unseen (other than Sketchy-AM's) and a file listed
+for training and for testing are errors: zero-shot retrieval must never train on the test split.
 """
 from __future__ import annotations
 
+import logging
 import os
-import warnings
+import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +47,11 @@ from .filelist import DatasetError, read_class_file, read_class_names, read_file
 
 __all__ = [
     "BenchmarkSplit", "SplitSpec", "DATASETS", "DATASET_ALIASES", "SPLITS_DIR",
-    "resolve_split", "canonical_unseen_classes", "find_missing_files", "check_split_files",
-    "load_benchmark",
+    "resolve_split", "canonical_unseen_classes", "find_missing_files", "find_shared_files",
+    "check_split_files", "load_benchmark", "rebuild_command",
 ]
+
+log = logging.getLogger(__name__)
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
@@ -65,7 +77,9 @@ class SplitSpec:
     # The released code's quick-evaluation strides (used when testall is off).
     sketch_stride: int = 1
     photo_stride: int = 1
-    allow_overlap: bool = False  # seen/unseen overlap only warns (Sketchy-AM)
+    # Seen classes that are also unseen are left out of training with a warning (Sketchy-AM,
+    # whose released classes include test classes) instead of refused.
+    leave_out_test_classes: bool = False
     seen_class_file: str = "cname_cid.txt"
     unseen_class_file: str = "cname_cid_zero.txt"
 
@@ -83,7 +97,7 @@ DATASETS: dict[str, dict[str, SplitSpec]] = {
                                           **_SKETCHY_LISTS, sketch_stride=20, photo_stride=10),
         "test_class_sketchyam": SplitSpec("Sketchy", "zeroshot2", "test_class_sketchy25",
                                           **_SKETCHY_LISTS, sketch_stride=20, photo_stride=10,
-                                          allow_overlap=True),
+                                          leave_out_test_classes=True),
     },
     "tu_berlin": {
         "test_class_tuberlin30": SplitSpec(
@@ -239,12 +253,21 @@ def load_benchmark(
 
     seen = read_class_file(split_dir / spec.seen_class_file)
     unseen = read_class_file(split_dir / spec.unseen_class_file)
-    _check_overlap(split_dir, spec, seen, unseen)
+    both = _check_overlap(split_dir, spec, seen, unseen)
     if check_canonical:
         _check_canonical(split_dir / spec.unseen_class_file, unseen, test_class)
 
-    lists = {kind: read_file_list(split_dir / fname, seen if kind.endswith("train") else unseen)
-             for kind, fname in spec.list_files.items()}
+    command = rebuild_command(data_path, key, test_class)
+    try:
+        lists = {kind: read_file_list(split_dir / fname, seen if kind.endswith("train") else unseen)
+                 for kind, fname in spec.list_files.items()}
+    except DatasetError:
+        # A test file listed for training fails the class check: say that it is a test file.
+        _check_shared_files(split_dir, spec, _read_lists_unchecked(split_dir, spec, both), command)
+        raise
+    if both:
+        seen = _leave_out_test_classes(split_dir, spec, lists, seen, both)
+    _check_shared_files(split_dir, spec, lists, command)
 
     def absolute(items):
         return [(root / rel, cname) for rel, cname in items]
@@ -267,6 +290,26 @@ def load_benchmark(
     if check_files:
         check_split_files(split)
     return split
+
+
+def find_shared_files(lists: dict[str, list[tuple[str, str]]]) -> dict[tuple[str, str], list[str]]:
+    """Files listed both for training and for testing: ``(train kind, test kind) -> paths``.
+
+    ``lists`` maps ``sketch_train``/``photo_train``/``sketch_zero``/``photo_zero`` (those present)
+    to the items of :func:`read_file_list`; paths are compared after ``posixpath.normpath``, and
+    are returned as the test list writes them.
+    """
+    train: dict[str, str] = {}
+    for kind in ("sketch_train", "photo_train"):
+        for rel, _ in lists.get(kind, ()):
+            train.setdefault(posixpath.normpath(rel), kind)
+    shared: dict[tuple[str, str], list[str]] = {}
+    for kind in ("sketch_zero", "photo_zero"):
+        for rel, _ in lists.get(kind, ()):
+            train_kind = train.get(posixpath.normpath(rel))
+            if train_kind is not None:
+                shared.setdefault((train_kind, kind), []).append(rel)
+    return shared
 
 
 def check_split_files(split: BenchmarkSplit, *, show: int = 5) -> None:
@@ -321,17 +364,72 @@ def _group(items, classes) -> dict[str, list[Path]]:
     return grouped
 
 
-def _check_overlap(split_dir, spec, seen, unseen) -> None:
+def rebuild_command(data_path, key, test_class) -> str:
+    """The ``datasets.prepare`` command line that rebuilds every list of a split."""
+    for alias, target in DATASET_ALIASES.items():
+        if target == (key, test_class):
+            return f"python -m datasets.prepare --root {data_path} --dataset {alias} --force"
+    return f"python -m datasets.prepare --root {data_path} --dataset {key} --test_class {test_class} --force"
+
+
+def _check_overlap(split_dir, spec, seen, unseen) -> list[str]:
+    """The classes both seen and unseen; an error unless the split leaves them out of training."""
     both = sorted(set(seen) & set(unseen))
-    if not both:
+    if both and not spec.leave_out_test_classes:
+        raise DatasetError(
+            f"{split_dir}: classes in both {spec.seen_class_file} and {spec.unseen_class_file}: "
+            f"{both}; seen and unseen classes must be disjoint for zero-shot."
+        )
+    return both
+
+
+def _read_lists_unchecked(split_dir, spec, both) -> dict[str, list[tuple[str, str]]]:
+    """The four lists without class or label checks, the classes ``both`` left out of training ({} if unreadable)."""
+    try:
+        lists = {kind: read_file_list(split_dir / fname, check_labels=False)
+                 for kind, fname in spec.list_files.items()}
+    except DatasetError:
+        return {}
+    _drop_classes(lists, both)
+    return lists
+
+
+def _drop_classes(lists, classes) -> dict[str, int]:
+    """Drop the files of ``classes`` from the training lists (in place); returns how many per list."""
+    dropped, left_out = set(classes), {}
+    for kind in ("sketch_train", "photo_train"):
+        kept = [item for item in lists[kind] if item[1] not in dropped]
+        left_out[kind] = len(lists[kind]) - len(kept)
+        lists[kind] = kept
+    return left_out
+
+
+def _leave_out_test_classes(split_dir, spec, lists, seen, both) -> list[str]:
+    """Sketchy-AM: leave the classes ``both`` out of training, with a warning; returns the seen classes left."""
+    left_out = _drop_classes(lists, both)
+    kept_classes = [c for c in seen if c not in both]
+    log.warning(
+        "%s: %d training classes of %s are test classes of %s, and zero-shot forbids any test class in "
+        "training: they are left out of training (%d training sketches and %d training photos left out, "
+        "%d training classes kept): %s", split_dir, len(both), spec.seen_class_file, spec.unseen_class_file,
+        left_out["sketch_train"], left_out["photo_train"], len(kept_classes), ", ".join(both))
+    if not kept_classes:
+        raise DatasetError(f"{split_dir}: every class of {spec.seen_class_file} is a test class; "
+                           f"no training class is left.")
+    return kept_classes
+
+
+def _check_shared_files(split_dir, spec, lists, prepare_command, show: int = 5) -> None:
+    shared = find_shared_files(lists)
+    if not shared:
         return
-    msg = (f"{split_dir}: classes in both {spec.seen_class_file} and {spec.unseen_class_file}: "
-           f"{both}")
-    if spec.allow_overlap:
-        warnings.warn(msg + " (expected for Sketchy-AM: its training classes include test classes)",
-                      stacklevel=3)
-    else:
-        raise DatasetError(msg + "; seen and unseen classes must be disjoint for zero-shot.")
+    names = spec.list_files
+    parts = [f"{len(paths)} files are in both {names[train]} (training) and {names[test]} (test), e.g.\n  "
+             + "\n  ".join(paths[:show]) for (train, test), paths in shared.items()]
+    raise DatasetError(
+        f"{split_dir}: " + "\n".join(parts) + "\nZero-shot retrieval must not train on test files. Rebuild the "
+        f"lists with `{prepare_command}`, or remove those lines from the training list."
+    ) from None
 
 
 def _check_canonical(path, unseen, test_class) -> None:

@@ -15,8 +15,14 @@ Raw folders expected under ``ROOT/<dataset dir>/`` (one sub-folder per class):
 * TU-Berlin:  sketches ``png_ready/``, photos ``ImageResized_ready/``.
 * QuickDraw:  sketches ``sketches/``, photos ``images/``.
 * Sketchy-AM (``ROOT/Sketchy/zeroshot2``): training photos ``ambiguity/`` (its class folders
-  are the 50 training classes), training sketches from the Sketchy sketch folder; the test
-  side is the 25-class ``zeroshot1`` test side (all unseen sketches/photos).
+  are the released 50 training classes), training sketches from the Sketchy sketch folder,
+  by class name; the test side is the 25-class ``zeroshot1`` test side (all unseen
+  sketches/photos). The released AM lists put 9 test classes in training (cup, harp,
+  pineapple, ray, rifle, snail, squirrel, swan, volcano), and their sketch list is
+  zeroshot1's 100-class training list looked up by line number in the 50-class file (every AM
+  class gets another class's sketches, the 9 test classes none). Zero-shot means no file and
+  no class of the test split in training, so the build leaves the ``ambiguity/`` classes that
+  are test classes out of training (41 classes are kept) and says which and how many photos.
 
 The unseen classes are the shipped canonical list (``datasets/splits/``); the seen classes
 are every other class folder found. Class ids are the line numbers of ``cname_cid*.txt``
@@ -32,8 +38,10 @@ Check::
     python -m datasets.prepare --check ROOT --dataset sketchy_extend --test_class test_class_sketchy25 [--verify_images]
 
 prints, per list, the number of files and classes found against the published counts,
-the missing (and, with ``--verify_images``, unreadable) files, and classes that do not
-match their class file; exits non-zero when anything is wrong.
+the missing (and, with ``--verify_images``, unreadable) files, classes that do not match
+their class file, and files listed both for training and for testing; exits non-zero when
+anything is wrong. (Sketchy-AM's training classes that are also test classes are a note:
+training leaves them out.)
 """
 from __future__ import annotations
 
@@ -43,7 +51,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmarks import SplitSpec, canonical_unseen_classes, find_missing_files, resolve_split
+from .benchmarks import (SplitSpec, canonical_unseen_classes, find_missing_files, find_shared_files,
+                         rebuild_command, resolve_split)
 from .filelist import DatasetError, read_class_file, read_file_list
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -83,8 +92,9 @@ EXPECTED_COUNTS: dict[tuple[str, str], dict[str, int | None]] = {
     ("sketchy_extend", "test_class_sketchy21"): dict(
         seen_classes=104, unseen_classes=21, sketch_train=57587, photo_train=72949,
         sketch_zero=12694, photo_zero=12553),
+    # The released 50 classes (934 photos) less the 9 test classes, which training leaves out.
     ("sketchy_extend", "test_class_sketchyam"): dict(
-        seen_classes=50, unseen_classes=25, sketch_train=None, photo_train=934,
+        seen_classes=41, unseen_classes=25, sketch_train=None, photo_train=None,
         sketch_zero=15229, photo_zero=17101),
     ("tu_berlin", "test_class_tuberlin30"): dict(
         seen_classes=220, unseen_classes=30, sketch_train=15400, photo_train=None,
@@ -146,12 +156,15 @@ def _dataset_dir(root: Path, spec: SplitSpec, layout: RawLayout) -> Path:
 
 
 def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = None, *,
-                force: bool = False, missing_only: bool = False) -> dict[str, Path]:
+                force: bool = False, missing_only: bool = False, out=print) -> dict[str, Path]:
     """Write the class files and file lists of one split; returns ``name -> written path``.
 
     ``missing_only`` writes only the files the split folder lacks and keeps the others as they are:
     the ZSE-SBIR release ships TU-Berlin without its photo training list and QuickDraw without its
     training lists. An existing seen-class file must then name the classes the folders give.
+
+    Sketchy-AM: training photo classes that are test classes are left out of training; ``out``
+    (a print-like callable) gets a note naming them and their photo counts.
     """
     key, test_class, spec = resolve_split(dataset, test_class)
     layout = RAW_LAYOUTS[(key, test_class)]
@@ -172,7 +185,14 @@ def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = 
         seen = sorted(set(sketches) - set(unseen))
     else:
         train_photos = _scan(dataset_dir, layout.train_photos, "training photo")
-        seen = sorted(train_photos)
+        # Zero-shot: no class of the test split in training, whatever the released list says.
+        left_out = [c for c in sorted(train_photos) if c in unseen]
+        if left_out:
+            out(f"note: {len(left_out)} training classes under {', '.join(layout.train_photos)}/ are test classes "
+                f"of {test_class} and are left out of training (zero-shot): "
+                + ", ".join(f"{c} ({len(train_photos[c])} photos)" for c in left_out)
+                + f"; {sum(len(train_photos[c]) for c in left_out)} photos in all.")
+        seen = [c for c in sorted(train_photos) if c not in unseen]
         no_sketch = [c for c in seen if c not in sketches]
         if no_sketch:
             raise DatasetError(f"{dataset_dir}: training classes without sketches: {no_sketch}.")
@@ -260,25 +280,29 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
         except DatasetError as err:
             classes[what] = None
             problem(str(err))
-            continue
-        _report_count(out, problem, fname, what, len(classes[what]), expected.get(what))
     seen, unseen = classes["seen_classes"], classes["unseen_classes"]
+    both = sorted(set(seen or ()) & set(unseen or ()))
+    for what, fname in class_files.items():
+        if classes[what] is not None:  # Sketchy-AM: the seen classes training keeps
+            left_out = len(both) if what == "seen_classes" and spec.leave_out_test_classes else 0
+            _report_count(out, problem, fname, what, len(classes[what]) - left_out, expected.get(what))
     if unseen is not None and not custom_split:
         canonical = canonical_unseen_classes(test_class)
         extra, absent = sorted(set(unseen) - set(canonical)), sorted(set(canonical) - set(unseen))
         if extra or absent:
             problem(f"{spec.unseen_class_file}: not canonical {extra}; canonical but missing {absent}")
-    if seen is not None and unseen is not None and set(seen) & set(unseen):
-        both = sorted(set(seen) & set(unseen))
-        if spec.allow_overlap:
-            out(f"  note: {len(both)} training classes are also test classes: {both}")
+    if both:
+        if spec.leave_out_test_classes:
+            out(f"  note: {len(both)} classes of {spec.seen_class_file} are also test classes and will be left out "
+                f"of training (zero-shot): {both}")
         else:
             problem(f"classes both seen and unseen: {both}")
 
+    lists: dict[str, list[tuple[str, str]]] = {}
     for kind, fname in spec.list_files.items():
         path = split_dir / fname
         try:
-            items = read_file_list(path)
+            items = lists[kind] = read_file_list(path)
         except DatasetError as err:
             problem(str(err))
             continue
@@ -306,6 +330,11 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
             if blank:  # readable, and trained on as blank images: worth knowing, not an error
                 out(f"  note: {fname}: {len(blank)} blank sketches (no pixel with R+G+B <= 300), e.g. "
                     + ", ".join(blank[:show]))
+    for (train, test), paths in find_shared_files(lists).items():
+        problem(f"{len(paths)} files are in both {spec.list_files[train]} (training) and {spec.list_files[test]} "
+                f"(test), e.g. {', '.join(paths[:show])}; zero-shot retrieval must not train on test files: rebuild "
+                f"the lists with `{rebuild_command(root, key, test_class)}`, or remove those lines from "
+                f"{spec.list_files[train]}")
     out(f"{'OK' if not problems else f'{len(problems)} problem(s)'}: {split_dir}")
     return len(problems)
 

@@ -181,21 +181,59 @@ def test_seen_unseen_overlap_is_an_error(tmp_path):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
 
 
-def test_sketchy_am_backslash_lists_and_overlap_warning(tmp_path):
-    # Sketchy-AM: zeroshot2, photos under ambiguity\<class>\ (Windows separators, as released);
-    # its training classes include test classes, which only warns.
-    am_seen = ["ant", "car_(sedan)", "cup"]
-    write_split(tmp_path, seen=am_seen, split_dir="Sketchy/zeroshot2", backslash=True,
-                photo_train_dir="ambiguity")
+def test_files_in_training_and_test_lists_are_refused(tmp_path):
+    folder = write_split(tmp_path)
+    shared = f"{SK_DIR}/cup/zs 1.png"
+    with open(folder / "sketch_tx_000000000000_ready_filelist_train.txt", "a") as f:
+        f.write(f"{shared} 3\n")  # a test sketch listed for training, under a label of its own
+    with pytest.raises(DatasetError) as info:
+        load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
+    msg = str(info.value)
+    assert ("1 files are in both sketch_tx_000000000000_ready_filelist_train.txt (training) and "
+            f"sketch_tx_000000000000_ready_filelist_zero.txt (test), e.g.\n  {shared}\n") in msg
+    assert (f"python -m datasets.prepare --root {tmp_path} --dataset sketchy_extend --test_class "
+            "test_class_sketchy25 --force") in msg and "remove those lines" in msg
+    # Under a label the list already uses for another class, and with Windows separators: the same file.
+    folder = write_split(tmp_path / "b")
+    with open(folder / "all_photo_filelist_train.txt", "a") as f:
+        f.write(f"{PH_DIR}/swan/zp 0.png 0\n".replace("/", "\\"))
+    with pytest.raises(DatasetError, match=rf"1 files are in both all_photo_filelist_train.txt \(training\) and "
+                                           rf"all_photo_filelist_zero.txt \(test\), e.g.\n  {PH_DIR}/swan/zp 0.png"):
+        load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25")
+
+
+def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, caplog):
+    # Sketchy-AM lists as released: zeroshot2, photos under ambiguity\<class>\ (Windows separators), and
+    # training classes that are test classes (cup, swan), here with their sketches, some of them test sketches.
+    am_seen = ["ant", "car_(sedan)", "cup", "swan"]
+    folder = write_split(tmp_path, seen=am_seen, split_dir="Sketchy/zeroshot2", backslash=True,
+                         photo_train_dir="ambiguity")
+    with open(folder / "sketch_tx_000000000000_ready_filelist_train.txt", "a") as f:
+        f.write(f"{SK_DIR}/cup/zs 0.png 2\n")
     for test_class in ("test_class_sketchyam", None):
-        with pytest.warns(UserWarning, match=r"\['cup'\]"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="datasets"):
             split = load_benchmark(tmp_path, "sketchy_am", test_class)
-        assert split.split_dir == tmp_path / "Sketchy/zeroshot2" and split.seen_classes == am_seen
+        [record] = caplog.records
+        assert record.name.startswith("datasets") and record.levelname == "WARNING"
+        assert record.getMessage().endswith(
+            "2 training classes of cname_cid.txt are test classes of cname_cid_zero.txt, and zero-shot forbids any "
+            "test class in training: they are left out of training (5 training sketches and 6 training photos left "
+            "out, 2 training classes kept): cup, swan")
+        assert split.split_dir == tmp_path / "Sketchy/zeroshot2" and split.seen_classes == ["ant", "car_(sedan)"]
+        assert set(split.train_sketches) == set(split.train_photos) == {"ant", "car_(sedan)"}
         assert split.train_photos["car_(sedan)"][0] == tmp_path / "Sketchy/ambiguity/car_(sedan)/p 0.png"
-    with pytest.warns(UserWarning):
+        train = {p for files in [*split.train_sketches.values(), *split.train_photos.values()] for p in files}
+        test = {p for p, _ in split.test_sketches + split.test_photos}
+        assert len(train) == 10 and len(test) == 125 and not train & test
+        assert not set(split.seen_classes) & set(split.unseen_classes)
+        assert {c for _, c in split.test_sketches} == set(SKETCHY25)
+    with caplog.at_level("WARNING", logger="datasets"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchyam")
+    assert "cup, swan" in caplog.text
     with pytest.raises(DatasetError, match="sketchy_am takes"):
         load_benchmark(tmp_path, "sketchy_am", "test_class_sketchy21")
+    # Only Sketchy-AM leaves test classes out: elsewhere they are an error (test_seen_unseen_overlap_is_an_error).
 
 
 # ----------------------------------------------------------------------- build_datasets

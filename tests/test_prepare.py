@@ -9,7 +9,7 @@ from PIL import Image
 import datasets
 from datasets import prepare
 from datasets.benchmarks import load_benchmark
-from datasets.filelist import read_class_file, read_class_names, read_file_list
+from datasets.filelist import DatasetError, read_class_file, read_class_names, read_file_list
 
 SPLITS = Path(datasets.__file__).parent / "splits"
 SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
@@ -142,20 +142,92 @@ def test_build_tu_berlin_and_quickdraw(tmp_path, capsys, dataset, dirs, split, l
     assert load_benchmark(tmp_path, dataset, spec_name).summary()["test_sketches"] == 60
 
 
-def test_build_sketchy_am(sketchy_root, capsys):
-    am = ["ant", "car_(sedan)", "cup"]  # the released AM classes include test classes (cup)
+AM_TEST_CLASSES = ["cup", "harp", "pineapple", "ray", "rifle", "snail", "squirrel", "swan", "volcano"]
+
+
+def test_build_sketchy_am(sketchy_root, capsys, caplog):
+    """The released AM classes include 9 test classes: the build leaves them out of training and says so."""
+    am = ["ant", "car_(sedan)"] + AM_TEST_CLASSES
     make_raw(sketchy_root / "Sketchy", {"ambiguity": (am, 2, ".jpg"), SK: (am[:2], 1, ".png")})
+    (sketchy_root / "Sketchy/ambiguity/cup/img 2.jpg").write_bytes(PNG)  # 3 cup photos
     code, out = run(["--root", sketchy_root, "--dataset", "sketchy_am"], capsys)
     assert code == 0, out
+    assert ("note: 9 training classes under ambiguity/ are test classes of test_class_sketchyam and are left out "
+            "of training (zero-shot): cup (3 photos), harp (2 photos), pineapple (2 photos), ray (2 photos), rifle "
+            "(2 photos), snail (2 photos), squirrel (2 photos), swan (2 photos), volcano (2 photos); 19 photos in "
+            "all.") in out
     split = sketchy_root / "Sketchy/zeroshot2"
-    assert read_class_file(split / "cname_cid.txt") == am
-    assert read_file_list(split / "all_photo_filelist_train.txt")[-1] == ("ambiguity/cup/img 1.jpg", "cup")
+    assert read_class_file(split / "cname_cid.txt") == ["ant", "car_(sedan)"]
+    photos = read_file_list(split / "all_photo_filelist_train.txt")
+    assert photos == [(f"ambiguity/{c}/img {i}.jpg", c) for c in am[:2] for i in range(2)]
     sketches = read_file_list(split / "sketch_tx_000000000000_ready_filelist_train.txt")
-    assert {c for _, c in sketches} == set(am) and len(sketches) == 1 + 1 + 3
+    assert sketches == [(f"{SK}/ant/img 0.png", "ant"), (f"{SK}/car_(sedan)/img 0.png", "car_(sedan)")]
     assert read_class_file(split / "cname_cid_zero.txt") == SKETCHY25
-    with pytest.warns(UserWarning, match="cup"):
-        summary = load_benchmark(sketchy_root, "sketchy_am", None).summary()
-    assert summary["train_photos"] == 6 and summary["test_photos"] == 75
+    test_paths = {rel for name in ("sketch_tx_000000000000_ready_filelist_zero.txt", "all_photo_filelist_zero.txt")
+                  for rel, _ in read_file_list(split / name)}
+    assert len(test_paths) == 25 * 3 + 25 * 3 and not test_paths & {rel for rel, _ in photos + sketches}
+    with caplog.at_level("WARNING"):
+        loaded = load_benchmark(sketchy_root, "sketchy_am", None)
+    assert not caplog.records  # nothing to leave out
+    assert loaded.seen_classes == ["ant", "car_(sedan)"] and not set(loaded.seen_classes) & set(loaded.unseen_classes)
+    summary = loaded.summary()
+    assert (summary["train_sketches"], summary["train_photos"], summary["test_photos"]) == (2, 4, 75)
+    code, out = run(["--check", sketchy_root, "--dataset", "sketchy_am"], capsys)
+    line = next(l for l in out.splitlines() if "cname_cid.txt" in l)  # the classes training keeps
+    assert line.split()[1:] == ["2", "seen_classes", "PROBLEM:", "published", "count", "is", "41"]
+    assert "files are in both" not in out and "left out" not in out
+
+
+def test_check_sketchy_am_with_test_class_files(tmp_path, capsys):
+    """An AM root whose training lists hold a test class, and the test files themselves (as the old build
+    wrote them): the class is a note, the shared files are a problem naming them and the fix."""
+    make_raw(tmp_path / "Sketchy", {SK: (["ant"] + SKETCHY25, 1, ".png"), PH: (SKETCHY25, 1, ".jpg"),
+                                    "ambiguity": (["ant", "cup"], 1, ".jpg")})
+    split = tmp_path / "Sketchy/zeroshot2"
+    split.mkdir()
+    (split / "cname_cid.txt").write_text("ant 0\ncup 1\n")
+    (split / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(SKETCHY25)))
+    (split / "all_photo_filelist_train.txt").write_text("ambiguity\\ant\\img 0.jpg 0\nambiguity\\cup\\img 0.jpg 1\n")
+    (split / "sketch_tx_000000000000_ready_filelist_train.txt").write_text(
+        f"{SK}/ant/img 0.png 0\n{SK}/cup/img 0.png 1\n")
+    (split / "sketch_tx_000000000000_ready_filelist_zero.txt").write_text(
+        "".join(f"{SK}/{c}/img 0.png {i}\n" for i, c in enumerate(SKETCHY25)))
+    (split / "all_photo_filelist_zero.txt").write_text(
+        "".join(f"{PH}/{c}/img 0.jpg {i}\n" for i, c in enumerate(SKETCHY25)))
+    code, out = run(["--check", tmp_path, "--dataset", "sketchy_am"], capsys)
+    assert code == 1
+    assert "note: 1 classes of cname_cid.txt are also test classes and will be left out of training" in out
+    assert (f"PROBLEM: 1 files are in both sketch_tx_000000000000_ready_filelist_train.txt (training) and "
+            f"sketch_tx_000000000000_ready_filelist_zero.txt (test), e.g. {SK}/cup/img 0.png; zero-shot retrieval "
+            f"must not train on test files: rebuild the lists with `python -m datasets.prepare --root {tmp_path} "
+            f"--dataset sketchy_am --force`, or remove those lines from "
+            f"sketch_tx_000000000000_ready_filelist_train.txt") in out
+    # Training leaves the class out, with its files: nothing of the test split is trained on.
+    loaded = load_benchmark(tmp_path, "sketchy_am", None)
+    assert loaded.seen_classes == ["ant"] and loaded.summary()["train_sketches"] == 1
+    # The rebuild the message names fixes it.
+    assert run(["--root", tmp_path, "--dataset", "sketchy_am", "--force"], capsys)[0] == 0
+    code, out = run(["--check", tmp_path, "--dataset", "sketchy_am"], capsys)
+    assert "files are in both" not in out and "left out of training" not in out
+
+
+def test_check_reports_files_in_training_and_test_lists(sketchy_root, capsys):
+    """Any benchmark: a file listed for training and for testing is a problem naming it and the fix."""
+    assert run(["--root", sketchy_root, "--dataset", "sketchy_extend"], capsys)[0] == 0
+    check = ["--check", sketchy_root, "--dataset", "sketchy_extend", "--custom_split"]  # no published counts
+    assert run(check, capsys)[0] == 0
+    split = sketchy_root / "Sketchy/zeroshot1"
+    shared = f"{EXT}/swan/img 1.jpg"
+    with open(split / "all_photo_filelist_train.txt", "a") as f:
+        f.write(f"{shared} 3\n")
+    code, out = run(check, capsys)
+    assert code == 1
+    assert (f"PROBLEM: 1 files are in both all_photo_filelist_train.txt (training) and all_photo_filelist_zero.txt "
+            f"(test), e.g. {shared}; zero-shot retrieval must not train on test files: rebuild the lists with "
+            f"`python -m datasets.prepare --root {sketchy_root} --dataset sketchy_extend --test_class "
+            f"test_class_sketchy25 --force`, or remove those lines from all_photo_filelist_train.txt") in out
+    with pytest.raises(DatasetError, match="1 files are in both all_photo_filelist_train.txt"):
+        load_benchmark(sketchy_root, "sketchy_extend", "test_class_sketchy25")
 
 
 def test_build_errors(tmp_path, capsys):
