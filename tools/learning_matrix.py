@@ -1,0 +1,158 @@
+"""Does a preset learn beyond the benchmark it was tuned on? Train it on the procedural family and tabulate.
+
+    python -m tools.learning_matrix                            # 8 benchmarks x 2 seeds, the tiny preset
+    python -m tools.learning_matrix --benchmarks issue_flat_noisy --seeds 0 --train_args "--epoch 2"
+
+Every cell draws one benchmark of ``datasets.family`` (cached under ``--data_dir``), trains
+``train.py --arch tiny`` on it with the preset's default schedule (``--train_args`` adds flags),
+evaluates once after the last epoch, and reads the unseen-class mAP@all and P@100 with the chance
+level (the fraction of the gallery that is relevant). The table gives both as multiples of chance
+(P@100 also with the best ratio possible: with fewer than 100 photos per unseen class even a perfect
+ranking scores below 1); the last line says whether the mAP@all of every cell reaches 1.5x chance
+and the median 2x.
+
+Cells run one after another in subprocesses (``--jobs N`` runs N at once, each with its share of the
+CPU threads). A cell that fails to draw or train is reported by name with the reason, the others go
+on, and the exit status is 1. Runs land in ``--out/<benchmark>_s<seed>/`` (train.py's usual folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from datasets.family import FAMILY, make_family_benchmark
+
+TARGET_MIN, TARGET_MEDIAN = 1.5, 2.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Train a preset on the benchmark family and tabulate learning",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmarks", nargs="+", default=list(FAMILY), help=f"names from {list(FAMILY)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (--seed of train.py)")
+    p.add_argument("--arch", default="tiny", help="preset to train")
+    p.add_argument("--train_args", default="", help="extra train.py flags for every cell, e.g. '--epoch 2'")
+    p.add_argument("--data_dir", default=None,
+                   help="where the benchmarks are drawn (default: $PUXIM_CACHE/family or ~/.cache/puxim/family)")
+    p.add_argument("--out", default="results/learning_matrix", help="experiment folders and the table")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once")
+    return p
+
+
+def _data_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg).expanduser()
+    return Path(os.environ.get("PUXIM_CACHE", Path.home() / ".cache" / "puxim")).expanduser() / "family"
+
+
+def run_cell(name: str, seed: int, args, threads: int) -> dict:
+    """Draw (once) and train one cell; return its metrics, or ``error`` naming the step that failed."""
+    cell = {"benchmark": name, "seed": seed}
+    spec = FAMILY[name]
+    root = _data_dir(args.data_dir) / name
+    try:
+        make_family_benchmark(root, spec)
+    except Exception as e:  # noqa: BLE001 - reported per cell, the matrix goes on
+        return {**cell, "error": f"drawing the benchmark into {root} failed: {type(e).__name__}: {e}"}
+    exp = f"{name}_s{seed}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--exp", exp, "--output_dir", str(args.out), "--overwrite",
+           "--data_path", str(root), "--dataset", spec.dataset, "--test_class", spec.test_class, "--custom_split",
+           "--arch", args.arch, "--seed", str(seed), "--eval_every", "1000000", "--no_progress", "--no_tb_images",
+           *shlex.split(args.train_args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    cell["seconds"] = round(time.perf_counter() - start, 1)
+    log_txt = Path(args.out) / exp / "log.txt"
+    if proc.returncode != 0 or not log_txt.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**cell, "error": f"train.py exited {proc.returncode}: " + " | ".join(tail)}
+    last = json.loads(log_txt.read_text().strip().splitlines()[-1])
+    chance = last["test_chance_mAP"]
+    # P@100 divides by 100: with fewer than 100 photos per unseen class it cannot reach 1.
+    p100_best = min(spec.per_class, 100) / 100
+    cell.update({"mAP@all": last["test_mAP@all"], "P@100": last["test_P@100"], "chance": chance,
+                 "mAP_x": last["test_mAP@all"] / chance, "P100_x": last["test_P@100"] / chance,
+                 "P100_x_max": p100_best / chance,
+                 "triplet_acc": last.get("train_triplet_acc"), "emb_spread": last.get("train_emb_spread"),
+                 "collapse_warning": "COLLAPSED" in (proc.stdout + proc.stderr)})
+    return cell
+
+
+def format_table(cells: list[dict]) -> str:
+    lines = ["| benchmark | seed | unseen mAP@all (x chance) | P@100 (x chance; best possible) | chance | "
+             "train triplet acc | train emb spread | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if "error" in c:
+            lines.append(f"| {c['benchmark']} | {c['seed']} | FAILED: {c['error']} | | | | | |")
+            continue
+        acc = "" if c.get("triplet_acc") is None else f"{c['triplet_acc']:.2f}"
+        spread = "" if c.get("emb_spread") is None else f"{c['emb_spread']:.3f}"
+        lines.append(f"| {c['benchmark']} | {c['seed']} | {c['mAP@all']:.3f} ({c['mAP_x']:.2f}x) | "
+                     f"{c['P@100']:.3f} ({c['P100_x']:.2f}x; {c['P100_x_max']:.2f}x) | {c['chance']:.3f} | {acc} | "
+                     f"{spread} | {c['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def verdict(cells: list[dict]) -> tuple[str, bool]:
+    done = [c for c in cells if "error" not in c]
+    if not done:
+        return "no cell finished", False
+    ratios = [c["mAP_x"] for c in done]
+    worst, median = min(ratios), statistics.median(ratios)
+    ok = worst >= TARGET_MIN and median >= TARGET_MEDIAN and len(done) == len(cells)
+    text = (f"{len(done)}/{len(cells)} cells finished; unseen mAP@all over chance: min {worst:.2f}x "
+            f"(target >= {TARGET_MIN}x), median {median:.2f}x (target >= {TARGET_MEDIAN}x): "
+            f"{'targets met' if ok else 'targets NOT met'}")
+    return text, ok
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    unknown = [b for b in args.benchmarks if b not in FAMILY]
+    if unknown:
+        print(f"learning_matrix: error: unknown benchmark(s) {unknown}; choose from {list(FAMILY)}", file=sys.stderr)
+        return 2
+    args.out = Path(args.out).resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells_todo = [(b, s) for b in args.benchmarks for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    # Draw each benchmark once before the cells of its seeds run in parallel.
+    for name in dict.fromkeys(args.benchmarks):
+        try:
+            make_family_benchmark(_data_dir(args.data_dir) / name, FAMILY[name], progress=True)
+        except Exception:  # noqa: BLE001 - run_cell reports it by name
+            pass
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_cell, b, s, args, threads) for b, s in cells_todo]
+        cells = []
+        for f in futures:
+            cell = f.result()
+            cells.append(cell)
+            shown = cell.get("error") or (f"mAP@all {cell['mAP_x']:.2f}x, P@100 {cell['P100_x']:.2f}x chance "
+                                           f"({cell['seconds'] / 60:.1f} min)")
+            print(f"[{len(cells)}/{len(cells_todo)}] {cell['benchmark']} seed {cell['seed']}: {shown}", flush=True)
+    table = format_table(cells)
+    text, ok = verdict(cells)
+    (args.out / "matrix.md").write_text(table + "\n\n" + text + "\n")
+    (args.out / "matrix.json").write_text(json.dumps({"cells": cells, "verdict": text, "train_args": args.train_args,
+                                                       "arch": args.arch}, indent=1))
+    print(table)
+    print(text)
+    failed = [c for c in cells if "error" in c]
+    for c in failed:
+        print(f"cell {c['benchmark']} seed {c['seed']} FAILED: {c['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
