@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from utils import distributed as dist_utils
 from utils.checkpoint import strip_wrappers
+from utils.health import triplet_health
 from utils.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def train_one_epoch(
     bad_file_log=None,
     progress: bool = True,
     carry: dict | None = None,
+    health=None,
 ) -> dict:
     """Train for one pass over ``loader``; return averaged loss terms and throughput.
 
@@ -64,6 +66,10 @@ def train_one_epoch(
     ``carry`` continues an interrupted epoch: the ``partial`` entry of the result that stopped it
     (loss sums over its steps, averaged over ranks, and their count), so the epoch's averages are
     those of an uninterrupted epoch.
+
+    ``health`` (a :class:`utils.health.HealthMonitor`) gets every step's triplet accuracy, active
+    fraction and embedding spread; when it asks to stop (a collapse with ``--on_collapse stop``) the
+    epoch ends after that step, ``interrupted`` and ``collapsed`` set.
     """
     model.train()
     criterion.train()
@@ -88,6 +94,8 @@ def train_one_epoch(
         # Losses in fp32: the triplet margin and the MSE are sensitive to bf16 rounding.
         outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
         losses = criterion(outputs)
+        figures = None if health is None else triplet_health(outputs, criterion.triplet.pair_distance,
+                                                             criterion.triplet.margin)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(global_step + 1, {k: float(v) for k, v in losses.items()})
@@ -108,7 +116,10 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
         if exp_logger is not None and global_step % log_every == 0:
             exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, global_step, prefix="train_step/")
-        if dist_utils.any_rank(should_stop(), device):  # every rank stops at the same step
+        if health is not None:
+            health.update(global_step, losses, figures)
+        collapsed = health is not None and health.stop_requested  # ranks see other batches: any one stops all
+        if dist_utils.any_rank(should_stop() or collapsed, device):  # every rank stops at the same step
             interrupted = True
             break
     bar.close()
@@ -127,7 +138,10 @@ def train_one_epoch(
         samples_per_s=samples * world / elapsed if elapsed > 0 else math.nan,
         lr=optimizer.param_groups[0]["lr"],
         interrupted=interrupted,
+        collapsed=dist_utils.any_rank(health is not None and health.stop_requested, device),
     )
+    if health is not None and not interrupted:  # an interrupted epoch's sums go into the checkpoint
+        stats.update(health.epoch_means())
     return stats
 
 

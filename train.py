@@ -29,15 +29,19 @@ from utils.checkpoint import (
 from utils.experiment import (ExperimentError, RunLock, check_experiment_name, discard_overwritten,
                               prepare_output_dir, write_args_json)
 from datasets.robust import BadFileLog
+from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from utils.visualize import mask_summary, retrieval_summary, select_items
 
 log = logging.getLogger("train")
 
-# Per-architecture defaults for flags left unset. ``b16`` is the released recipe (Adam 1e-5, wd 1e-3,
-# 50 epochs of 5,000 triplets) with batch 16 instead of 2; ``tiny`` trains from scratch on a CPU.
+# The released training schedule (README "Training"): Adam 1e-5, weight decay 1e-3, 50 epochs of 5,000
+# triplets in batches of 2, i.e. 2,500 updates per epoch and 125,000 in all.
+RELEASED_RECIPE = dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000)
+# Per-architecture defaults for flags left unset. ``b16`` is the released recipe; ``tiny`` trains
+# from scratch on a CPU.
 ARCH_DEFAULTS = {
-    "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=16, epoch=50, image_size=224, datasetLen=5000),
+    "b16": dict(RELEASED_RECIPE, image_size=224),
     "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, image_size=64, datasetLen=1600),
 }
 DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw", "sketchy_am")  # sketchy_am: Sketchy-AM (zeroshot2)
@@ -66,8 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default=None,
                    help="dataset root holding Sketchy/, TUBerlin/, QuickDraw/; omit for the synthetic benchmark")
     g.add_argument("--dataset", default="sketchy_extend", choices=DATASETS, help="benchmark under --data_path")
-    g.add_argument("--test_class", default="test_class_sketchy25", choices=TEST_CLASSES,
-                   help="which zero-shot split (see README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...)")
+    g.add_argument("--test_class", default=None, choices=TEST_CLASSES,
+                   help="which zero-shot split (see README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...); "
+                        "default: the dataset's first (sketchy_extend: test_class_sketchy25, tu_berlin: "
+                        "test_class_tuberlin30, Quickdraw: test_class_quickdraw30)")
     g.add_argument("--datasetLen", type=int, default=None,
                    help="sampled triplets per epoch (released code: 5000; tiny preset: 1600)")
     g.add_argument("--testall", action=argparse.BooleanOptionalAction, default=True,
@@ -112,6 +118,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--stem_norm", default=None, choices=["none", "batch"],
                    help="BatchNorm after each conv of the encoder's stem (b16: none, as in the paper; "
                         "tiny: batch, without which the from-scratch tiny ViT collapses)")
+    g.add_argument("--ln_eps", type=float, default=None,
+                   help="eps of the encoder's LayerNorms (default timm's 1e-6; 1e-5 is the released ViT's, "
+                        "torch's default)")
 
     g = p.add_argument_group("loss")
     g.add_argument("--margin", type=float, default=None, help="triplet margin (None: 1.0; --variant non-mask: 0.2)")
@@ -122,7 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 10)")
     g.add_argument("--batch_size", type=int, default=None,
-                   help="global batch of triplets (b16: 16, tiny: 32; released code: 2)")
+                   help="global batch of triplets (b16: 2, the released recipe's 125,000 updates; a larger batch "
+                        "makes fewer updates, a schedule not validated; tiny: 32)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
     g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3, tiny: 1e-4)")
 
@@ -142,7 +152,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "replay overwrites")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: 2x the per-process batch")
-    g.add_argument("--log_every", type=int, default=10, help="TensorBoard step-loss interval")
+    g.add_argument("--log_every", type=int, default=10,
+                   help="interval in steps of the TensorBoard step losses and health/ figures")
+    g.add_argument("--on_collapse", default="warn", choices=list(ON_COLLAPSE),
+                   help="when the embeddings collapse (spread ~0, or triplet loss pinned at the margin with "
+                        "accuracy ~0.5, for --collapse_patience steps): warn once, or save a checkpoint and exit 2")
+    g.add_argument("--collapse_patience", type=int, default=100,
+                   help="optimizer steps a collapse must last before --on_collapse acts")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (for logs of batch jobs)")
     g.add_argument("--no_tb_images", action="store_true", help="skip the TensorBoard retrieval/mask pictures")
     return p
@@ -152,6 +168,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill flags left unset from the preset and check combinations; no side effects."""
     check_experiment_name(args.exp)  # one folder inside --output_dir: --overwrite deletes only there
     args.synthetic = args.data_path is None
+    if args.test_class is None:  # the dataset's own split, so --dataset tu_berlin alone is enough
+        from datasets.benchmarks import resolve_split
+
+        args.test_class = resolve_split(args.dataset, None)[1]
     if args.arch is None:
         args.arch = "tiny" if args.synthetic else "b16"
     for key, value in ARCH_DEFAULTS[args.arch].items():
@@ -172,7 +192,34 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--vxl_cache holds VxL masks, which the non-mask variant does not use; drop one of them.")
     if not 0.0 < args.keep_ratio < 1.0:
         raise UserError(f"--keep_ratio must be in (0, 1), got {args.keep_ratio}")
+    if args.ln_eps is not None and not args.ln_eps > 0:
+        raise UserError(f"--ln_eps must be positive, got {args.ln_eps}")
     return args
+
+
+def planned_updates(triplets: int, batch_size: int, epochs: int, world: int = 1) -> int:
+    """Optimizer updates of a run, as build_loaders' DataLoader makes them.
+
+    Each of ``world`` processes takes ``triplets // world`` triplets per epoch (TripletIndexSampler)
+    in batches of ``batch_size // world``, the last one short (drop_last=False).
+    """
+    per_rank, per_batch = triplets // world, batch_size // world
+    return epochs * -(-per_rank // per_batch)
+
+
+def schedule_warning(args, updates: int):
+    """The warning for a ``b16`` run whose schedule is not the released one, else None."""
+    flags = ("batch_size", "datasetLen", "epoch")
+    if args.arch != "b16" or all(getattr(args, k) == RELEASED_RECIPE[k] for k in flags):
+        return None
+    released = planned_updates(RELEASED_RECIPE["datasetLen"], RELEASED_RECIPE["batch_size"], RELEASED_RECIPE["epoch"])
+    ratio = released / updates
+    travel = f"about {ratio:.3g} times less far" if ratio >= 1 else f"about {1 / ratio:.3g} times further"
+    restore = " ".join(f"--{k} {RELEASED_RECIPE[k]}" for k in flags if getattr(args, k) != RELEASED_RECIPE[k])
+    return (f"this schedule makes {updates:,} optimizer updates against the released {released:,} (batch "
+            f"{RELEASED_RECIPE['batch_size']} x {RELEASED_RECIPE['datasetLen']:,} triplets x "
+            f"{RELEASED_RECIPE['epoch']} epochs); Adam's step size hardly depends on the batch, so the weights "
+            f"travel {travel}. It is not the released schedule and has not been validated; {restore} restores it.")
 
 
 # Flags that define the run: --resume with another value would silently make it another run
@@ -180,16 +227,24 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "datasetLen", "testall", "eval_per_class",
                       "image_size", "arch", "variant", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm",
                       "int_memory", "separate_encoders", "stem_norm", "dropout", "clip_weights", "margin", "w_tri",
-                      "w_rec", "w_int", "seed", "batch_size")
+                      "w_rec", "w_int", "seed", "batch_size", "ln_eps")
 # Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
 RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
-                   "eval_batch_size", "log_every", "num_workers", "max_bad_fraction")
+                   "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
+                   "collapse_patience")
 
 
 def check_resume_args(args, saved: dict, source: Path) -> None:
     """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
+    saved = {"ln_eps": None, **saved}  # a checkpoint from before --ln_eps: trained with the preset's eps
+
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)
+        if key == "ln_eps" and (ours is None) != (theirs is None):  # None is the preset's value
+            from models import ENCODER_PRESETS
+
+            preset = ENCODER_PRESETS.get(getattr(args, "arch", None), ENCODER_PRESETS["b16"])["ln_eps"]
+            ours, theirs = (preset if ours is None else ours), (preset if theirs is None else theirs)
         if key in ("data_path", "clip_weights") and ours is not None and theirs is not None:
             if Path(ours).resolve() == Path(theirs).resolve():
                 return True
@@ -389,7 +444,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
 
     start_epoch, skip_batches, global_step, best = 0, 0, 0, {"mAP@all": -1.0, "epoch": -1}
     partial = None  # loss sums of an interrupted epoch's first part, carried into its log line
-    bad_state = {}
+    bad_state, health_state = {}, None
     if args.resume:
         ckpt = load_checkpoint(output_dir / "checkpoint.pth")
         check_resume_args(args, ckpt.get("args", {}), output_dir / "checkpoint.pth")
@@ -401,6 +456,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         partial = ckpt.get("partial_epoch") if skip_batches else None
         global_step, best = ckpt["global_step"], ckpt["best"]
         bad_state = ckpt.get("bad_files", {})
+        health_state = ckpt.get("health")
         per_rank = ckpt.get("rng_per_rank") or []
         # Each rank continues its own streams (dropout differs per rank); another world size starts
         # every rank from rank 0's state.
@@ -432,10 +488,20 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loaders = build_loaders(data, args, rank=rank, world=world, device=device)
+    updates = planned_updates(len(data["train"]), args.batch_size, args.epoch, world)
+    if is_main:
+        log.info("schedule: %d epochs x %d steps (batch %d, %d triplets per epoch) = %d optimizer updates",
+                 args.epoch, updates // args.epoch, args.batch_size, len(data["train"]), updates)
+        warning = schedule_warning(args, updates)
+        if warning:
+            log.warning("%s", warning)
     exp_logger = ExperimentLogger(output_dir, enabled=is_main, purge_step=global_step if args.resume else None)
     stop = StopFlag().install()
     bad_file_log = BadFileLog(output_dir / "bad_files.txt" if is_main else None,
                               max_fraction=args.max_bad_fraction, **bad_state)
+    health = HealthMonitor(margin=criterion.triplet.margin, on_collapse=args.on_collapse, log_every=args.log_every,
+                           exp_logger=exp_logger, patience=args.collapse_patience)
+    health.load_state_dict(health_state)
     class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
     progress = is_main and not args.no_progress
     # A few fixed unseen queries and training photos, pictured in TensorBoard at every evaluation.
@@ -452,7 +518,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             "scaler": scaler.state_dict() if scaler is not None else None,
             "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
             "rng": rngs[0], "rng_per_rank": rngs, "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
-            "bad_files": bad_file_log.state(), "partial_epoch": partial,
+            "bad_files": bad_file_log.state(), "partial_epoch": partial, "health": health.state_dict(),
         }
         save_checkpoint(state, output_dir / name)
         discard_overwritten(output_dir)  # --overwrite's previous run, kept until now
@@ -464,10 +530,17 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
             ddp_model, criterion, loaders["train"], optimizer, device=device, epoch=epoch,
             global_step=global_step, amp_dtype=amp_dtype, scaler=scaler, exp_logger=exp_logger,
             log_every=args.log_every, should_stop=stop, bad_file_log=bad_file_log, progress=progress,
-            carry=partial,
+            carry=partial, health=health,
         )
         global_step = stats["global_step"]
         partial = stats.pop("partial")
+        if stats["collapsed"]:  # --on_collapse stop
+            save(epoch, skip_batches + stats["steps"])
+            log.error("stopped at step %d because the embeddings collapsed (--on_collapse stop); checkpoint saved "
+                      "to %s. Change the settings and start a new --exp (see the warning above).", global_step,
+                      output_dir / "checkpoint.pth")
+            exp_logger.close()
+            raise SystemExit(2)
         if stats["interrupted"]:
             save(epoch, skip_batches + stats["steps"])
             log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
@@ -477,7 +550,7 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         skip_batches, partial = 0, None
         stats["steps"] = stats.pop("epoch_steps")  # the whole epoch's, across an interruption
         line = {"epoch": epoch, "step": global_step, **{f"train_{k}": v for k, v in stats.items()
-                                                         if k not in ("interrupted", "global_step")},
+                                                         if k not in ("interrupted", "collapsed", "global_step")},
                 "bad_files_skipped": bad_file_log.failed}
         exp_logger.scalars({k: v for k, v in stats.items() if k.startswith("loss")}, epoch, prefix="train/")
         exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],

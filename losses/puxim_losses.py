@@ -40,6 +40,12 @@ class TripletLoss(nn.Module):
         self.margin = margin
         self.distance = distance
 
+    def pair_distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss's distance per row, ``[B, D], [B, D] -> [B]`` (for the training-health figures)."""
+        if self.distance == "cosine":
+            return cosine_distance(x, y)
+        return F.pairwise_distance(x, y, p=2)  # TripletMarginLoss's own distance (eps 1e-6)
+
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         return self.loss(anchor, positive, negative)  # scalar, mean over the batch
 

@@ -39,7 +39,9 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
     ``dropout`` (None: the preset's, 0.1 for b16 and 0 for tiny; otherwise used by the encoder and
     the interaction head),
-    ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny).
+    ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny),
+    ``ln_eps`` (None: the preset's 1e-6, timm's; 1e-5 is the released ViT's; checkpoints saved before
+    the flag existed have none and rebuild with 1e-6, as they were trained).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
@@ -66,7 +68,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
         )
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
-                            dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None))
+                            dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None),
+                            ln_eps=_arg(args, "ln_eps", None))
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ ENCODER_PRESETS: Dict[str, dict] = {
     "b16": dict(
         img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
         dropout=0.1, stem_channels=(64, 128, 256), stem_norm="none",
+        ln_eps=1e-6,  # timm's LayerNorm eps; the released ViT used torch's 1e-5 (train.py --ln_eps)
     ),
     # The CPU preset adds BatchNorm after each stem conv (a deviation, see ConvStemPatchEmbed): trained
     # from scratch, the tiny ViT with the paper's bare stem collapses under the triplet loss (all
@@ -52,6 +53,7 @@ ENCODER_PRESETS: Dict[str, dict] = {
     "tiny": dict(
         img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
         dropout=0.0, stem_channels=(16, 32, 64), stem_norm="batch",
+        ln_eps=1e-6,
     ),
 }
 STEM_NORMS = ("none", "batch")
@@ -86,6 +88,27 @@ def _stem_strides(patch_size: int) -> Tuple[int, int, int, int]:
             f"got {patch_size}")
     n_down = int(log2)
     return tuple(2 if i < n_down else 1 for i in range(4))  # type: ignore[return-value]
+
+
+class ModalityBatchNorm2d(nn.Module):
+    """A BatchNorm2d per modality (``photo``, ``sketch``): statistics and affine parameters of its own.
+
+    Sketches and photos go through the encoder in separate calls, so in training each modality is
+    normalised by its own batch statistics. One shared BatchNorm would then keep *running*
+    statistics that average the two (a white sketch's and a photo's are far apart), and evaluation
+    would normalise both with that mixture, unlike in training. With one BatchNorm per modality,
+    evaluation uses the statistics each modality was trained with. ``modality`` is set by
+    :meth:`ConvStemPatchEmbed.set_modality` before each call.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.photo = nn.BatchNorm2d(num_features)
+        self.sketch = nn.BatchNorm2d(num_features)
+        self.modality = "photo"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sketch(x) if self.modality == "sketch" else self.photo(x)  # [B, C, H, W]
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -125,11 +148,17 @@ class ConvStemPatchEmbed(PatchEmbed):
         for i, conv in enumerate(convs):  # conv [BN] ReLU x3, then conv [BN]
             layers.append(conv)
             if stem_norm == "batch":
-                layers.append(nn.BatchNorm2d(conv.out_channels))
+                layers.append(ModalityBatchNorm2d(conv.out_channels))
             if i < len(convs) - 1:
                 layers.append(nn.ReLU(inplace=True))
         # Without a norm the module indices (stem.0, stem.2, stem.4, stem.6) are the released stem's.
         self.stem = nn.Sequential(*layers)
+
+    def set_modality(self, modality: str) -> None:
+        """Which statistics the stem's BatchNorms use for the next calls (set by the encoder)."""
+        for layer in self.stem:
+            if isinstance(layer, ModalityBatchNorm2d):
+                layer.modality = modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape  # [B, 3, H, W]
@@ -142,7 +171,9 @@ class ConvStemPatchEmbed(PatchEmbed):
 
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
               mlp_ratio: float, dropout: float, stem_channels: Sequence[int],
-              stem_norm: str = "none") -> VisionTransformer:
+              stem_norm: str = "none", ln_eps: float = 1e-6) -> VisionTransformer:
+    # Every LayerNorm (blocks' norm1/norm2, the final norm) gets ``ln_eps``: timm's 1e-6 by default,
+    # torch's 1e-5 in the released ViT. Same parameters either way, so any checkpoint loads into both.
     # Dropout as in the released ViT: 0.1 on the embeddings (pos_drop), on the attention output
     # projection and inside the MLP (both via proj_drop_rate); none on the attention weights.
     # timm's `drop_rate` is only the classifier-head dropout, unused here (no head).
@@ -152,6 +183,7 @@ def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num
         global_pool="token", num_classes=0, drop_rate=0.0, pos_drop_rate=dropout,
         proj_drop_rate=dropout, attn_drop_rate=0.0, drop_path_rate=0.0,
         embed_layer=partial(ConvStemPatchEmbed, stem_channels=tuple(stem_channels), stem_norm=stem_norm),
+        norm_layer=partial(LayerNorm, eps=float(ln_eps)),
     )
 
 
@@ -166,11 +198,12 @@ class SketchPhotoEncoder(nn.Module):
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, separate_photo_encoder: bool = False,
-                 stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none"):
+                 stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none",
+                 ln_eps: float = 1e-6):
         super().__init__()
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                          stem_channels=stem_channels, stem_norm=stem_norm)
+                          stem_channels=stem_channels, stem_norm=stem_norm, ln_eps=ln_eps)
         self.vit = _make_vit(**vit_kwargs)  # sketches (and photos unless separate)
         self.photo_vit: Optional[VisionTransformer] = _make_vit(**vit_kwargs) if separate_photo_encoder else None
         self._img_size = img_size
@@ -215,6 +248,7 @@ class SketchPhotoEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
         vit = self._vit_for(modality)
+        vit.patch_embed.set_modality(modality)  # the stem's per-modality BatchNorms (tiny preset)
         return vit.forward_features(images)  # [B, 1 + N, D], after the final norm
 
     def embed(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
@@ -222,10 +256,11 @@ class SketchPhotoEncoder(nn.Module):
 
 
 def build_encoder(arch: str, separate_photo_encoder: bool = False,
-                  dropout: Optional[float] = None, stem_norm: Optional[str] = None) -> SketchPhotoEncoder:
+                  dropout: Optional[float] = None, stem_norm: Optional[str] = None,
+                  ln_eps: Optional[float] = None) -> SketchPhotoEncoder:
     """Encoder of a preset (``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
 
-    ``dropout`` / ``stem_norm`` override the preset's value when given.
+    ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) override the preset's value when given.
     """
     if arch not in ENCODER_PRESETS:
         raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(ENCODER_PRESETS)}")
@@ -234,6 +269,8 @@ def build_encoder(arch: str, separate_photo_encoder: bool = False,
         cfg["dropout"] = dropout
     if stem_norm is not None:
         cfg["stem_norm"] = stem_norm
+    if ln_eps is not None:
+        cfg["ln_eps"] = float(ln_eps)
     return SketchPhotoEncoder(**cfg, separate_photo_encoder=separate_photo_encoder)
 
 

@@ -134,9 +134,16 @@ def test_compile_leaves_the_reference_configuration_eager(model_and_batch):
                                                                   model.trainable_parameters()))
 
 
+def test_default_batch_sizes_are_the_released_one_and_a_larger_one():
+    assert bench_train.get_args_parser().parse_args([]).batch_size == [2, 16]
+    result = bench_train.main(["--arch", "tiny", "--steps", "1", "--warmup", "0", "--configs", "c"])
+    assert [r["batch_size"] for r in result["runs"]] == [2, 16]
+    assert all(r["rows"]["c"]["samples_per_s"] > 0 for r in result["runs"])
+
+
 def test_bench_main_with_compile():
-    result = bench_train.main(["--arch", "tiny", "--steps", "1", "--warmup", "1", "--configs", "ab",
-                               "--compile", "--compile_backend", "eager", "--flops", "on"])
+    result = bench_train.main(["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "1",
+                               "--configs", "ab", "--compile", "--compile_backend", "eager", "--flops", "on"])
     rows = result["runs"][0]["rows"]
     assert (rows["a"]["compiled"], rows["b"]["compiled"]) == (False, True) and result["compile"] == "eager"
     assert rows["a"]["gflop_per_step"] > rows["b"]["gflop_per_step"] > 0

@@ -93,7 +93,8 @@ def test_tiny_stem_batch_norm():
     torch.manual_seed(0)
     enc = build_encoder("tiny").train()
     stem = enc.vit.patch_embed.stem
-    assert [type(m).__name__ for m in stem] == ["Conv2d", "BatchNorm2d", "ReLU"] * 3 + ["Conv2d", "BatchNorm2d"]
+    assert [type(m).__name__ for m in stem] == (["Conv2d", "ModalityBatchNorm2d", "ReLU"] * 3
+                                                + ["Conv2d", "ModalityBatchNorm2d"])
     convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
     x = torch.rand(4, 3, 64, 64)
     # Written out: training-mode BatchNorm uses the batch's own statistics (biased variance, eps 1e-5).
@@ -110,6 +111,31 @@ def test_tiny_stem_batch_norm():
     assert out.mean().abs() < 1e-4 and out.std().item() == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError, match="stem_norm"):
         build_encoder("tiny", stem_norm="layer")
+
+
+def test_stem_batch_norm_keeps_statistics_per_modality():
+    """Evaluation normalises sketches with sketch statistics and photos with photo statistics."""
+    torch.manual_seed(0)
+    enc = build_encoder("tiny").train()
+    sketches = torch.ones(6, 3, 64, 64)  # blank white sketches with a dark stroke
+    sketches[:, :, 30:34, 10:50] = -1
+    photos = torch.randn(6, 3, 64, 64) * 0.5
+    with torch.no_grad():
+        for _ in range(200):  # running statistics converge to each modality's own
+            enc(sketches, "sketch")
+            enc(photos, "photo")
+        trained_s, trained_p = enc(sketches, "sketch"), enc(photos, "photo")  # batch statistics
+    first_bn = enc.vit.patch_embed.stem[1]
+    assert not torch.allclose(first_bn.sketch.running_mean, first_bn.photo.running_mean, atol=1e-3)
+    enc.eval()
+    with torch.no_grad():
+        eval_s, eval_p = enc(sketches, "sketch"), enc(photos, "photo")  # running statistics
+    # A repeated batch: running statistics = batch statistics, up to the running variance being unbiased
+    # (n/(n-1), n = 6*8*8 at the last conv). One BatchNorm shared by both would be off by O(1) here.
+    torch.testing.assert_close(eval_s, trained_s, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(eval_p, trained_p, rtol=1e-2, atol=1e-2)
+    keys = [k for k in enc.state_dict() if k.startswith("vit.patch_embed.stem.1.")]
+    assert "vit.patch_embed.stem.1.sketch.running_mean" in keys and "vit.patch_embed.stem.1.photo.weight" in keys
 
 
 def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):
@@ -155,6 +181,52 @@ def test_bad_inputs(tiny_encoder):
         tiny_encoder(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="unknown encoder arch"):
         build_encoder("vit_huge")
+
+
+def _layer_norms(encoder):
+    return [m for m in encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+
+
+def test_ln_eps_reaches_every_layer_norm():
+    """Default timm's 1e-6; ln_eps=1e-5 (the released ViT's, torch's) on every LayerNorm, same weights."""
+    assert ENCODER_PRESETS["b16"]["ln_eps"] == ENCODER_PRESETS["tiny"]["ln_eps"] == 1e-6
+    torch.manual_seed(0)
+    default = build_encoder("tiny", separate_photo_encoder=True).eval()
+    torch.manual_seed(0)
+    released = build_encoder("tiny", separate_photo_encoder=True, ln_eps=1e-5).eval()
+    n_blocks = TINY["depth"]
+    for enc, eps in ((default, 1e-6), (released, 1e-5)):
+        norms = _layer_norms(enc)
+        assert len(norms) == 2 * (2 * n_blocks + 1)  # norm1, norm2 per block and the final norm, x2 ViTs
+        assert {m.eps for m in norms} == {eps}
+    with torch.device("meta"):
+        assert {m.eps for m in _layer_norms(build_encoder("b16", ln_eps=1e-5))} == {1e-5}
+    sd = default.state_dict()  # the parameters do not depend on eps: a checkpoint loads into either
+    assert sd.keys() == released.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in released.state_dict().items())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out_default, out_released = default(x, "sketch"), released(x, "sketch")
+    assert not torch.equal(out_default, out_released)
+    with torch.no_grad():  # the released encoder is the plain ViT with eps 1e-5 in its final norm too
+        vit = released.vit
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        h = vit.blocks(h)
+        ref = F.layer_norm(h, (TINY["embed_dim"],), vit.norm.weight, vit.norm.bias, eps=1e-5)
+    torch.testing.assert_close(out_released, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_model_reads_ln_eps_and_old_args_rebuild_the_default():
+    from types import SimpleNamespace
+
+    from models import build_model
+
+    def eps_of(args):
+        return {m.eps for m in _layer_norms(build_model(args, with_sampler=False).encoder)}
+
+    assert eps_of(SimpleNamespace(arch="tiny", ln_eps=1e-5)) == {1e-5}
+    assert eps_of(SimpleNamespace(arch="tiny", ln_eps=None)) == {1e-6}  # train.py's unset flag
+    assert eps_of(SimpleNamespace(arch="tiny")) == {1e-6}  # a checkpoint's args from before --ln_eps
 
 
 # ----------------------------------------------------------------------------- weight loading

@@ -3,8 +3,8 @@
 # does not need a GPU; this is what it cannot check):
 #   1. tests/test_cuda.py: fp32 on CUDA = CPU, bf16/fp16 close to fp32, torch.compile (inductor) =
 #      eager, train.py --amp fp16 + test.py on GPU and CPU, torchrun on 2 GPUs (when there are 2).
-#   2. tools.bench_train on the paper's model (b16): (a)/(b)/(c) in bf16 at growing batch sizes, with
-#      peak memory, FLOPs and MFU; the largest batch that fits is printed at the end.
+#   2. tools.bench_train on the paper's model (b16): (a)/(b)/(c) in bf16 at growing batch sizes, from the
+#      released recipe's 2 up, with peak memory, FLOPs and MFU; the largest batch that fits is printed at the end.
 #   3. the same with --compile (inductor) at one batch size, for the compile speed-up.
 #
 #   tools/gpu_check.sh [OUT_DIR]          # default results/gpu_check; PYTHON=... (default .venv's, else python3)
@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-results/gpu_check}
 if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
-BATCH_SIZES=${BATCH_SIZES:-"8 16 32 48 64 96 128"}
+BATCH_SIZES=${BATCH_SIZES:-"2 8 16 32 48 64 96 128"}
 COMPILE_BATCH=${COMPILE_BATCH:-32}
 PARTS=${PARTS:-"environment test_cuda bench_bf16 bench_compile"}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
