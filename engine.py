@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from utils import distributed as dist_utils
 from utils.checkpoint import strip_wrappers
-from utils.health import triplet_health
 from utils.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -94,8 +93,6 @@ def train_one_epoch(
         # Losses in fp32: the triplet margin and the MSE are sensitive to bf16 rounding.
         outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
         losses = criterion(outputs)
-        figures = None if health is None else triplet_health(outputs, criterion.triplet.pair_distance,
-                                                             criterion.triplet.margin)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(global_step + 1, {k: float(v) for k, v in losses.items()})
@@ -117,7 +114,7 @@ def train_one_epoch(
         if exp_logger is not None and global_step % log_every == 0:
             exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, global_step, prefix="train_step/")
         if health is not None:
-            health.update(global_step, losses, figures)
+            health.update(global_step, losses, outputs)
         collapsed = health is not None and health.stop_requested  # ranks see other batches: any one stops all
         if dist_utils.any_rank(should_stop() or collapsed, device):  # every rank stops at the same step
             interrupted = True

@@ -499,8 +499,9 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
     stop = StopFlag().install()
     bad_file_log = BadFileLog(output_dir / "bad_files.txt" if is_main else None,
                               max_fraction=args.max_bad_fraction, **bad_state)
-    health = HealthMonitor(margin=criterion.triplet.margin, on_collapse=args.on_collapse, log_every=args.log_every,
-                           exp_logger=exp_logger, patience=args.collapse_patience)
+    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
+                           on_collapse=args.on_collapse, log_every=args.log_every, exp_logger=exp_logger,
+                           patience=args.collapse_patience)
     health.load_state_dict(health_state)
     class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
     progress = is_main and not args.no_progress

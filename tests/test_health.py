@@ -8,6 +8,7 @@ import torch
 
 import train
 from losses import TripletLoss
+from utils import health as health_module
 from utils.health import HealthMonitor, embedding_spread, triplet_health
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -34,15 +35,26 @@ def test_triplet_health_by_hand():
     assert float(h["emb_spread"]) == pytest.approx(0.5 * float(embedding_spread(torch.cat([p, n]))))
 
 
-def _feed(monitor, steps, *, loss_tri, acc, spread, start=1):
+def _feed(m, steps, *, loss_tri, acc, spread, start=1):
+    """Feed ``steps`` steps whose health figures are the given ones."""
+    figures = {"triplet_acc": torch.tensor(acc), "active_frac": torch.tensor(1.0), "emb_spread": torch.tensor(spread)}
     for step in range(start, start + steps):
-        monitor.update(step, {"loss_tri": torch.tensor(loss_tri)},
-                       {"triplet_acc": torch.tensor(acc), "active_frac": torch.tensor(1.0),
-                        "emb_spread": torch.tensor(spread)})
+        m.update(step, {"loss_tri": torch.tensor(loss_tri)}, figures)
+
+
+@pytest.fixture(autouse=True)
+def _figures_as_given(monkeypatch, request):
+    """In the monitor's unit tests ``outputs`` are the figures themselves."""
+    if "bench" not in request.fixturenames:
+        monkeypatch.setattr(health_module, "triplet_health", lambda outputs, distance, margin: outputs)
+
+
+def monitor(**kw):
+    return HealthMonitor(distance=TripletLoss().pair_distance, **kw)
 
 
 def test_monitor_alarms_once_after_patience(caplog):
-    m = HealthMonitor(margin=1.0, log_every=10, patience=50)
+    m = monitor(margin=1.0, log_every=10, patience=50)
     with caplog.at_level(logging.WARNING, logger="train"):
         _feed(m, 40, loss_tri=1.0, acc=0.5, spread=0.3)  # pinned at the margin, but not for 50 steps yet
         assert not m.alarmed
@@ -54,7 +66,7 @@ def test_monitor_alarms_once_after_patience(caplog):
 
 
 def test_monitor_no_alarm_for_a_start_above_the_margin_or_a_learning_run():
-    m = HealthMonitor(margin=1.0, log_every=10, patience=30)
+    m = monitor(margin=1.0, log_every=10, patience=30)
     _feed(m, 100, loss_tri=1.6, acc=0.5, spread=0.5)  # random init: loss above the margin
     _feed(m, 100, loss_tri=0.6, acc=0.8, spread=0.4, start=101)  # learning
     assert not m.alarmed
@@ -66,14 +78,14 @@ def test_monitor_no_alarm_for_a_start_above_the_margin_or_a_learning_run():
 
 
 def test_monitor_stop_mode_and_epoch_means():
-    m = HealthMonitor(margin=0.2, on_collapse="stop", log_every=5, patience=10)
+    m = monitor(margin=0.2, on_collapse="stop", log_every=5, patience=10)
     _feed(m, 10, loss_tri=0.5, acc=0.5, spread=0.001)  # spread near zero collapses whatever the loss
     assert m.stop_requested
     means = m.epoch_means()
     assert means == pytest.approx({"triplet_acc": 0.5, "active_frac": 1.0, "emb_spread": 0.001})
     assert m.epoch_means() == {}
     with pytest.raises(ValueError, match="on_collapse"):
-        HealthMonitor(margin=1.0, on_collapse="panic")
+        monitor(margin=1.0, on_collapse="panic")
 
 
 def test_unknown_on_collapse_value_is_refused(capsys):

@@ -22,14 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HealthMonitor", "CollapseDetected", "triplet_health", "embedding_spread", "ON_COLLAPSE"]
+__all__ = ["HealthMonitor", "CollapseRule", "triplet_health", "embedding_spread", "ON_COLLAPSE"]
 
 ON_COLLAPSE = ("warn", "stop")
 log = logging.getLogger("train")
-
-
-class CollapseDetected(RuntimeError):
-    """The embeddings collapsed and ``--on_collapse stop`` asked the run to end (after a checkpoint)."""
 
 
 def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
@@ -72,17 +68,19 @@ class CollapseRule:
 class HealthMonitor:
     """Collects per-step health figures; writes ``health/*`` every ``log_every`` steps; raises the alarm.
 
-    ``update(step, losses, health)`` is called once per optimizer step; every ``log_every`` steps the
+    ``update(step, losses, outputs)`` is called once per optimizer step with the criterion's terms and
+    the model's outputs (``distance`` and ``margin`` are the triplet loss's); every ``log_every`` steps the
     window's means go to TensorBoard and through the collapse rule. The alarm is logged once per run
     (console and train.log). With ``on_collapse="stop"`` :attr:`stop_requested` turns True, so the
     loop stops after this step; the caller saves a checkpoint and exits 2.
     ``epoch_means()`` gives the current epoch's means for log.txt and resets them.
     """
 
-    def __init__(self, *, margin: float, on_collapse: str = "warn", log_every: int = 10, exp_logger=None,
-                 patience: int = 100, min_spread: float = 0.02):
+    def __init__(self, *, distance, margin: float, on_collapse: str = "warn", log_every: int = 10,
+                 exp_logger=None, patience: int = 100, min_spread: float = 0.02):
         if on_collapse not in ON_COLLAPSE:
             raise ValueError(f"--on_collapse must be one of {ON_COLLAPSE}, got {on_collapse!r}")
+        self.distance = distance  # the triplet loss's distance, [B, D], [B, D] -> [B]
         self.rule = CollapseRule(margin=margin, patience=patience, min_spread=min_spread)
         self.on_collapse = on_collapse
         self.log_every = max(1, log_every)
@@ -108,8 +106,8 @@ class HealthMonitor:
         self._window, self._window_steps = dict(state.get("window", {})), int(state.get("window_steps", 0))
         self._epoch, self._epoch_steps = dict(state.get("epoch", {})), int(state.get("epoch_steps", 0))
 
-    def update(self, step: int, losses: dict, health: dict) -> None:
-        values = {k: float(v) for k, v in health.items()}
+    def update(self, step: int, losses: dict, outputs: dict) -> None:
+        values = {k: float(v) for k, v in triplet_health(outputs, self.distance, self.rule.margin).items()}
         values["loss_tri"] = float(losses["loss_tri"].detach())
         for store in (self._window, self._epoch):
             for k, v in values.items():
