@@ -91,3 +91,9 @@ def test_learning_matrix_runs_cells_and_names_a_failing_one(tmp_path, monkeypatc
     assert ok["P100_x"] == pytest.approx(line["test_P@100"] / 0.5)
     assert 0 <= ok["triplet_acc"] <= 1 and ok["emb_spread"] >= 0
     assert "| ok_cell | 3 |" in out and "1/2 cells finished" in out and "targets NOT met" in out
+    # --report_only tabulates finished runs again without training; a seed never run is named.
+    code = learning_matrix.main(["--benchmarks", "ok_cell", "--seeds", "3", "4", "--out", str(tmp_path / "out"),
+                                 "--report_only"])
+    again = json.loads((tmp_path / "out" / "matrix.json").read_text())["cells"]
+    assert code == 1 and again[0]["mAP_x"] == pytest.approx(ok["mAP_x"])
+    assert "no finished run" in again[1]["error"] and "ok_cell_s4" in again[1]["error"]

@@ -45,6 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where the benchmarks are drawn (default: $PUXIM_CACHE/family or ~/.cache/puxim/family)")
     p.add_argument("--out", default="results/learning_matrix", help="experiment folders and the table")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: tabulate the cells whose runs are already in --out (e.g. after an "
+                        "interrupted matrix); cells without a finished run are listed as missing")
     return p
 
 
@@ -72,11 +75,25 @@ def run_cell(name: str, seed: int, args, threads: int) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     cell["seconds"] = round(time.perf_counter() - start, 1)
-    log_txt = Path(args.out) / exp / "log.txt"
-    if proc.returncode != 0 or not log_txt.is_file():
+    if proc.returncode != 0 or not (Path(args.out) / exp / "log.txt").is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**cell, "error": f"train.py exited {proc.returncode}: " + " | ".join(tail)}
-    last = json.loads(log_txt.read_text().strip().splitlines()[-1])
+    return read_cell(args.out, name, seed, seconds=cell["seconds"])
+
+
+def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> dict:
+    """A finished cell's figures from its experiment folder (the last line of log.txt, train.log)."""
+    cell = {"benchmark": name, "seed": seed}
+    spec = FAMILY[name]
+    folder = Path(out) / f"{name}_s{seed}"
+    lines = (folder / "log.txt").read_text().strip().splitlines() if (folder / "log.txt").is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    if "test_chance_mAP" not in last:
+        return {**cell, "error": f"no finished run in {folder}"}
+    if seconds is None:  # the epochs' training time (no drawing, no start-up)
+        seconds = sum(json.loads(line).get("train_epoch_time", 0.0) for line in lines)
+    cell["seconds"] = round(seconds, 1)
+    train_log = (folder / "train.log").read_text() if (folder / "train.log").is_file() else ""
     chance = last["test_chance_mAP"]
     # P@100 divides by 100: with fewer than 100 photos per unseen class it cannot reach 1.
     p100_best = min(spec.per_class, 100) / 100
@@ -84,22 +101,23 @@ def run_cell(name: str, seed: int, args, threads: int) -> dict:
                  "mAP_x": last["test_mAP@all"] / chance, "P100_x": last["test_P@100"] / chance,
                  "P100_x_max": p100_best / chance,
                  "triplet_acc": last.get("train_triplet_acc"), "emb_spread": last.get("train_emb_spread"),
-                 "collapse_warning": "COLLAPSED" in (proc.stdout + proc.stderr)})
+                 "collapse_warning": "COLLAPSED" in train_log})
     return cell
 
 
 def format_table(cells: list[dict]) -> str:
     lines = ["| benchmark | seed | unseen mAP@all (x chance) | P@100 (x chance; best possible) | chance | "
-             "train triplet acc | train emb spread | minutes |", "|---|---|---|---|---|---|---|---|"]
+             "train triplet acc | train emb spread | collapse warning | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
-            lines.append(f"| {c['benchmark']} | {c['seed']} | FAILED: {c['error']} | | | | | |")
+            lines.append(f"| {c['benchmark']} | {c['seed']} | FAILED: {c['error']} | | | | | | |")
             continue
         acc = "" if c.get("triplet_acc") is None else f"{c['triplet_acc']:.2f}"
         spread = "" if c.get("emb_spread") is None else f"{c['emb_spread']:.3f}"
         lines.append(f"| {c['benchmark']} | {c['seed']} | {c['mAP@all']:.3f} ({c['mAP_x']:.2f}x) | "
                      f"{c['P@100']:.3f} ({c['P100_x']:.2f}x; {c['P100_x_max']:.2f}x) | {c['chance']:.3f} | {acc} | "
-                     f"{spread} | {c['seconds'] / 60:.1f} |")
+                     f"{spread} | {'yes' if c.get('collapse_warning') else 'no'} | {c['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -125,6 +143,9 @@ def main(argv=None) -> int:
     args.out = Path(args.out).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     cells_todo = [(b, s) for b in args.benchmarks for s in args.seeds]
+    if args.report_only:
+        cells = [read_cell(args.out, b, s) for b, s in cells_todo]
+        return _report(cells, args)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     # Draw each benchmark once before the cells of its seeds run in parallel.
     for name in dict.fromkeys(args.benchmarks):
@@ -141,6 +162,10 @@ def main(argv=None) -> int:
             shown = cell.get("error") or (f"mAP@all {cell['mAP_x']:.2f}x, P@100 {cell['P100_x']:.2f}x chance "
                                            f"({cell['seconds'] / 60:.1f} min)")
             print(f"[{len(cells)}/{len(cells_todo)}] {cell['benchmark']} seed {cell['seed']}: {shown}", flush=True)
+    return _report(cells, args)
+
+
+def _report(cells: list[dict], args) -> int:
     table = format_table(cells)
     text, ok = verdict(cells)
     (args.out / "matrix.md").write_text(table + "\n\n" + text + "\n")
