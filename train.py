@@ -535,18 +535,16 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         )
         global_step = stats["global_step"]
         partial = stats.pop("partial")
-        if stats["collapsed"]:  # --on_collapse stop
+        if stats["interrupted"]:  # a signal, or a collapse with --on_collapse stop
             save(epoch, skip_batches + stats["steps"])
-            log.error("stopped at step %d because the embeddings collapsed (--on_collapse stop); checkpoint saved "
-                      "to %s. Change the settings and start a new --exp (see the warning above).", global_step,
-                      output_dir / "checkpoint.pth")
             exp_logger.close()
-            raise SystemExit(2)
-        if stats["interrupted"]:
-            save(epoch, skip_batches + stats["steps"])
+            if stats["collapsed"]:
+                log.error("stopped at step %d because the embeddings collapsed (--on_collapse stop); checkpoint "
+                          "saved to %s. Change the settings and start a new --exp (see the warning above).",
+                          global_step, output_dir / "checkpoint.pth")
+                raise SystemExit(2)
             log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
                         "Continue with --resume.", stop.signal, epoch, global_step, output_dir / "checkpoint.pth")
-            exp_logger.close()
             raise SystemExit(130 if stop.signal == "SIGINT" else 143)
         skip_batches, partial = 0, None
         stats["steps"] = stats.pop("epoch_steps")  # the whole epoch's, across an interruption
