@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from datasets.family import FAMILY, make_family_benchmark
+from datasets.synthetic import default_cache_dir
 
 TARGET_MIN, TARGET_MEDIAN = 1.5, 2.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,21 +52,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg).expanduser()
-    return Path(os.environ.get("PUXIM_CACHE", Path.home() / ".cache" / "puxim")).expanduser() / "family"
+def draw(name: str, data_dir: str | None, progress: bool = True) -> tuple[Path, str | None]:
+    """Draw benchmark ``name`` (kept when already drawn); ``(root, None)``, or ``(root, why it failed)``."""
+    root = (Path(data_dir).expanduser() if data_dir else default_cache_dir() / "family") / name
+    try:
+        make_family_benchmark(root, FAMILY[name], progress=progress)
+    except Exception as e:  # noqa: BLE001 - reported by the cells of this benchmark, the matrix goes on
+        return root, f"drawing the benchmark into {root} failed: {type(e).__name__}: {e}"
+    return root, None
 
 
-def run_cell(name: str, seed: int, args, threads: int) -> dict:
-    """Draw (once) and train one cell; return its metrics, or ``error`` naming the step that failed."""
+def run_cell(name: str, seed: int, root: Path, args, threads: int) -> dict:
+    """Train one cell on the benchmark drawn at ``root``; return its metrics, or ``error`` naming what failed."""
     cell = {"benchmark": name, "seed": seed}
     spec = FAMILY[name]
-    root = _data_dir(args.data_dir) / name
-    try:
-        make_family_benchmark(root, spec)
-    except Exception as e:  # noqa: BLE001 - reported per cell, the matrix goes on
-        return {**cell, "error": f"drawing the benchmark into {root} failed: {type(e).__name__}: {e}"}
     exp = f"{name}_s{seed}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--exp", exp, "--output_dir", str(args.out), "--overwrite",
            "--data_path", str(root), "--dataset", spec.dataset, "--test_class", spec.test_class, "--custom_split",
@@ -147,14 +147,15 @@ def main(argv=None) -> int:
         cells = [read_cell(args.out, b, s) for b, s in cells_todo]
         return _report(cells, args)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    # Draw each benchmark once before the cells of its seeds run in parallel.
-    for name in dict.fromkeys(args.benchmarks):
-        try:
-            make_family_benchmark(_data_dir(args.data_dir) / name, FAMILY[name], progress=True)
-        except Exception:  # noqa: BLE001 - run_cell reports it by name
-            pass
+    # Each benchmark is drawn once, before the cells of its seeds run (perhaps in parallel).
+    drawn = {name: draw(name, args.data_dir) for name in dict.fromkeys(args.benchmarks)}
+
+    def train_cell(name: str, seed: int) -> dict:
+        root, error = drawn[name]
+        return {"benchmark": name, "seed": seed, "error": error} if error else run_cell(name, seed, root, args, threads)
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_cell, b, s, args, threads) for b, s in cells_todo]
+        futures = [pool.submit(train_cell, b, s) for b, s in cells_todo]
         cells = []
         for f in futures:
             cell = f.result()
