@@ -1,4 +1,5 @@
-"""The loops: one training epoch, feature extraction, evaluation. No other file loops over a DataLoader."""
+"""The loops: one training step and epoch, feature extraction, evaluation. No other file loops over a DataLoader
+or writes a training step (:func:`train_step` is the only one)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,52 @@ def move_to(batch: dict, device: torch.device) -> dict:
     }
 
 
+def train_step(
+    model: Callable[[dict], dict],
+    criterion: torch.nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | None = None,
+    step: int = 0,
+) -> tuple[dict, dict]:
+    """One optimizer step, the only copy of it: :func:`train_one_epoch`, ``tools.bench_train`` and
+    ``tests/test_cuda.py`` all call this.
+
+    In order: ``batch`` to ``device`` (left where it is when ``device`` is None); ``model(batch)``
+    under autocast to ``amp_dtype`` (none when None); the floating outputs cast to fp32 and the
+    losses computed from them in fp32; a non-finite ``loss`` raises :class:`NonFiniteLossError`
+    (``step`` is the number it reports: the optimizer step this one would be) before any gradient
+    is touched; ``optimizer.zero_grad(set_to_none=True)``; backward and the optimizer step, through
+    ``scaler`` when given (fp16). Returns ``(losses, outputs)``: the criterion's terms (``loss`` the
+    one that was back-propagated) and the model's outputs in fp32.
+    """
+    if device is not None:
+        batch = move_to(batch, device)
+        device_type = device.type
+    else:  # autocast on the device the batch is on
+        device_type = next((v.device.type for v in batch.values() if torch.is_tensor(v)), "cpu")
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = model(batch)
+    # Losses in fp32: the triplet margin and the MSE are sensitive to bf16 rounding.
+    outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+    losses = criterion(outputs)
+    loss = losses["loss"]
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(step, {k: float(v) for k, v in losses.items()})
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return losses, outputs
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     criterion: torch.nn.Module,
@@ -55,7 +102,8 @@ def train_one_epoch(
     carry: dict | None = None,
     health=None,
 ) -> dict:
-    """Train for one pass over ``loader``; return averaged loss terms and throughput.
+    """Train for one pass over ``loader``, one :func:`train_step` per batch; return averaged loss terms and
+    throughput.
 
     ``should_stop`` is polled after every step (a signal handler sets it): the epoch then ends early
     and the result says ``interrupted``. The returned ``steps`` is the number of optimizer steps taken.
@@ -87,23 +135,8 @@ def train_one_epoch(
             if n_bad and dist_utils.is_dist():
                 bad = dist_utils.all_gather_objects(bad or [])
             bad_file_log.update(bad or [], n_draws)
-        batch = move_to(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(batch)
-        # Losses in fp32: the triplet margin and the MSE are sensitive to bf16 rounding.
-        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
-        losses = criterion(outputs)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(global_step + 1, {k: float(v) for k, v in losses.items()})
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        losses, outputs = train_step(model, criterion, batch, optimizer, amp_dtype=amp_dtype, scaler=scaler,
+                                     device=device, step=global_step + 1)
         steps += 1
         global_step += 1
         samples += batch["sketch"].shape[0]

@@ -44,19 +44,21 @@ def tiny_model_and_batch(device):
 
 
 def step(model, batch, amp_dtype=None):
-    """Forward (under autocast when asked), fp32 losses, backward; returns losses, grads and the mask."""
+    """One training step as train.py takes it (``engine.train_step``: forward under autocast, fp32 losses,
+    backward, a GradScaler for fp16), with a zero learning rate so the weights stay as they were;
+    returns losses, gradients (unscaled) and the mask."""
+    from engine import train_step
     from losses import build_criterion
 
-    model.zero_grad(set_to_none=True)
-    device_type = batch["sketch"].device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(batch)
-    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-    losses = build_criterion(SimpleNamespace())(out)
-    # fp16 needs its loss scaled, as GradScaler does in training, or small gradients underflow.
-    scale = 2.0 ** 12 if amp_dtype == torch.float16 else 1.0
-    (losses["loss"] * scale).backward()
-    grads = torch.cat([p.grad.flatten().float() for p in model.trainable_parameters()]) / scale
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.0)  # p - 0 * grad: the weights stay
+    # fp16 needs its loss scaled, as GradScaler does in training, or small gradients underflow; its
+    # step unscales the gradients in place before the (zero) update.
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) if amp_dtype == torch.float16 else None
+    losses, out = train_step(model, build_criterion(SimpleNamespace()), batch, optimizer, amp_dtype=amp_dtype,
+                             scaler=scaler)
+    if scaler is not None:
+        assert scaler.get_scale() == 2.0 ** 12, "the scaled gradients overflowed: GradScaler skipped the step"
+    grads = torch.cat([p.grad.flatten().float() for p in model.trainable_parameters()])
     return {k: v.item() for k, v in losses.items()}, grads, out["photo_mask"]
 
 

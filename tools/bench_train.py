@@ -29,9 +29,11 @@ Several ``--batch_size`` values are measured one after the other, by default 2 (
 been validated); a configuration that runs out of GPU memory is reported as such and left out of
 larger batches, so one call finds the largest batch that fits and its MFU.
 
-Every step is forward, losses, backward and an Adam step. Inputs are random tensors of the preset's
-size; without ``--clip_weights`` the CLIP is random too (speed does not depend on the weights). The
-three configurations are timed in interleaved rounds (a, b, c, a, b, c, ...) so that load changes
+Every step is ``engine.train_step``, the step ``train.py`` takes (forward, fp32 losses, the non-finite
+check, backward and an Adam step): the configurations differ only in the model and batch they pass it
+(and (a) in passing no autocast dtype nor grad scaler), never in a copy of the step. Inputs are
+random tensors of the preset's size; without ``--clip_weights`` the CLIP is random too (speed does
+not depend on the weights). The three configurations are timed in interleaved rounds (a, b, c, a, b, c, ...) so that load changes
 on a shared machine hit them alike. On CUDA the peak memory of each step and the model FLOPs
 utilisation (FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode``, CLIP's
 forward included where it runs, divided by step time and the GPU's dense bf16 peak) are reported.
@@ -156,34 +158,59 @@ def reference_forward(model, batch: dict) -> Dict[str, torch.Tensor]:
     }
 
 
+class ReferenceLike(torch.nn.Module):
+    """(a)'s model: ``model`` called through :func:`reference_forward` instead of ``PuXIM.forward``.
+
+    A wrapper, not a copy: the weights, the sampler and the optimizer's parameters are ``model``'s.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> Dict[str, torch.Tensor]:
+        return reference_forward(self.model, batch)
+
+
+TRAIN_KEYS = ("sketch", "positive", "negative", "positive_class", "negative_class")  # a training batch's inputs
+
+
+def config_batch(batch: dict, config: str) -> dict:
+    """The batch ``config``'s step is given: (a) the whole bench batch (it reads the unused 2nd sketch),
+    (b) a training batch as the loader yields it, (c) the same with the masks a ``--vxl_cache`` run reads."""
+    if config == "a":
+        return {k: v for k, v in batch.items() if k != "cached_masks"}
+    inputs = {k: batch[k] for k in TRAIN_KEYS}
+    if config == "c":
+        inputs["positive_mask"], inputs["negative_mask"] = batch["cached_masks"]
+    return inputs
+
+
 def ours_forward(model, batch: dict, cached: bool) -> Dict[str, torch.Tensor]:
     """(b) and (c): ``PuXIM.forward`` on the training batch, with or without the cached masks."""
-    inputs = {k: batch[k] for k in ("sketch", "positive", "negative", "positive_class", "negative_class")}
-    if cached:
-        inputs["positive_mask"], inputs["negative_mask"] = batch["cached_masks"]
-    return model(inputs)
+    return model(config_batch(batch, "c" if cached else "b"))
 
 
 def make_step(model, criterion, optimizer, batch, config: str, amp_dtype: Optional[torch.dtype],
               scaler) -> Callable[[], dict]:
-    """One full training step of ``config``: forward, losses (fp32), backward, Adam."""
-    device_type = batch["sketch"].device.type
-    autocast_dtype = None if config == "a" else amp_dtype
+    """One full training step of ``config``: ``engine.train_step``, the step ``train.py`` takes (forward
+    under autocast, fp32 losses, non-finite check, backward, Adam), on the model and batch of ``config``.
+
+    The three configurations run the same step function and differ only in what they pass it: (a)
+    the :class:`ReferenceLike` model, the bench batch with the 2nd sketch, and ``amp_dtype=None``,
+    ``scaler=None`` (the released code trains in fp32, whatever ``--amp`` says); (b) the model and
+    a training batch; (c) the model and a training batch with cached masks. The batch is already on
+    its device: the step's ``move_to`` has nothing to copy.
+    """
+    from engine import train_step
+
+    device = batch["sketch"].device
+    if config == "a":
+        model, amp_dtype, scaler = ReferenceLike(model), None, None
+    inputs = config_batch(batch, config)
 
     def step() -> dict:
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            outputs = reference_forward(model, batch) if config == "a" else ours_forward(model, batch, config == "c")
-        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
-        losses = criterion(outputs)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and config != "a":
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            losses["loss"].backward()
-            optimizer.step()
-        return losses
+        return train_step(model, criterion, inputs, optimizer, amp_dtype=amp_dtype, scaler=scaler, device=device)[0]
 
     return step
 
