@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import engine
-from train import UserError, select_amp, select_device
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from utils.io import atomic_write
 from utils.logger import setup_logging
 from utils.metrics import chance_ratios, metric_conventions
+from utils.runtime import UserError, run_cli, select_amp, select_device
 
 log = logging.getLogger("test")
 
@@ -66,22 +66,17 @@ def eval_args_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> argparse.
     return saved
 
 
+def user_errors() -> tuple:
+    """What test.py reports as a message and exit status 2 (with UserError), not as a traceback."""
+    from datasets.filelist import DatasetError
+
+    return (CheckpointError, DatasetError)
+
+
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    try:
-        return run(args)
-    except (UserError, CheckpointError) as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
-    except Exception as e:
-        from datasets.filelist import DatasetError
-        from utils.errors import user_message
-
-        if not isinstance(e, DatasetError):
-            raise
-        log.error("%s", user_message(e))  # a DataLoader worker's traceback stripped
-        raise SystemExit(2) from None
+    return run_cli(run, args, user_errors=user_errors, report=log)
 
 
 def run(args) -> dict:
@@ -134,9 +129,8 @@ def run(args) -> dict:
         "listed": {"queries": len(data["query"]), "gallery": len(data["gallery"])},
         "not_evaluated": {kind: [{"path": p, "reason": r} for p, r in items] for kind, items in unreadable.items()},
     }
-    tmp = out_dir / f".metrics.json.{os.getpid()}.tmp"  # whole or not at all: the file other tools read
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, out_dir / "metrics.json")
+    with atomic_write(out_dir / "metrics.json") as f:  # whole or not at all: the file other tools read
+        f.write(json.dumps(report, indent=2))
     q_counts = np.bincount(np.asarray(data["query"].labels), minlength=len(class_names)) \
         if hasattr(data["query"], "labels") else None
     with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as f:

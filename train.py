@@ -31,6 +31,7 @@ from utils.experiment import (ExperimentError, RunLock, check_experiment_name, d
 from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
+from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.visualize import mask_summary, retrieval_summary, select_items
 
 log = logging.getLogger("train")
@@ -49,10 +50,6 @@ TEST_CLASSES = (
     "test_class_sketchy25", "test_class_sketchy21", "test_class_sketchyam",
     "test_class_tuberlin30", "test_class_quickdraw30",
 )
-
-
-class UserError(RuntimeError):
-    """A problem with the command line or environment; printed without a traceback."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -267,42 +264,6 @@ def check_resume_args(args, saved: dict, source: Path) -> None:
         log.info("--resume with changed flags: %s", "; ".join(changed))
 
 
-def select_device(args) -> torch.device:
-    if args.device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if args.device == "cuda":
-            raise UserError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-        log.warning("CUDA is not available: running on the CPU.")
-        return torch.device("cpu")
-    if dist_utils.launched_by_torchrun():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    try:
-        index = int(args.gpu.split(",")[0])
-    except ValueError:
-        raise UserError(f"--gpu must be a device index such as 0, got {args.gpu!r}") from None
-    if not 0 <= index < torch.cuda.device_count():
-        raise UserError(
-            f"--gpu {index} names a missing GPU: {torch.cuda.device_count()} visible. "
-            f"For several GPUs use torchrun --nproc_per_node=N."
-        )
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def select_amp(args, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if args.amp in ("bf16", "fp16"):
-            raise UserError(f"--amp {args.amp} needs a CUDA GPU; on the CPU training runs in fp32 (--amp none).")
-        return None
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and newer
-    if args.amp == "auto":
-        return torch.bfloat16 if native_bf16 else torch.float16
-    if args.amp == "bf16" and not native_bf16:
-        raise UserError("--amp bf16: this GPU has no bf16 support; use --amp fp16 or --amp none.")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-
-
 def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.device) -> dict:
     from datasets.robust import AccountedImages, SkipBadTriplets, collate_skipping
     from datasets.sampling import TripletIndexSampler
@@ -360,24 +321,20 @@ def log_pictures(exp_logger, model, features, data, shown_queries, shown_photos,
         exp_logger.image("train/vxl_masks", mask_summary(net.sampler, shown_photos, image_size=image_size), step)
 
 
+def user_errors() -> tuple:
+    """What train.py reports as a message and exit status 2 (with UserError), not as a traceback."""
+    from datasets.filelist import DatasetError  # bad data
+    from models.encoder import WeightLoadError
+    from models.vxl_cache import MaskCacheError
+
+    return (ExperimentError, CheckpointError, engine.NonFiniteLossError, DatasetError, MaskCacheError,
+            WeightLoadError)
+
+
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     setup_logging(rank=int(os.environ.get("RANK", "0")))
-    try:
-        return run(args)
-    except (UserError, ExperimentError, CheckpointError, engine.NonFiniteLossError) as e:
-        logging.getLogger("train").error("%s", e)
-        raise SystemExit(2) from None
-    except Exception as e:
-        from datasets.filelist import DatasetError  # bad data: a message, not a traceback
-        from models.encoder import WeightLoadError
-        from models.vxl_cache import MaskCacheError
-        from utils.errors import user_message
-
-        if not isinstance(e, (DatasetError, MaskCacheError, WeightLoadError)):
-            raise
-        logging.getLogger("train").error("%s", user_message(e))  # a worker's traceback stripped
-        raise SystemExit(2) from None
+    return run_cli(run, args, user_errors=user_errors, report=log)
 
 
 def run(args) -> dict:

@@ -51,6 +51,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.io import atomic_write
+from utils.runtime import run_cli
+
 from .benchmarks import (SplitSpec, canonical_unseen_classes, find_missing_files, find_shared_files,
                          rebuild_command, resolve_split)
 from .filelist import DatasetError, read_class_file, read_file_list
@@ -229,9 +232,8 @@ def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = 
     written = {}
     for name, lines in outputs.items():
         path = split_dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write("".join(line + "\n" for line in lines))
         written[name] = path
     return written
 
@@ -393,18 +395,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The exit status: 0, or 1 when a check found problems or the lists could not be built (message on stderr)."""
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.check is not None:
-            return 1 if check_root(args.check, args.dataset, args.test_class,
-                                   verify_images=args.verify_images, custom_split=args.custom_split) else 0
-        if args.force and args.missing_only:
-            raise DatasetError("--force rewrites every list and --missing_only keeps the existing ones: pick one")
-        written = build_lists(args.root, args.dataset, args.test_class, force=args.force,
-                              missing_only=args.missing_only)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_cli(_run, args, user_errors=(DatasetError,), exit_code=1, raise_exit=False,
+                   report=lambda message: print(f"error: {message}", file=sys.stderr))
+
+
+def _run(args) -> int:
+    if args.check is not None:
+        return 1 if check_root(args.check, args.dataset, args.test_class,
+                               verify_images=args.verify_images, custom_split=args.custom_split) else 0
+    if args.force and args.missing_only:
+        raise DatasetError("--force rewrites every list and --missing_only keeps the existing ones: pick one")
+    written = build_lists(args.root, args.dataset, args.test_class, force=args.force,
+                          missing_only=args.missing_only)
     for name, path in written.items():
         n = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"wrote {path} ({n} lines)")

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.normalization import ENCODER_MEAN, ENCODER_STD
+
 from .filelist import DatasetError
 
 __all__ = [
@@ -50,8 +52,6 @@ __all__ = [
     "resize_keep_ratio", "pad_to_square", "preprocess_sketch", "preprocess_photo", "to_tensor",
 ]
 
-ENCODER_MEAN = (0.5, 0.5, 0.5)
-ENCODER_STD = (0.5, 0.5, 0.5)
 INK_THRESHOLD = 300  # a pixel is ink when R + G + B <= 300
 CROP_MARGIN = 10  # pixels kept around the ink bounding box
 RESAMPLE = Image.Resampling.BILINEAR  # one filter for sketches and photos

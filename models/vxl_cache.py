@@ -37,11 +37,13 @@ import hashlib
 import inspect
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from utils.io import atomic_write
 
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
@@ -275,21 +277,11 @@ class MaskCache:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache atomically: a temporary file in the same folder, then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, format=np.int64(CACHE_FORMAT), key=np.array(json.dumps(self.key, sort_keys=True)),
-                    meta=np.array(json.dumps(self.meta, sort_keys=True)), num_patches=np.int64(self.num_patches),
-                    paths=np.array(self._paths, dtype=str), bits=self._bits[:len(self)])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_write(path, "wb") as f:
+            np.savez_compressed(
+                f, format=np.int64(CACHE_FORMAT), key=np.array(json.dumps(self.key, sort_keys=True)),
+                meta=np.array(json.dumps(self.meta, sort_keys=True)), num_patches=np.int64(self.num_patches),
+                paths=np.array(self._paths, dtype=str), bits=self._bits[:len(self)])
         self.source = os.fspath(path)
 
     # ------------------------------------------------------------------ reading

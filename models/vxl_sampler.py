@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undone for CLIP
+
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
 _logger = logging.getLogger(__name__)
@@ -54,10 +56,6 @@ TINY_SURGERY_DEPTH = 2
 
 # Entries of OpenAI checkpoints (and TorchScript archives) that are not model weights.
 _OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-
-# Normalisation of the encoder's inputs (see datasets.transforms): mean 0.5, std 0.5.
-_ENCODER_MEAN = (0.5, 0.5, 0.5)
-_ENCODER_STD = (0.5, 0.5, 0.5)
 
 
 class VxLSampler(nn.Module):
@@ -120,8 +118,8 @@ class VxLSampler(nn.Module):
         self.register_buffer("_clip_mean", torch.tensor(clip_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_clip_std", torch.tensor(clip_std).view(1, 3, 1, 1), persistent=False)
         # The encoder's, to undo it (buffers: no host-to-device copy in every forward).
-        self.register_buffer("_enc_mean", torch.tensor(_ENCODER_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_enc_std", torch.tensor(_ENCODER_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_enc_mean", torch.tensor(ENCODER_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_enc_std", torch.tensor(ENCODER_STD).view(1, 3, 1, 1), persistent=False)
 
         # Text features per text ("a" and each prompted class name), computed once: the released
         # code re-ran the text encoder for every sample of every step.

@@ -12,6 +12,39 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What running the tests legitimately leaves in the repository (all git-ignored).
+_OWN_FILES = (".venv/", ".pytest_cache/", "__pycache__/", ".pyc", ".egg-info/")
+
+
+def _repository_state():
+    """``git status`` of the repository, ignored files included but not those the test run itself makes;
+    None where git cannot say (no git, not a clone)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=all",
+                              "--ignored=matching"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line for line in out.stdout.splitlines() if not any(own in line for own in _OWN_FILES)}
+
+
+@pytest.fixture(autouse=True)
+def _repository_left_unchanged():
+    """A test writes under tmp_path, never into the repository: one that creates or modifies a file
+    there (a new or changed ``git status`` line, ignored files such as results/ included) fails."""
+    before = _repository_state()
+    yield
+    after = _repository_state() if before is not None else None
+    if after is not None and after != before:
+        changed = sorted(after - before) + [f"(no longer) {line}" for line in sorted(before - after)]
+        pytest.fail("the test changed the repository's working tree (write under tmp_path instead): "
+                    + "; ".join(changed), pytrace=False)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Every test module starts with one thread, whatever an earlier module (e.g. an end-to-end run) set."""

@@ -217,7 +217,7 @@ def test_stale_lock_and_half_written_checkpoint_of_dead_process(bench, baseline,
     dead.wait()
     (folder / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
     half = (folder / "checkpoint.pth").read_bytes()[:100_000]
-    (folder / ".checkpoint.pth.x7k2q9.tmp").write_bytes(half)  # as save_checkpoint's mkstemp names it
+    (folder / ".checkpoint.pth.x7k2q9.tmp").write_bytes(half)  # as save_checkpoint's atomic_write names it
     result = train.main(run_args(bench, tmp_path, "stale", "--resume", "--epoch", str(EPOCHS + 1),
                                  "--eval_every", "10"))
     assert result["global_step"] == (EPOCHS + 1) * STEPS_PER_EPOCH

@@ -6,8 +6,10 @@ import sys
 
 import torch
 
+from utils.runtime import UserError, run_cli
 
-class ToolError(RuntimeError):
+
+class ToolError(UserError):
     """A problem with the command line or its inputs; printed without a traceback."""
 
 
@@ -20,22 +22,20 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def tool_errors() -> tuple:
+    """What a tool reports as a message and exit status 2 (with ToolError), not as a traceback."""
+    from datasets.filelist import DatasetError
+    from models.encoder import WeightLoadError
+    from utils.checkpoint import CheckpointError
+
+    return (DatasetError, CheckpointError, WeightLoadError)
+
+
 def run_tool(prog: str, run, args):
     """``run(args)``; a bad input (ToolError, DatasetError, CheckpointError) becomes a one-line
     message on stderr and exit code 2 instead of a traceback."""
     from utils.logger import setup_logging
 
     setup_logging()
-    try:
-        return run(args)
-    except Exception as e:
-        from datasets.filelist import DatasetError
-        from models.encoder import WeightLoadError
-        from utils.checkpoint import CheckpointError
-
-        if not isinstance(e, (ToolError, DatasetError, CheckpointError, WeightLoadError)):
-            raise
-        from utils.errors import user_message
-
-        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(run, args, user_errors=tool_errors,
+                   report=lambda message: print(f"{prog}: error: {message}", file=sys.stderr))

@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tools import ToolError, run_tool, select_device
+from utils.io import atomic_write
 
 log = logging.getLogger("retrieve")
 
@@ -160,17 +160,8 @@ def read_cache(path: Path, key: str, num: int) -> np.ndarray | None:
 
 def write_cache(path: Path, key: str, feats: np.ndarray, items: list[tuple[str, str]]) -> None:
     """Write atomically (temporary file, then rename): a reader never sees half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), feats=feats.astype(np.float32),
-                     paths=np.array([p for p, _ in items]))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, key=np.array(key), feats=feats.astype(np.float32), paths=np.array([p for p, _ in items]))
 
 
 # ----------------------------------------------------------------------------- model

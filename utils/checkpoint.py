@@ -13,11 +13,13 @@ import errno
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
+from utils.io import atomic_write
+
+# The layout of what train.py saves; raised when a change would stop older code reading it right.
 CHECKPOINT_FORMAT = 1
 EXCLUDED_PREFIXES = ("sampler.",)  # frozen CLIP, rebuilt from its own weights
 
@@ -78,39 +80,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     new one, never half of one. On failure the temporary file is removed and the old file is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {why}. The previous checkpoint, if any, is "
-                f"unchanged; free some space (or choose another --output_dir) and resume with --resume."
-            ) from e
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {why}. The previous checkpoint, if any, is "
+            f"unchanged; free some space (or choose another --output_dir) and resume with --resume."
+        ) from e
     return path
-
-
-# The layout of what train.py saves; raised when a change would stop older code reading it right.
-CHECKPOINT_FORMAT = 1
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -216,7 +218,6 @@ def environment_info() -> dict:
 def write_args_json(output_dir: Path, args_dict: dict, name: str = "args.json") -> Path:
     path = Path(output_dir) / name
     payload = {"args": args_dict, "environment": environment_info()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(payload, indent=2, default=str))
     return path

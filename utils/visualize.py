@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.normalization import ENCODER_MEAN, ENCODER_STD
+
 __all__ = [
     "denormalize", "mask_figure", "mask_figure_size", "mask_panel_origin",
     "retrieval_grid", "retrieval_grid_size", "retrieval_tile_origin", "stack_rows", "save_png",
@@ -55,9 +57,6 @@ RED = (220, 0, 0)  # a result of another class
 BLUE = (0, 90, 220)  # the query's frame
 NEUTRAL = (200, 200, 200)  # correctness unknown
 
-# Encoder normalisation (datasets.transforms.ENCODER_MEAN / ENCODER_STD): mean 0.5, std 0.5.
-_MEAN = (0.5, 0.5, 0.5)
-_STD = (0.5, 0.5, 0.5)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -103,7 +102,7 @@ def _fit_tile(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def denormalize(images, mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD) -> np.ndarray:
+def denormalize(images, mean: Sequence[float] = ENCODER_MEAN, std: Sequence[float] = ENCODER_STD) -> np.ndarray:
     """Encoder-normalised images ``[B, 3, H, W]`` (or ``[3, H, W]``) back to ``uint8 [B, H, W, 3]``.
 
     The exact inverse of ``datasets.transforms.to_tensor`` on uint8 pixels (``x * std + mean``,
