@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from utils import distributed as dist_utils
 from utils.checkpoint import strip_wrappers
-from utils.metrics import retrieval_metrics
+from utils.metrics import chance_level, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,29 @@ def train_step(
     return losses, outputs
 
 
+def _account_bad_files(batch: dict, bad_file_log, device: torch.device) -> None:
+    """Take the batch's unreadable files (``bad_files``) and its number of draws (``draws``) out of ``batch``
+    into ``bad_file_log`` (when there is one).
+
+    Counted over all ranks, so every rank keeps the same totals and stops at the same step when
+    --max_bad_fraction is passed; rank 0 writes every rank's file names.
+    """
+    bad, draws = batch.pop("bad_files", None), batch.pop("draws", None)
+    if bad_file_log is not None and draws is not None:
+        n_bad, n_draws = dist_utils.all_reduce_sum_ints([len(bad or []), int(draws.sum())], device)
+        if n_bad and dist_utils.is_dist():
+            bad = dist_utils.all_gather_objects(bad or [])
+        bad_file_log.update(bad or [], n_draws)
+
+
+def _whole_epoch_sums(sums: dict, steps: int, carry: dict | None, device: torch.device) -> tuple[dict, int]:
+    """The loss sums of ``steps`` steps, averaged over ranks (the same on every rank), plus those of the
+    epoch's earlier part (``carry``, or none): ``(sums, steps)`` of the epoch so far."""
+    carry = carry or {"sums": {}, "steps": 0}
+    rank_mean_sums = {k: dist_utils.all_reduce_mean(v, device) for k, v in sums.items()}
+    return {k: carry["sums"].get(k, 0.0) + v for k, v in rank_mean_sums.items()}, carry["steps"] + steps
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     criterion: torch.nn.Module,
@@ -120,21 +143,13 @@ def train_one_epoch(
     """
     model.train()
     criterion.train()
-    carry = carry or {"sums": {}, "steps": 0}
     sums: dict[str, float] = {}
     steps = samples = 0
     interrupted = False
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
     for batch in bar:
-        bad, draws = batch.pop("bad_files", None), batch.pop("draws", None)
-        if bad_file_log is not None and draws is not None:
-            # Counted over all ranks, so every rank keeps the same totals and stops at the same step
-            # when --max_bad_fraction is passed; rank 0 writes every rank's file names.
-            n_bad, n_draws = dist_utils.all_reduce_sum_ints([len(bad or []), int(draws.sum())], device)
-            if n_bad and dist_utils.is_dist():
-                bad = dist_utils.all_gather_objects(bad or [])
-            bad_file_log.update(bad or [], n_draws)
+        _account_bad_files(batch, bad_file_log, device)
         losses, outputs = train_step(model, criterion, batch, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                                      device=device, step=global_step + 1)
         steps += 1
@@ -154,18 +169,15 @@ def train_one_epoch(
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    rank_mean_sums = {k: dist_utils.all_reduce_mean(v, device) for k, v in sums.items()}  # [same on every rank]
-    epoch_sums = {k: carry["sums"].get(k, 0.0) + v for k, v in rank_mean_sums.items()}
-    epoch_steps = carry["steps"] + steps
+    epoch_sums, epoch_steps = _whole_epoch_sums(sums, steps, carry, device)
     stats = {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
-    world = dist_utils.get_world_size()
     stats.update(
         steps=steps,
         epoch_steps=epoch_steps,
         partial={"sums": epoch_sums, "steps": epoch_steps},
         global_step=global_step,
         epoch_time=elapsed,
-        samples_per_s=samples * world / elapsed if elapsed > 0 else math.nan,
+        samples_per_s=samples * dist_utils.get_world_size() / elapsed if elapsed > 0 else math.nan,
         lr=optimizer.param_groups[0]["lr"],
         interrupted=interrupted,
         collapsed=dist_utils.any_rank(health is not None and health.stop_requested, device),
@@ -262,8 +274,7 @@ def evaluate(
     metrics["num_gallery_unreadable"] = len(g_failed)
     metrics["_unreadable"] = {"queries": q_failed, "gallery": g_failed}
     # Chance level: the fraction of the gallery that is relevant, averaged over queries.
-    counts = torch.bincount(g_labels.long(), minlength=int(max(q_labels.max(), g_labels.max())) + 1)
-    metrics["chance_mAP"] = float(counts[q_labels.long()].double().mean() / max(g_labels.numel(), 1))
+    metrics["chance_mAP"] = chance_level(q_labels, g_labels)
     if return_features:
         metrics["_features"] = {
             "query": q_feats.cpu(), "query_labels": q_labels.cpu(),

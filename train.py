@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,16 +23,14 @@ from torch.utils.data import DataLoader, Subset
 
 import engine
 from utils import distributed as dist_utils
-from utils.checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights, model_state_dict, rng_state,
-    save_checkpoint, set_rng_state, strip_wrappers,
-)
+from utils.checkpoint import CheckpointError, strip_wrappers
 from utils.experiment import (ExperimentError, RunLock, check_experiment_name, discard_overwritten,
                               prepare_output_dir, write_args_json)
 from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from utils.runtime import UserError, run_cli, select_amp, select_device
+from utils.train_state import TrainState
 from utils.visualize import mask_summary, retrieval_summary, select_items
 
 log = logging.getLogger("train")
@@ -55,7 +54,16 @@ TEST_CLASSES = (
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PuXIM training", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("experiment")
+    _add_experiment_flags(p.add_argument_group("experiment"))
+    _add_data_flags(p.add_argument_group("data"))
+    _add_model_flags(p.add_argument_group("model"))
+    _add_loss_flags(p.add_argument_group("loss"))
+    _add_optimisation_flags(p.add_argument_group("optimisation"))
+    _add_runtime_flags(p.add_argument_group("runtime"))
+    return p
+
+
+def _add_experiment_flags(g) -> None:
     g.add_argument("--exp", default="puxim", help="experiment name: outputs go to OUTPUT_DIR/EXP")
     g.add_argument("--output_dir", default="results", help="parent folder of experiment folders")
     g.add_argument("--resume", action="store_true", help="continue results/EXP from its checkpoint.pth")
@@ -63,7 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace an existing results/EXP (its files wait in .overwritten/ until the first checkpoint)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and the triplet stream")
 
-    g = p.add_argument_group("data")
+
+def _add_data_flags(g) -> None:
     g.add_argument("--data_path", default=None,
                    help="dataset root holding Sketchy/, TUBerlin/, QuickDraw/; omit for the synthetic benchmark")
     g.add_argument("--dataset", default="sketchy_extend", choices=DATASETS, help="benchmark under --data_path")
@@ -87,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="unreadable training images are skipped and listed in bad_files.txt; stop when "
                         "more than this fraction of draws fail")
 
-    g = p.add_argument_group("model")
+
+def _add_model_flags(g) -> None:
     g.add_argument("--arch", default=None, choices=["b16", "tiny"],
                    help="b16 = the paper's ViT-B/16; tiny = CPU preset (default without --data_path)")
     g.add_argument("--vit_weights", default=None,
@@ -119,13 +129,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="eps of the encoder's LayerNorms (default timm's 1e-6; 1e-5 is the released ViT's, "
                         "torch's default)")
 
-    g = p.add_argument_group("loss")
+
+def _add_loss_flags(g) -> None:
     g.add_argument("--margin", type=float, default=None, help="triplet margin (None: 1.0; --variant non-mask: 0.2)")
     g.add_argument("--w_tri", type=float, default=1.0, help="weight of the triplet loss")
     g.add_argument("--w_rec", type=float, default=0.05, help="weight of the PMM reconstruction loss")
     g.add_argument("--w_int", type=float, default=0.1, help="weight of the PMM interaction loss")
 
-    g = p.add_argument_group("optimisation")
+
+def _add_optimisation_flags(g) -> None:
     g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 10)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch of triplets (b16: 2, the released recipe's 125,000 updates; a larger batch "
@@ -133,7 +145,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
     g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3, tiny: 1e-4)")
 
-    g = p.add_argument_group("runtime")
+
+def _add_runtime_flags(g) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available, else CPU with a warning")
     g.add_argument("--gpu", default="0", help="CUDA device index for single-process runs (torchrun sets it)")
@@ -158,7 +171,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="optimizer steps a collapse must last before --on_collapse acts")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (for logs of batch jobs)")
     g.add_argument("--no_tb_images", action="store_true", help="skip the TensorBoard retrieval/mask pictures")
-    return p
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -299,6 +311,11 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.signal is not None
 
+    @property
+    def exit_code(self) -> int:
+        """The exit status of a run it stopped: 130 after SIGINT, 143 after SIGTERM (or a signal to another rank)."""
+        return 130 if self.signal == "SIGINT" else 143
+
     def install(self):
         def handler(signum, frame):
             if self.signal is not None:  # a second Ctrl-C: stop at once
@@ -369,18 +386,60 @@ def run(args) -> dict:
 
 
 def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool) -> dict:
-    from datasets import build_datasets
-    from losses import build_criterion
-    from models import build_model, model_summary
-
+    """One run: build, restore (--resume), then train and evaluate epoch by epoch with a checkpoint after each."""
     amp_dtype = select_amp(args, device)
+    announce(args, device, is_main)
+    torch.manual_seed(args.seed + rank)  # before anything is built: --seed decides the weights and dropout
+    data, state, criterion = build(args, device, output_dir, amp_dtype=amp_dtype, rank=rank, world=world)
+    if args.resume:
+        resume(state, args, output_dir / "checkpoint.pth")
+    if is_main:
+        write_args_json(output_dir, vars(args))
+    state.model, ddp_model = prepare_model(state.model, args, device, world)
+    loaders = build_loaders(data, args, rank=rank, world=world, device=device)
+    if is_main:
+        log_schedule(args, len(data["train"]), world)
+    exp_logger = ExperimentLogger(output_dir, enabled=is_main, purge_step=state.global_step if args.resume else None)
+    state.health.exp_logger = exp_logger
+    ctx = RunContext(args=args, output_dir=output_dir, device=device, amp_dtype=amp_dtype, world=world,
+                     is_main=is_main, state=state, data=data, criterion=criterion, ddp_model=ddp_model,
+                     loaders=loaders, exp_logger=exp_logger, stop=StopFlag().install())
+    metrics: dict = {}
+    for epoch in range(state.next_epoch, args.epoch):
+        stats = train_epoch(ctx, epoch)  # an interrupted epoch saves a checkpoint and ends the run
+        line = epoch_line(ctx, epoch, stats)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epoch:
+            metrics = evaluate_epoch(ctx, epoch, stats, line)
+        else:
+            log.info("epoch %d: loss %.4f", epoch, stats["loss"])
+        save(ctx)
+        exp_logger.epoch_line(line)
+        exp_logger.flush()
+        stop_if_signalled(ctx, epoch)
+    exp_logger.close()
+    if is_main and metrics:
+        log_final(metrics, state.best)
+    return {"final": metrics, "best": state.best, "global_step": state.global_step, "output_dir": str(output_dir)}
+
+
+def announce(args, device, is_main: bool) -> None:
+    """What the run's settings imply, said before it starts."""
     if args.eval_per_class is not None and is_main:
         log.warning("--eval_per_class %d: evaluating on at most %d sketches and photos per unseen class, not the "
                     "full split: the mAP is not comparable with the paper's, and best.pth is chosen on this subset "
                     "(test.py evaluates the full split).", args.eval_per_class, args.eval_per_class)
     if device.type == "cuda":  # fixed image sizes: let cuDNN time and keep the fastest stem convolutions
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(args.seed + rank)
+
+
+def build(args, device, output_dir: Path, *, amp_dtype, rank: int,
+          world: int) -> tuple[dict, TrainState, torch.nn.Module]:
+    """The data, the criterion, and a fresh :class:`TrainState`: the model, its optimizer (and fp16 scaler),
+    the bad-file log and the health monitor (whose TensorBoard logger is set once it exists)."""
+    from datasets import build_datasets
+    from losses import build_criterion
+    from models import build_model, model_summary
+
     if args.synthetic:
         log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.", args.arch)
     mask_cache = None
@@ -390,171 +449,191 @@ def _train(args, output_dir: Path, device, rank: int, world: int, is_main: bool)
         mask_cache = load_mask_cache_for_training(args.vxl_cache, args)  # checks settings, builds no CLIP
         log.info("VxL masks from %s (%d photos): CLIP is not run during training.", args.vxl_cache, len(mask_cache))
     data = build_datasets(args, mask_cache=mask_cache)
-    split = data["split"]
-    log.info("data: %s", json.dumps(split.summary()))
+    log.info("data: %s", json.dumps(data["split"].summary()))
     model = build_model(args, with_sampler=mask_cache is None).to(device)
     log.info("model: %s", json.dumps(model_summary(model)))
     criterion = build_criterion(args).to(device)
-    params = list(model.trainable_parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(list(model.trainable_parameters()), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    bad_files = BadFileLog(output_dir / "bad_files.txt" if rank == 0 else None, max_fraction=args.max_bad_fraction)
+    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
+                           on_collapse=args.on_collapse, log_every=args.log_every, patience=args.collapse_patience)
+    state = TrainState(args, model=model, optimizer=optimizer, scaler=scaler, bad_files=bad_files, health=health,
+                       rank=rank, world=world)
+    return data, state, criterion
 
-    start_epoch, skip_batches, global_step, best = 0, 0, 0, {"mAP@all": -1.0, "epoch": -1}
-    partial = None  # loss sums of an interrupted epoch's first part, carried into its log line
-    bad_state, health_state = {}, None
-    if args.resume:
-        ckpt = load_checkpoint(output_dir / "checkpoint.pth")
-        check_resume_args(args, ckpt.get("args", {}), output_dir / "checkpoint.pth")
-        load_model_weights(model, ckpt["model"], source=str(output_dir / "checkpoint.pth"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, skip_batches = ckpt["next_epoch"], ckpt.get("skip_batches", 0)
-        partial = ckpt.get("partial_epoch") if skip_batches else None
-        global_step, best = ckpt["global_step"], ckpt["best"]
-        bad_state = ckpt.get("bad_files", {})
-        health_state = ckpt.get("health")
-        per_rank = ckpt.get("rng_per_rank") or []
-        # Each rank continues its own streams (dropout differs per rank); another world size starts
-        # every rank from rank 0's state.
-        set_rng_state(per_rank[rank] if len(per_rank) == world else ckpt["rng"])
-        log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", start_epoch, skip_batches,
-                 global_step, f"{best['mAP@all']:.4f}" if best["mAP@all"] >= 0 else "none yet (not evaluated)")
-        if start_epoch >= args.epoch:
-            log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
-                        "train longer.", start_epoch)
-    if is_main:
-        write_args_json(output_dir, vars(args))
+
+def resume(state: TrainState, args, path: Path) -> None:
+    """--resume: continue ``state`` from the checkpoint at ``path``, refused when the run-defining flags differ."""
+    state.restore(path, check_args=lambda saved: check_resume_args(args, saved, path))
+    best = state.best["mAP@all"]
+    log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", state.next_epoch,
+             state.skip_batches, state.global_step, f"{best:.4f}" if best >= 0 else "none yet (not evaluated)")
+    if state.next_epoch >= args.epoch:
+        log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
+                    "train longer.", state.next_epoch)
+
+
+def prepare_model(model, args, device, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """torch.compile (--compile), SyncBatchNorm and DDP (several processes): ``(model, what trains and evaluates)``."""
     if args.compile:
         from models import compile_model
 
         compile_model(model, backend=args.compile_backend, mode=args.compile_mode)
         log.info("torch.compile (%s) on the encoder and the interaction head: the first steps trace and "
                  "compile, later steps run the compiled code.", args.compile_backend)
-
-    ddp_model = model
     if world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if device.type == "cuda":  # the tiny preset's stem BatchNorm: statistics over the global batch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ddp_model = model
         else:  # SyncBatchNorm needs GPUs
             log.warning("--stem_norm batch with %d CPU processes: BatchNorm statistics are per process "
                         "(over %d samples), so results differ slightly from one process.",
                         world, args.batch_size // world)
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
+        return model, torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    loaders = build_loaders(data, args, rank=rank, world=world, device=device)
-    updates = planned_updates(len(data["train"]), args.batch_size, args.epoch, world)
-    if is_main:
-        log.info("schedule: %d epochs x %d steps (batch %d, %d triplets per epoch) = %d optimizer updates",
-                 args.epoch, updates // args.epoch, args.batch_size, len(data["train"]), updates)
-        warning = schedule_warning(args, updates)
-        if warning:
-            log.warning("%s", warning)
-    exp_logger = ExperimentLogger(output_dir, enabled=is_main, purge_step=global_step if args.resume else None)
-    stop = StopFlag().install()
-    bad_file_log = BadFileLog(output_dir / "bad_files.txt" if is_main else None,
-                              max_fraction=args.max_bad_fraction, **bad_state)
-    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
-                           on_collapse=args.on_collapse, log_every=args.log_every, exp_logger=exp_logger,
-                           patience=args.collapse_patience)
-    health.load_state_dict(health_state)
-    class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
-    progress = is_main and not args.no_progress
-    # A few fixed unseen queries and training photos, pictured in TensorBoard at every evaluation.
-    shown_queries = select_items(data["query"].items, 4, seed=args.seed)
-    shown_photos = select_items([(p, c) for c, ps in split.train_photos.items() for p in ps], 4, seed=args.seed)
+    return model, model
 
-    def save(next_epoch: int, skip: int, name: str = "checkpoint.pth", all_ranks: bool = True) -> None:
-        """Rank 0 writes; with ``all_ranks`` (every rank calls it) each rank's random state is kept."""
-        rngs = dist_utils.all_gather_objects([rng_state()]) if all_ranks else [rng_state()]
-        if not is_main:
-            return
-        state = {
-            "model": model_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "next_epoch": next_epoch, "skip_batches": skip, "global_step": global_step, "best": best,
-            "rng": rngs[0], "rng_per_rank": rngs, "args": vars(args), "arch": args.arch, "format": CHECKPOINT_FORMAT,
-            "bad_files": bad_file_log.state(), "partial_epoch": partial, "health": health.state_dict(),
-        }
-        save_checkpoint(state, output_dir / name)
-        discard_overwritten(output_dir)  # --overwrite's previous run, kept until now
 
-    metrics: dict = {}
-    for epoch in range(start_epoch, args.epoch):
-        loaders["sampler"].set_epoch(epoch, skip=skip_batches * (args.batch_size // world))
-        stats = engine.train_one_epoch(
-            ddp_model, criterion, loaders["train"], optimizer, device=device, epoch=epoch,
-            global_step=global_step, amp_dtype=amp_dtype, scaler=scaler, exp_logger=exp_logger,
-            log_every=args.log_every, should_stop=stop, bad_file_log=bad_file_log, progress=progress,
-            carry=partial, health=health,
-        )
-        global_step = stats["global_step"]
-        partial = stats.pop("partial")
-        if stats["interrupted"]:  # a signal, or a collapse with --on_collapse stop
-            save(epoch, skip_batches + stats["steps"])
-            exp_logger.close()
-            if stats["collapsed"]:
-                log.error("stopped at step %d because the embeddings collapsed (--on_collapse stop); checkpoint "
-                          "saved to %s. Change the settings and start a new --exp (see the warning above).",
-                          global_step, output_dir / "checkpoint.pth")
-                raise SystemExit(2)
-            log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
-                        "Continue with --resume.", stop.signal, epoch, global_step, output_dir / "checkpoint.pth")
-            raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-        skip_batches, partial = 0, None
-        stats["steps"] = stats.pop("epoch_steps")  # the whole epoch's, across an interruption
-        line = {"epoch": epoch, "step": global_step, **{f"train_{k}": v for k, v in stats.items()
-                                                         if k not in ("interrupted", "collapsed", "global_step")},
-                "bad_files_skipped": bad_file_log.failed}
-        exp_logger.scalars({k: v for k, v in stats.items() if k.startswith("loss")}, epoch, prefix="train/")
-        exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],
+def log_schedule(args, triplets: int, world: int) -> None:
+    updates = planned_updates(triplets, args.batch_size, args.epoch, world)
+    log.info("schedule: %d epochs x %d steps (batch %d, %d triplets per epoch) = %d optimizer updates",
+             args.epoch, updates // args.epoch, args.batch_size, triplets, updates)
+    warning = schedule_warning(args, updates)
+    if warning:
+        log.warning("%s", warning)
+
+
+@dataclass
+class RunContext:
+    """What the epoch loop works with: the run's :class:`TrainState` and what was built around it."""
+
+    args: argparse.Namespace
+    output_dir: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    world: int
+    is_main: bool
+    state: TrainState
+    data: dict
+    criterion: torch.nn.Module
+    ddp_model: torch.nn.Module  # state.model, compiled and/or wrapped in DDP: what trains and evaluates
+    loaders: dict
+    exp_logger: ExperimentLogger
+    stop: StopFlag
+    class_names: list = field(init=False)
+    shown_queries: list = field(init=False)  # a few fixed unseen queries and training photos, pictured in
+    shown_photos: list = field(init=False)   # TensorBoard at every evaluation
+
+    def __post_init__(self):
+        self.class_names = sorted(self.data["class_to_idx"], key=self.data["class_to_idx"].get)
+        self.shown_queries = select_items(self.data["query"].items, 4, seed=self.args.seed)
+        self.shown_photos = select_items([(p, c) for c, ps in self.data["split"].train_photos.items() for p in ps],
+                                         4, seed=self.args.seed)
+
+    @property
+    def progress(self) -> bool:
+        return self.is_main and not self.args.no_progress
+
+
+def save(ctx: RunContext, name: str = "checkpoint.pth", *, all_ranks: bool = True) -> None:
+    """Rank 0 writes the run's state to ``name``; with ``all_ranks`` (every rank calls it) each rank's random
+    state is kept."""
+    if ctx.state.save(ctx.output_dir / name, all_ranks=all_ranks) is not None:
+        discard_overwritten(ctx.output_dir)  # --overwrite's previous run, kept until now
+
+
+def train_epoch(ctx: RunContext, epoch: int) -> dict:
+    """Train ``epoch`` (from where an interrupted run stopped); an interruption saves and ends the run."""
+    state, args = ctx.state, ctx.args
+    ctx.loaders["sampler"].set_epoch(epoch, skip=state.skip_batches * (args.batch_size // ctx.world))
+    stats = engine.train_one_epoch(
+        ctx.ddp_model, ctx.criterion, ctx.loaders["train"], state.optimizer, device=ctx.device, epoch=epoch,
+        global_step=state.global_step, amp_dtype=ctx.amp_dtype, scaler=state.scaler, exp_logger=ctx.exp_logger,
+        log_every=args.log_every, should_stop=ctx.stop, bad_file_log=state.bad_files, progress=ctx.progress,
+        carry=state.partial_epoch, health=state.health,
+    )
+    state.global_step, state.partial_epoch = stats["global_step"], stats.pop("partial")
+    if stats["interrupted"]:  # a signal, or a collapse with --on_collapse stop
+        state.skip_batches += stats["steps"]
+        stop_interrupted(ctx, epoch, collapsed=stats["collapsed"])
+    state.next_epoch, state.skip_batches, state.partial_epoch = epoch + 1, 0, None
+    return stats
+
+
+def stop_interrupted(ctx: RunContext, epoch: int, *, collapsed: bool) -> None:
+    """Save the interrupted epoch's checkpoint and exit: 2 after a collapse, 130/143 after SIGINT/SIGTERM."""
+    save(ctx)
+    ctx.exp_logger.close()
+    checkpoint = ctx.output_dir / "checkpoint.pth"
+    if collapsed:
+        log.error("stopped at step %d because the embeddings collapsed (--on_collapse stop); checkpoint "
+                  "saved to %s. Change the settings and start a new --exp (see the warning above).",
+                  ctx.state.global_step, checkpoint)
+        raise SystemExit(2)
+    log.warning("stopped by %s during epoch %d at step %d; checkpoint saved to %s. "
+                "Continue with --resume.", ctx.stop.signal, epoch, ctx.state.global_step, checkpoint)
+    raise SystemExit(ctx.stop.exit_code)
+
+
+def epoch_line(ctx: RunContext, epoch: int, stats: dict) -> dict:
+    """log.txt's line of a trained epoch (without its evaluation); its training figures go to TensorBoard."""
+    stats["steps"] = stats.pop("epoch_steps")  # the whole epoch's, across an interruption
+    line = {"epoch": epoch, "step": ctx.state.global_step,
+            **{f"train_{k}": v for k, v in stats.items() if k not in ("interrupted", "collapsed", "global_step")},
+            "bad_files_skipped": ctx.state.bad_files.failed}
+    ctx.exp_logger.scalars({k: v for k, v in stats.items() if k.startswith("loss")}, epoch, prefix="train/")
+    ctx.exp_logger.scalars({"lr": stats["lr"], "epoch_time": stats["epoch_time"],
                             "samples_per_s": stats["samples_per_s"]}, epoch, prefix="speed/")
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epoch:
-            try:
-                metrics = engine.evaluate(ddp_model, loaders["query"], loaders["gallery"], device=device,
-                                          amp_dtype=amp_dtype, class_names=class_names, progress=progress,
-                                          return_features=is_main and not args.no_tb_images)
-            except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
-                save(epoch + 1, 0, all_ranks=False)  # other ranks may not get here: no collective
-                log.error("the evaluation after epoch %d failed; the trained epoch is saved in %s", epoch,
-                          output_dir / "checkpoint.pth")
-                raise
-            features = metrics.pop("_features", None)
-            metrics.pop("_unreadable", None)  # counted in the metrics; listed by test.py
-            if features is not None:
-                log_pictures(exp_logger, model, features, data, shown_queries, shown_photos,
-                             image_size=args.image_size, device=device, step=epoch)
-            scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
-            exp_logger.scalars(scalar_metrics, epoch, prefix="test/")
-            line.update({f"test_{k}": v for k, v in scalar_metrics.items()})
-            log.info("epoch %d: loss %.4f | unseen mAP@all %.4f  P@100 %.4f  mAP@200 %.4f  P@200 %.4f "
-                     "(chance %.4f)", epoch, stats["loss"], metrics["mAP@all"], metrics["P@100"],
-                     metrics["mAP@200"], metrics["P@200"], metrics["chance_mAP"])
-            if metrics["mAP@all"] > best["mAP@all"]:
-                best = {"mAP@all": metrics["mAP@all"], "epoch": epoch,
-                        **{k: metrics[k] for k in ("mAP@200", "P@100", "P@200")}}
-                save(epoch + 1, 0, name="best.pth")
-        else:
-            log.info("epoch %d: loss %.4f", epoch, stats["loss"])
-        save(epoch + 1, 0)
-        exp_logger.epoch_line(line)
-        exp_logger.flush()
-        if dist_utils.any_rank(stop(), device):
-            log.warning("stopped by %s after epoch %d; continue with --resume.", stop.signal or "a signal to "
-                        "another rank", epoch)
-            exp_logger.close()
-            raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-    exp_logger.close()
-    if is_main and metrics:
-        from utils.metrics import chance_ratios
+    return line
 
-        ratios, verdict = chance_ratios(metrics)
-        log.info("final unseen-class mAP@all %.4f (%.1fx chance), P@100 %.4f (%.1fx chance); chance level %.4f: "
-                 "%s 2x chance. Best mAP@all %.4f at epoch %d.", metrics["mAP@all"], ratios["mAP@all"],
-                 metrics["P@100"], ratios["P@100"], metrics["chance_mAP"], verdict, best["mAP@all"], best["epoch"])
-    return {"final": metrics, "best": best, "global_step": global_step, "output_dir": str(output_dir)}
+
+def evaluate_epoch(ctx: RunContext, epoch: int, stats: dict, line: dict) -> dict:
+    """Evaluate after ``epoch``: metrics into ``line`` and TensorBoard, best.pth when mAP@all improves."""
+    state = ctx.state
+    try:
+        metrics = engine.evaluate(ctx.ddp_model, ctx.loaders["query"], ctx.loaders["gallery"], device=ctx.device,
+                                  amp_dtype=ctx.amp_dtype, class_names=ctx.class_names, progress=ctx.progress,
+                                  return_features=ctx.is_main and not ctx.args.no_tb_images)
+    except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
+        save(ctx, all_ranks=False)  # other ranks may not get here: no collective
+        log.error("the evaluation after epoch %d failed; the trained epoch is saved in %s", epoch,
+                  ctx.output_dir / "checkpoint.pth")
+        raise
+    features = metrics.pop("_features", None)
+    metrics.pop("_unreadable", None)  # counted in the metrics; listed by test.py
+    if features is not None:
+        log_pictures(ctx.exp_logger, state.model, features, ctx.data, ctx.shown_queries, ctx.shown_photos,
+                     image_size=ctx.args.image_size, device=ctx.device, step=epoch)
+    scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    ctx.exp_logger.scalars(scalar_metrics, epoch, prefix="test/")
+    line.update({f"test_{k}": v for k, v in scalar_metrics.items()})
+    log.info("epoch %d: loss %.4f | unseen mAP@all %.4f  P@100 %.4f  mAP@200 %.4f  P@200 %.4f "
+             "(chance %.4f)", epoch, stats["loss"], metrics["mAP@all"], metrics["P@100"],
+             metrics["mAP@200"], metrics["P@200"], metrics["chance_mAP"])
+    if metrics["mAP@all"] > state.best["mAP@all"]:
+        state.best = {"mAP@all": metrics["mAP@all"], "epoch": epoch,
+                      **{k: metrics[k] for k in ("mAP@200", "P@100", "P@200")}}
+        save(ctx, "best.pth")
+    return metrics
+
+
+def stop_if_signalled(ctx: RunContext, epoch: int) -> None:
+    """After a saved epoch: exit (130/143) when any rank got SIGINT/SIGTERM during it."""
+    if dist_utils.any_rank(ctx.stop(), ctx.device):
+        log.warning("stopped by %s after epoch %d; continue with --resume.", ctx.stop.signal or "a signal to "
+                    "another rank", epoch)
+        ctx.exp_logger.close()
+        raise SystemExit(ctx.stop.exit_code)
+
+
+def log_final(metrics: dict, best: dict) -> None:
+    from utils.metrics import chance_ratios
+
+    ratios, verdict = chance_ratios(metrics)
+    log.info("final unseen-class mAP@all %.4f (%.1fx chance), P@100 %.4f (%.1fx chance); chance level %.4f: "
+             "%s 2x chance. Best mAP@all %.4f at epoch %d.", metrics["mAP@all"], ratios["mAP@all"],
+             metrics["P@100"], ratios["P@100"], metrics["chance_mAP"], verdict, best["mAP@all"], best["epoch"])
 
 
 if __name__ == "__main__":

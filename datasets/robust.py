@@ -125,5 +125,9 @@ class BadFileLog:
                 f"datasets.prepare --check ROOT --verify_images), or raise --max_bad_fraction."
             )
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
+        """The counts a checkpoint keeps, so a resumed run goes on counting (the file list is on disk)."""
         return {"failed": self.failed, "draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.failed, self.draws = int(state.get("failed", 0)), int(state.get("draws", 0))

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 __all__ = [
     "MetricsInputError",
     "retrieval_metrics",
+    "chance_level",
     "metric_conventions",
     "relevant_ranks",
     "metrics_from_ranks",
@@ -307,6 +308,56 @@ def _label_key(label: Any, class_names: Mapping | Sequence | None) -> Any:
                                 "pass a mapping (or sequence) that covers every query label") from e
 
 
+def _check_options(chunk_size: int, rank_backend: str) -> None:
+    if rank_backend not in ("auto", "numpy", "torch"):
+        raise MetricsInputError(f"utils/metrics.py: rank_backend must be 'auto', 'numpy' or 'torch', "
+                                f"got {rank_backend!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise MetricsInputError(f"utils/metrics.py: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _encoded_inputs(query_feats, query_labels, gallery_feats, gallery_labels, device: torch.device) -> tuple:
+    """``(q [Nq, D], g [Ng, D], q_codes [Nq], g_codes [Ng], uniques)``: the features as :func:`_as_features`
+    makes them, on ``device``, and integer class codes shared by both sides (``uniques[code]`` is the label)."""
+    q = _as_features(query_feats, "query_feats", device)                    # [Nq, D]
+    g = _as_features(gallery_feats, "gallery_feats", device)                # [Ng, D]
+    if q.shape[1] != g.shape[1]:
+        raise MetricsInputError(f"utils/metrics.py: query and gallery features differ in width "
+                                f"({q.shape[1]} vs {g.shape[1]})")
+    q_lab = _as_label_array(query_labels, "query_labels", q.shape[0])
+    g_lab = _as_label_array(gallery_labels, "gallery_labels", g.shape[0])
+    # Shared integer codes for both sides (works for ints and strings alike).
+    try:
+        uniques, codes = np.unique(np.concatenate([q_lab, g_lab]), return_inverse=True)
+    except TypeError as e:
+        raise MetricsInputError("utils/metrics.py: query and gallery labels must be of one "
+                                "comparable type (all ints or all strings)") from e
+    return q, g, codes[: len(q_lab)], codes[len(q_lab):], uniques
+
+
+def _queries_by_class(q_codes: np.ndarray):
+    """``(code, rows)`` of each class among the queries, in code order: ``rows`` its queries, ascending."""
+    order = np.argsort(q_codes, kind="stable")
+    classes, starts = np.unique(q_codes[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    for c, s, e in zip(classes, starts, ends):
+        yield c, order[s:e]
+
+
+def _class_blocks(q: torch.Tensor, g: torch.Tensor, rows_all: torch.Tensor, rel_idx: torch.Tensor, *,
+                  chunk_size: int, rank_backend: str, ks_map: Sequence[int], ks_precision: Sequence[int]):
+    """Per-query metrics (:func:`metrics_from_ranks`) of one class's queries ``q[rows_all]``, whose relevant
+    gallery items are ``rel_idx`` (``[R]``, maybe empty), in blocks of at most ``chunk_size`` queries."""
+    for lo in range(0, len(rows_all), chunk_size):
+        rows = rows_all[lo:lo + chunk_size]
+        if len(rel_idx) == 0:
+            ranks = torch.zeros((len(rows), 0), dtype=torch.long, device=rows_all.device)
+        else:
+            sims = q.index_select(0, rows) @ g.T                            # [n, Ng] cosine
+            ranks = relevant_ranks(sims, rel_idx, backend=rank_backend)      # [n, R]
+        yield metrics_from_ranks(ranks, g.shape[0], ks_map=ks_map, ks_precision=ks_precision)
+
+
 @torch.no_grad()
 def retrieval_metrics(
     query_feats: torch.Tensor | np.ndarray,
@@ -347,30 +398,14 @@ def retrieval_metrics(
         conventions of every key are spelled out in :func:`metric_conventions` and the module
         docstring; ranking ties keep gallery order (stable sort of -similarity).
     """
-    if rank_backend not in ("auto", "numpy", "torch"):
-        raise MetricsInputError(f"utils/metrics.py: rank_backend must be 'auto', 'numpy' or 'torch', "
-                                f"got {rank_backend!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise MetricsInputError(f"utils/metrics.py: chunk_size must be a positive int, got {chunk_size!r}")
+    _check_options(chunk_size, rank_backend)
     ks_map, ks_precision = _check_ks(ks_map, "ks_map"), _check_ks(ks_precision, "ks_precision")
     if device is None:
         device = query_feats.device if isinstance(query_feats, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
 
-    q = _as_features(query_feats, "query_feats", device)                    # [Nq, D]
-    g = _as_features(gallery_feats, "gallery_feats", device)                # [Ng, D]
-    if q.shape[1] != g.shape[1]:
-        raise MetricsInputError(f"utils/metrics.py: query and gallery features differ in width "
-                                f"({q.shape[1]} vs {g.shape[1]})")
-    q_lab = _as_label_array(query_labels, "query_labels", q.shape[0])
-    g_lab = _as_label_array(gallery_labels, "gallery_labels", g.shape[0])
-    # Shared integer codes for both sides (works for ints and strings alike).
-    try:
-        uniques, codes = np.unique(np.concatenate([q_lab, g_lab]), return_inverse=True)
-    except TypeError as e:
-        raise MetricsInputError("utils/metrics.py: query and gallery labels must be of one "
-                                "comparable type (all ints or all strings)") from e
-    q_codes, g_codes = codes[: len(q_lab)], codes[len(q_lab):]
+    q, g, q_codes, g_codes, uniques = _encoded_inputs(query_feats, query_labels, gallery_feats, gallery_labels,
+                                                      device)
     num_q, num_g = q.shape[0], g.shape[0]
 
     keys = _metric_keys(ks_map, ks_precision)
@@ -379,33 +414,23 @@ def retrieval_metrics(
     class_ap: dict[int, float] = {}
     num_without_relevant = 0
 
-    order = np.argsort(q_codes, kind="stable")
-    classes, starts = np.unique(q_codes[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
-    for c, s, e in zip(classes, starts, ends):
+    for c, rows in _queries_by_class(q_codes):
         rel_np = np.flatnonzero(g_codes == c)
         rel_idx = torch.from_numpy(rel_np).to(device)                       # [R]
-        rows_all = torch.from_numpy(order[s:e]).to(device)                  # queries of class c
+        rows_all = torch.from_numpy(rows).to(device)                        # queries of class c
         class_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for lo in range(0, len(rows_all), chunk_size):
-            rows = rows_all[lo:lo + chunk_size]
-            if len(rel_np) == 0:
-                ranks = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
-                num_without_relevant += len(rows)
-            else:
-                sims = q.index_select(0, rows) @ g.T                        # [n, Ng] cosine
-                ranks = relevant_ranks(sims, rel_idx, backend=rank_backend)  # [n, R]
-            per_query = metrics_from_ranks(ranks, num_g, ks_map=ks_map, ks_precision=ks_precision)
+        if len(rel_np) == 0:
+            num_without_relevant += len(rows_all)
+        for per_query in _class_blocks(q, g, rows_all, rel_idx, chunk_size=chunk_size, rank_backend=rank_backend,
+                                       ks_map=ks_map, ks_precision=ks_precision):
             for k, v in per_query.items():
                 ok = ~torch.isnan(v)
                 sums[k] += v[ok].sum()
                 valid[k] += int(ok.sum())
             class_sum += per_query["mAP@all"].sum()
-        class_ap[int(c)] = float(class_sum) / (e - s)
+        class_ap[int(c)] = float(class_sum) / len(rows)
 
-    result: dict[str, Any] = {
-        k: (float(sums[k]) / valid[k] if valid[k] else float("nan")) for k in keys
-    }
+    result: dict[str, Any] = {k: (float(sums[k]) / valid[k] if valid[k] else float("nan")) for k in keys}
     result["num_queries"] = float(num_q)
     result["num_gallery"] = float(num_g)
     result["num_queries_without_relevant"] = float(num_without_relevant)
@@ -448,6 +473,14 @@ def metric_conventions(ks_map: Sequence[int] = (200,), ks_precision: Sequence[in
         "relevance": "gallery item has the query's class label",
         "keys": keys,
     }
+
+
+def chance_level(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> float:
+    """The mAP (and P@K) of a random ranking: the fraction of the gallery relevant to a query, averaged
+    over the queries (integer labels ``[Nq]``, ``[Ng]``)."""
+    q, g = torch.as_tensor(query_labels).long(), torch.as_tensor(gallery_labels).long()
+    counts = torch.bincount(g, minlength=int(max(q.max(), g.max())) + 1)  # [C]
+    return float(counts[q].double().mean() / max(g.numel(), 1))
 
 
 def chance_ratios(metrics: Mapping) -> tuple[dict, str]:

@@ -1,0 +1,122 @@
+"""The state of a training run: everything its checkpoint holds, saved in one call and restored in one call.
+
+:class:`TrainState` owns the objects a run trains (the model, the optimizer, the GradScaler, the
+bad-file log, the health monitor) and the run's position (``next_epoch``, ``skip_batches``,
+``global_step``, ``best``, ``partial_epoch``). :meth:`TrainState.save` writes them, with every rank's
+random state and the run's flags, as one checkpoint (atomically, :func:`utils.checkpoint.save_checkpoint`);
+:meth:`TrainState.restore` reads one back **by name**: each object from the entry of its name through its
+``load_state_dict``, each value into the attribute of its name (as DINO's ``restart_from_checkpoint``).
+
+The file is the plain dict that train.py has always written (format :data:`CHECKPOINT_FORMAT`), so
+checkpoints of earlier runs still load:
+
+=================  ==========================================================================
+``model``          the trainable weights (no wrappers, no frozen CLIP sampler)
+``optimizer``      ``optimizer.state_dict()``
+``scaler``         the fp16 GradScaler's state, or None
+``next_epoch``     the epoch to train next
+``skip_batches``   its batches already trained (an interrupted epoch; else 0)
+``global_step``    optimizer steps so far
+``best``           ``{"mAP@all", "epoch", ...}`` of the best evaluation (-1 before any)
+``rng``            rank 0's random state (:func:`utils.checkpoint.rng_state`)
+``rng_per_rank``   every rank's random state, in rank order
+``args``           the run's flags, ``vars(args)``
+``arch``           ``args.arch``
+``format``         :data:`CHECKPOINT_FORMAT`
+``bad_files``      the bad-file log's counts
+``partial_epoch``  loss sums of the trained part of ``next_epoch`` (None unless ``skip_batches``)
+``health``         the health monitor's state
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from utils import distributed as dist_utils
+from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights,
+                              model_state_dict, rng_state, save_checkpoint, set_rng_state)
+
+__all__ = ["TrainState"]
+
+
+class TrainState:
+    """Everything a training run's checkpoint holds; :meth:`save` writes it, :meth:`restore` reads it back.
+
+    ``model`` may be wrapped (DDP, torch.compile): its bare weights are saved, without the frozen
+    sampler. ``scaler``, ``bad_files`` and ``health`` may be None (no fp16; no bad-file log or health
+    monitor): None is saved and nothing is restored into them. ``rank`` and ``world`` are this process's
+    place among the torchrun processes: every rank keeps its own random state.
+    """
+
+    # Saved with state_dict() and restored with load_state_dict(), under these names (the model through
+    # model_state_dict / load_model_weights).
+    OBJECTS = ("model", "optimizer", "scaler", "bad_files", "health")
+    # Saved and restored as they are, from and into the attributes of these names.
+    VALUES = ("next_epoch", "skip_batches", "global_step", "best", "partial_epoch")
+    # Entries a checkpoint written by train.py always has.
+    REQUIRED = ("model", "optimizer", "next_epoch", "global_step", "best")
+    # The checkpoint's entries, in the order they are written.
+    LAYOUT = ("model", "optimizer", "scaler", "next_epoch", "skip_batches", "global_step", "best", "rng",
+              "rng_per_rank", "args", "arch", "format", "bad_files", "partial_epoch", "health")
+
+    def __init__(self, args, *, model, optimizer, scaler=None, bad_files=None, health=None,
+                 rank: int = 0, world: int = 1):
+        self.args = args
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.bad_files, self.health = bad_files, health
+        self.rank, self.world = rank, world
+        self.next_epoch = 0
+        self.skip_batches = 0
+        self.global_step = 0
+        self.best = {"mAP@all": -1.0, "epoch": -1}
+        self.partial_epoch = None
+
+    def state_dict(self, rngs: list[dict] | None = None) -> dict:
+        """The checkpoint's dict; ``rngs``: every rank's :func:`rng_state` (default: this process's alone)."""
+        rngs = rngs if rngs is not None else [rng_state()]
+        entries = {name: None if getattr(self, name) is None else getattr(self, name).state_dict()
+                   for name in self.OBJECTS if name != "model"}
+        entries.update({name: getattr(self, name) for name in self.VALUES})
+        entries.update(model=model_state_dict(self.model), rng=rngs[0], rng_per_rank=rngs, args=vars(self.args),
+                       arch=self.args.arch, format=CHECKPOINT_FORMAT)
+        return {name: entries[name] for name in self.LAYOUT}
+
+    def save(self, path: str | os.PathLike, *, all_ranks: bool = True) -> Path | None:
+        """Write the checkpoint to ``path`` atomically from rank 0; return the path there, None on other ranks.
+
+        With ``all_ranks`` every rank must call it (a collective gathers each rank's random state);
+        without, only this process's state is kept (a call that other ranks may not make).
+        """
+        rngs = dist_utils.all_gather_objects([rng_state()]) if all_ranks else [rng_state()]
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.state_dict(rngs), path)
+
+    def restore(self, path: str | os.PathLike, *, check_args: Callable[[dict], None] | None = None) -> None:
+        """Continue from the checkpoint at ``path``: objects, values and this rank's random state, by name.
+
+        ``check_args(saved_args)`` is called first, with the checkpoint's flags, to refuse another run's
+        checkpoint before anything is loaded. This rank continues its own random streams; a checkpoint
+        of another world size starts every rank from rank 0's.
+        """
+        ckpt = load_checkpoint(path)
+        if check_args is not None:
+            check_args(ckpt.get("args", {}))
+        missing = [name for name in self.REQUIRED if name not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a training checkpoint of "
+                                  f"train.py, which --resume needs (start a new --exp).")
+        load_model_weights(self.model, ckpt["model"], source=str(path))
+        for name in self.OBJECTS[1:]:
+            if getattr(self, name) is not None and ckpt.get(name):
+                getattr(self, name).load_state_dict(ckpt[name])
+        for name in self.VALUES:
+            if name in ckpt:
+                setattr(self, name, ckpt[name])
+        if not self.skip_batches:  # the loss sums of an epoch's first part mean nothing at its start
+            self.partial_epoch = None
+        per_rank = ckpt.get("rng_per_rank") or []
+        set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
