@@ -1,68 +1,28 @@
 """datasets.benchmarks and datasets.build_datasets on small split folders made in tmp_path."""
-import io
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import datasets
 from datasets import build_datasets
 from datasets.benchmarks import DATASETS, find_missing_files, load_benchmark
 from datasets.filelist import DatasetError, read_class_names
+from conftest import SKETCHY_EXTENDED, SKETCHY_PHOTOS, SKETCHY_SKETCHES  # tests/ is on sys.path
 
 SPLITS = Path(datasets.__file__).parent / "splits"
 SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
 SEEN = ["alarm clock", "café crème", "pig"]  # spaces and unicode in class names
-SK_DIR, PH_DIR, EXT_DIR = ("256x256/sketch/tx_000000000000_ready",
-                           "256x256/photo/tx_000000000000_ready", "EXTEND_image_sketchy_ready")
+SK_DIR, PH_DIR, EXT_DIR = SKETCHY_SKETCHES, SKETCHY_PHOTOS, SKETCHY_EXTENDED
 
 
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+# This module's split: tiny white images, 2 sketches and 3 photos per class (photo 1 in the extended folder).
+SPLIT = dict(seen=SEEN, unseen=SKETCHY25, per_class=(2, 3), images="blank", size=8)
+ZEROSHOT1 = "Sketchy/zeroshot1"  # test_class_sketchy25's split folder
 
 
-PNG = _png()
-
-
-def write_split(root: Path, *, seen=SEEN, unseen=SKETCHY25, split_dir="Sketchy/zeroshot1",
-                n_sketch=2, n_photo=3, backslash=False, photo_train_dir=PH_DIR,
-                lists=None) -> Path:
-    """Write a ZSE-SBIR split (class files, four lists, tiny images); returns the split folder."""
-    dataset_dir = root / split_dir.split("/")[0]
-    folder = dataset_dir / split_dir.split("/")[1]
-    folder.mkdir(parents=True, exist_ok=True)
-    names = lists or {"sketch_train": "sketch_tx_000000000000_ready_filelist_train.txt",
-                      "photo_train": "all_photo_filelist_train.txt",
-                      "sketch_zero": "sketch_tx_000000000000_ready_filelist_zero.txt",
-                      "photo_zero": "all_photo_filelist_zero.txt"}
-    (folder / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
-    (folder / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
-
-    def write_list(name, classes, sub, count, stem):
-        lines = []
-        for label, c in enumerate(classes):
-            for j in range(count):
-                # Photos alternate between the Sketchy and the extended folder.
-                top = EXT_DIR if sub == PH_DIR and j % 2 else sub
-                rel = f"{top}/{c}/{stem} {j}.png"
-                (dataset_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (dataset_dir / rel).write_bytes(PNG)
-                lines.append((rel.replace("/", "\\") if backslash else rel) + f" {label}\n")
-        (folder / names[name]).write_text("".join(lines), encoding="utf-8")
-
-    write_list("sketch_train", seen, SK_DIR, n_sketch, "s")
-    write_list("photo_train", seen, photo_train_dir, n_photo, "p")
-    write_list("sketch_zero", unseen, SK_DIR, n_sketch, "zs")
-    write_list("photo_zero", unseen, PH_DIR, n_photo, "zp")
-    return folder
-
-
-def test_load_sketchy25(tmp_path):
-    write_split(tmp_path)
+def test_load_sketchy25(tmp_path, make_benchmark):
+    make_benchmark(root=tmp_path, **SPLIT)
     split = load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
     assert split.root == tmp_path / "Sketchy" and split.split_dir == tmp_path / "Sketchy/zeroshot1"
     assert split.seen_classes == SEEN and split.unseen_classes == SKETCHY25
@@ -72,7 +32,7 @@ def test_load_sketchy25(tmp_path):
         "test_sketches": 50, "test_photos": 75}
     assert split.train_sketches["café crème"] == [
         tmp_path / f"Sketchy/{SK_DIR}/café crème/s {j}.png" for j in range(2)]
-    assert split.train_photos["pig"][1] == tmp_path / f"Sketchy/{EXT_DIR}/pig/p 1.png"
+    assert split.train_photos["pig"][1] == tmp_path / f"Sketchy/{EXT_DIR}/pig/p 1.jpg"
     assert split.test_sketches[0] == (tmp_path / f"Sketchy/{SK_DIR}/cup/zs 0.png", "cup")
     assert all(p.is_absolute() and p.is_file() for p, _ in split.test_photos)
 
@@ -82,20 +42,21 @@ def test_load_sketchy25(tmp_path):
     ("tu_berlin", "test_class_tuberlin30", "TUBerlin/zeroshot", "tu_berlin"),
     ("quickdraw", None, "QuickDraw/zeroshot", "Quickdraw"),  # case-insensitive, default split
 ])
-def test_other_benchmarks(tmp_path, dataset, test_class, split_dir, lists):
+def test_other_benchmarks(tmp_path, make_benchmark, dataset, test_class, split_dir, lists):
     key = lists or "sketchy_extend"
     spec = next(iter(DATASETS[key].values())) if lists else DATASETS[key][test_class]
     canonical = read_class_names(SPLITS / f"{spec.canonical}.txt")
-    write_split(tmp_path, unseen=canonical, split_dir=split_dir, lists=spec.list_files)
+    layout = {"sketchy_extend": "sketchy", "tu_berlin": "tuberlin", "quickdraw": "quickdraw"}[dataset]
+    make_benchmark(layout, root=tmp_path, **dict(SPLIT, unseen=canonical), test_class=test_class or spec.canonical)
     split = load_benchmark(tmp_path, dataset, test_class)
     assert split.split_dir == tmp_path / split_dir
     assert sorted(split.unseen_classes) == sorted(canonical)
     assert split.summary()["test_sketches"] == 2 * len(canonical)
 
 
-def test_canonical_mismatch_lists_differences(tmp_path):
+def test_canonical_mismatch_lists_differences(tmp_path, make_benchmark):
     unseen = [c for c in SKETCHY25 if c != "cup"] + ["mug"]
-    write_split(tmp_path, unseen=unseen)
+    make_benchmark(root=tmp_path, **dict(SPLIT, unseen=unseen))
     with pytest.raises(DatasetError) as info:
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
     msg = str(info.value)
@@ -103,12 +64,12 @@ def test_canonical_mismatch_lists_differences(tmp_path):
     split = load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
     assert "mug" in split.unseen_classes
     # Order does not matter for the canonical check.
-    write_split(tmp_path / "b", unseen=SKETCHY25[::-1])
+    make_benchmark(root=tmp_path / "b", **dict(SPLIT, unseen=SKETCHY25[::-1]))
     assert load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25").unseen_classes \
         == SKETCHY25[::-1]
 
 
-def test_missing_root_dataset_split_and_list(tmp_path):
+def test_missing_root_dataset_split_and_list(tmp_path, make_benchmark):
     with pytest.raises(DatasetError, match="data root not found"):
         load_benchmark(tmp_path / "nowhere", "sketchy_extend", "test_class_sketchy25")
     (tmp_path / "zeroshot1").mkdir()
@@ -117,7 +78,7 @@ def test_missing_root_dataset_split_and_list(tmp_path):
     (tmp_path / "Sketchy").mkdir()
     with pytest.raises(DatasetError, match="split folder not found.*datasets.prepare"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
-    folder = write_split(tmp_path)
+    folder = make_benchmark(root=tmp_path, **SPLIT) / ZEROSHOT1
     (folder / "all_photo_filelist_train.txt").unlink()
     with pytest.raises(DatasetError, match="all_photo_filelist_train.txt: file list not found"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
@@ -127,10 +88,10 @@ def test_missing_root_dataset_split_and_list(tmp_path):
         load_benchmark(tmp_path, "tu_berlin", "test_class_sketchy25")
 
 
-def test_missing_files_found_before_training(tmp_path):
-    write_split(tmp_path)
-    gone = [tmp_path / f"Sketchy/{SK_DIR}/pig/s 1.png", tmp_path / f"Sketchy/{PH_DIR}/cup/zp 0.png",
-            tmp_path / f"Sketchy/{EXT_DIR}/bell/zp 1.png"]
+def test_missing_files_found_before_training(tmp_path, make_benchmark):
+    make_benchmark(root=tmp_path, **SPLIT)
+    gone = [tmp_path / f"Sketchy/{SK_DIR}/pig/s 1.png", tmp_path / f"Sketchy/{PH_DIR}/cup/zp 0.jpg",
+            tmp_path / f"Sketchy/{EXT_DIR}/bell/zp 1.jpg"]
     for p in gone:
         p.unlink()
     with pytest.raises(DatasetError) as info:
@@ -151,8 +112,8 @@ def test_find_missing_files_whole_folder_and_limit(tmp_path):
     assert find_missing_files(present) == []
 
 
-def test_empty_and_absent_classes(tmp_path):
-    folder = write_split(tmp_path)
+def test_empty_and_absent_classes(tmp_path, make_benchmark):
+    folder = make_benchmark(root=tmp_path, **SPLIT) / ZEROSHOT1
     # A seen class of cname_cid.txt without any sketch in the train list.
     lst = folder / "sketch_tx_000000000000_ready_filelist_train.txt"
     lst.write_text("".join(l + "\n" for l in lst.read_text().splitlines() if "/pig/" not in l))
@@ -160,29 +121,29 @@ def test_empty_and_absent_classes(tmp_path):
                                            r"classes have no sketches: \['pig'\]"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
     # An unseen class absent from the unseen photo list.
-    folder = write_split(tmp_path / "b")
+    folder = make_benchmark(root=tmp_path / "b", **SPLIT) / ZEROSHOT1
     lst = folder / "all_photo_filelist_zero.txt"
     lst.write_text("".join(l + "\n" for l in lst.read_text().splitlines() if "/swan/" not in l))
     with pytest.raises(DatasetError, match=r"unseen classes have no photos: \['swan'\]"):
         load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25")
 
 
-def test_list_class_not_in_class_file(tmp_path):
-    folder = write_split(tmp_path)
+def test_list_class_not_in_class_file(tmp_path, make_benchmark):
+    folder = make_benchmark(root=tmp_path, **SPLIT) / ZEROSHOT1
     with open(folder / "all_photo_filelist_zero.txt", "a") as f:
         f.write(f"{PH_DIR}/pig/x.png 0\n")  # a seen class in the unseen list
     with pytest.raises(DatasetError, match=r"all_photo_filelist_zero.txt, line 76: class folder 'pig'"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
 
 
-def test_seen_unseen_overlap_is_an_error(tmp_path):
-    write_split(tmp_path, seen=SEEN + ["cup"])
+def test_seen_unseen_overlap_is_an_error(tmp_path, make_benchmark):
+    make_benchmark(root=tmp_path, **dict(SPLIT, seen=SEEN + ["cup"]))
     with pytest.raises(DatasetError, match=r"classes in both .*\['cup'\].*disjoint"):
         load_benchmark(tmp_path, "sketchy_extend", "test_class_sketchy25")
 
 
-def test_files_in_training_and_test_lists_are_refused(tmp_path):
-    folder = write_split(tmp_path)
+def test_files_in_training_and_test_lists_are_refused(tmp_path, make_benchmark):
+    folder = make_benchmark(root=tmp_path, **SPLIT) / ZEROSHOT1
     shared = f"{SK_DIR}/cup/zs 1.png"
     with open(folder / "sketch_tx_000000000000_ready_filelist_train.txt", "a") as f:
         f.write(f"{shared} 3\n")  # a test sketch listed for training, under a label of its own
@@ -194,20 +155,20 @@ def test_files_in_training_and_test_lists_are_refused(tmp_path):
     assert (f"python -m datasets.prepare --root {tmp_path} --dataset sketchy_extend --test_class "
             "test_class_sketchy25 --force") in msg and "remove those lines" in msg
     # Under a label the list already uses for another class, and with Windows separators: the same file.
-    folder = write_split(tmp_path / "b")
+    folder = make_benchmark(root=tmp_path / "b", **SPLIT) / ZEROSHOT1
     with open(folder / "all_photo_filelist_train.txt", "a") as f:
-        f.write(f"{PH_DIR}/swan/zp 0.png 0\n".replace("/", "\\"))
+        f.write(f"{PH_DIR}/swan/zp 0.jpg 0\n".replace("/", "\\"))
     with pytest.raises(DatasetError, match=rf"1 files are in both all_photo_filelist_train.txt \(training\) and "
-                                           rf"all_photo_filelist_zero.txt \(test\), e.g.\n  {PH_DIR}/swan/zp 0.png"):
+                                           rf"all_photo_filelist_zero.txt \(test\), e.g.\n  {PH_DIR}/swan/zp 0.jpg"):
         load_benchmark(tmp_path / "b", "sketchy_extend", "test_class_sketchy25")
 
 
-def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, caplog):
+def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, make_benchmark, caplog):
     # Sketchy-AM lists as released: zeroshot2, photos under ambiguity\<class>\ (Windows separators), and
     # training classes that are test classes (cup, swan), here with their sketches, some of them test sketches.
     am_seen = ["ant", "car_(sedan)", "cup", "swan"]
-    folder = write_split(tmp_path, seen=am_seen, split_dir="Sketchy/zeroshot2", backslash=True,
-                         photo_train_dir="ambiguity")
+    folder = make_benchmark(root=tmp_path, **dict(SPLIT, seen=am_seen), test_class="test_class_sketchyam",
+                            backslash=True) / "Sketchy/zeroshot2"
     with open(folder / "sketch_tx_000000000000_ready_filelist_train.txt", "a") as f:
         f.write(f"{SK_DIR}/cup/zs 0.png 2\n")
     for test_class in ("test_class_sketchyam", None):
@@ -222,7 +183,7 @@ def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, caplog):
             "out, 2 training classes kept): cup, swan")
         assert split.split_dir == tmp_path / "Sketchy/zeroshot2" and split.seen_classes == ["ant", "car_(sedan)"]
         assert set(split.train_sketches) == set(split.train_photos) == {"ant", "car_(sedan)"}
-        assert split.train_photos["car_(sedan)"][0] == tmp_path / "Sketchy/ambiguity/car_(sedan)/p 0.png"
+        assert split.train_photos["car_(sedan)"][0] == tmp_path / "Sketchy/ambiguity/car_(sedan)/p 0.jpg"
         train = {p for files in [*split.train_sketches.values(), *split.train_photos.values()] for p in files}
         test = {p for p, _ in split.test_sketches + split.test_photos}
         assert len(train) == 10 and len(test) == 125 and not train & test
@@ -238,8 +199,8 @@ def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, caplog):
 
 # ----------------------------------------------------------------------- build_datasets
 
-def test_build_datasets_real_layout(tmp_path):
-    write_split(tmp_path, n_sketch=40, n_photo=20)
+def test_build_datasets_real_layout(tmp_path, make_benchmark):
+    make_benchmark(root=tmp_path, **dict(SPLIT, per_class=(40, 20)))
     args = types.SimpleNamespace(data_path=str(tmp_path), dataset="sketchy_extend",
                                  test_class="test_class_sketchy25", image_size=32, datasetLen=7,
                                  seed=3)
@@ -262,17 +223,17 @@ def test_build_datasets_real_layout(tmp_path):
     assert sub["query"].items == again["query"].items and sub["gallery"].items == again["gallery"].items
 
 
-def test_build_datasets_synthetic_default(tmp_path, monkeypatch):
+def test_build_datasets_synthetic_default(tmp_path, make_benchmark, monkeypatch):
     """Without data_path: ensure_synthetic_benchmark(synthetic_dir), no canonical check."""
     import datasets.synthetic as synthetic
 
     calls, bars = [], []
+    synth = make_benchmark(root=tmp_path / "synth", **dict(SPLIT, unseen=["sun", "moon"], seen=["cup", "car"]))
 
     def fake_ensure(cache_dir=None, progress=True, **kw):
         calls.append(cache_dir)
         bars.append(progress)
-        write_split(tmp_path / "synth", unseen=["sun", "moon"], seen=["cup", "car"])
-        return tmp_path / "synth"
+        return synth
 
     monkeypatch.setattr(synthetic, "ensure_synthetic_benchmark", fake_ensure)
     out = build_datasets(types.SimpleNamespace(synthetic_dir=str(tmp_path / "cache")))

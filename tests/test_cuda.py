@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import train_args  # tests/ is on sys.path
+
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -114,11 +116,10 @@ def test_compiled_model_matches_eager_on_cuda():
 
 
 # ----------------------------------------------------------------------------- train.py / test.py
-def run(cmd, out, *extra):
+def run(cmd, root, out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", NVIDIA_TF32_OVERRIDE="0")  # plain fp32 where fp32 is asked
-    args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "2",
-            "--no_progress", "--no_tb_images", "--device", "cuda", "--epoch", "2", "--datasetLen", "32",
-            "--batch_size", "8", "--seed", "5", *extra]
+    args = train_args(root, out, "e", "--epoch", "2", "--datasetLen", "32", "--batch_size", "8", "--seed", "5", *extra,
+                      num_workers=2, device="cuda")
     proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "e" / "log.txt").read_text().splitlines()]
@@ -128,7 +129,7 @@ def test_fp16_training_with_grad_scaler_and_evaluation_on_both_devices(bench, tm
     """train.py --amp fp16 (GradScaler) on the GPU; test.py in fp32 on the GPU and on the CPU agree."""
     import numpy as np
 
-    log = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path, "--amp", "fp16")
+    log = run([sys.executable, "train.py"], bench, tmp_path, "--amp", "fp16")
     assert all(np.isfinite(line["train_loss"]) for line in log)
     from utils.checkpoint import load_checkpoint
 
@@ -159,22 +160,22 @@ def test_fp16_training_with_grad_scaler_and_evaluation_on_both_devices(bench, tm
 def test_two_gpus_match_one_gpu(bench, tmp_path):
     """torchrun on 2 GPUs (NCCL, SyncBatchNorm in the tiny stem) = one GPU with the same global batch."""
     fp32 = ("--amp", "none", "--dropout", "0")
-    single = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path / "one", *fp32)
-    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               "--data_path", str(bench)], tmp_path / "two", *fp32)
+    single = run([sys.executable, "train.py"], bench, tmp_path / "one", *fp32)
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
+              bench, tmp_path / "two", *fp32)
     for a, b in zip(single, ddp):
         for key in ("train_loss", "train_loss_tri", "train_loss_rec", "train_loss_int"):
             assert b[key] == pytest.approx(a[key], abs=1e-3), key
         assert b["test_mAP@all"] == pytest.approx(a["test_mAP@all"], abs=0.05)  # 8 photos: one swap moves it
     # The default multi-GPU path (bf16 autocast, SyncBatchNorm, DDP) runs and learns something finite.
-    default = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                   "--data_path", str(bench)], tmp_path / "bf16")
+    default = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
+                  bench, tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(line["train_loss"])) for line in default)
 
 
 def test_train_py_with_compile_and_bf16_on_cuda(bench, tmp_path):
     """--compile (inductor) through training and the per-epoch evaluation, as a user runs it."""
-    log = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path, "--compile", "--epoch", "1")
+    log = run([sys.executable, "train.py"], bench, tmp_path, "--compile", "--epoch", "1")
     assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["train_loss"])) and log[0]["test_mAP@all"] > 0
 
 

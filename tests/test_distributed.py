@@ -8,26 +8,27 @@ from pathlib import Path
 
 import pytest
 
+from conftest import train_args  # tests/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(cmd, out):
+def run(cmd, root, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    args = ["--exp", "e", "--output_dir", str(out), "--custom_split", "--arch", "tiny", "--num_workers", "0",
-            "--no_progress", "--no_tb_images", "--device", "cpu", "--epoch", "2", "--datasetLen", "32",
-            "--batch_size", "8", "--dropout", "0", "--seed", "5",
-            # The paper's stem (no BatchNorm): BatchNorm statistics over each process's half batch would
-            # differ from one process's full batch (SyncBatchNorm, used on CUDA, does not run on CPU).
-            "--stem_norm", "none"]
+    args = train_args(root, out, "e", "--epoch", "2", "--datasetLen", "32", "--batch_size", "8", "--dropout", "0",
+                      "--seed", "5",
+                      # The paper's stem (no BatchNorm): BatchNorm statistics over each process's half batch would
+                      # differ from one process's full batch (SyncBatchNorm, used on CUDA, does not run on CPU).
+                      "--stem_norm", "none", *extra)
     proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(l) for l in (out / "e" / "log.txt").read_text().splitlines()]
 
 
 def test_two_gloo_processes_match_one_process(bench, tmp_path):
-    single = run([sys.executable, "train.py", "--data_path", str(bench)], tmp_path / "one")
-    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train.py", "--data_path", str(bench)], tmp_path / "two")
+    single = run([sys.executable, "train.py"], bench, tmp_path / "one")
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
+              bench, tmp_path / "two")
     assert len(single) == len(ddp) == 2
     for a, b in zip(single, ddp):
         assert a["step"] == b["step"] == (a["epoch"] + 1) * 4
@@ -42,8 +43,7 @@ def test_batch_not_divisible_by_world_size_is_refused(bench, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-         "--data_path", str(bench), "--custom_split", "--arch", "tiny", "--exp", "e", "--output_dir",
-         str(tmp_path), "--batch_size", "7", "--num_workers", "0", "--device", "cpu", "--no_progress"],
+         *train_args(bench, tmp_path, "e", batch_size=7, no_tb_images=False)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "not divisible by the 2 processes" in proc.stdout + proc.stderr
@@ -67,7 +67,7 @@ def test_bad_files_are_counted_and_listed_over_all_ranks(bench, tmp_path):
     for name, cmd in (("one", [sys.executable, "train.py"]),
                       ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "train.py"])):
-        logs[name] = run(cmd + ["--data_path", str(root), "--max_bad_fraction", "0.9"], tmp_path / name)
+        logs[name] = run(cmd, root, tmp_path / name, "--max_bad_fraction", "0.9")
         listed[name] = sorted((tmp_path / name / "e" / "bad_files.txt").read_text(encoding="utf-8").splitlines())
     assert logs["one"][-1]["bad_files_skipped"] == logs["two"][-1]["bad_files_skipped"] == len(listed["one"]) > 0
     assert listed["two"] == listed["one"]

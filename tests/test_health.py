@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from conftest import train_args  # tests/ is on sys.path
 from losses import TripletLoss
 from utils import health as health_module
 from utils.health import HealthMonitor, embedding_spread, triplet_health
@@ -95,10 +96,7 @@ def test_unknown_on_collapse_value_is_refused(capsys):
     assert "--on_collapse" in capsys.readouterr().err
 
 
-def _args(root, out, exp, *extra):
-    return ["--exp", exp, "--output_dir", str(out), "--data_path", str(root), "--custom_split", "--arch", "tiny",
-            "--num_workers", "0", "--no_progress", "--no_tb_images", "--device", "cpu", "--datasetLen", "64",
-            "--batch_size", "8", "--log_every", "2", *extra]
+RUN = {"datasetLen": 64, "batch_size": 8, "log_every": 2}  # 8 steps per epoch, health figures every 2
 
 
 def test_forced_collapse_stops_with_checkpoint(bench, tmp_path, monkeypatch, caplog):
@@ -117,8 +115,8 @@ def test_forced_collapse_stops_with_checkpoint(bench, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(models, "build_model", collapsed_model)
     with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(SystemExit) as exc:
-        train.main(_args(bench, tmp_path, "collapse", "--epoch", "3", "--on_collapse", "stop",
-                         "--collapse_patience", "6"))
+        train.main(train_args(bench, tmp_path, "collapse", "--epoch", "3", "--on_collapse", "stop",
+                              "--collapse_patience", "6", **RUN))
     assert exc.value.code == 2
     alarm = [r.getMessage() for r in caplog.records if "COLLAPSED" in r.getMessage()]
     assert len(alarm) == 1 and "embedding spread 0.0000" in alarm[0]
@@ -129,7 +127,7 @@ def test_forced_collapse_stops_with_checkpoint(bench, tmp_path, monkeypatch, cap
 
 
 def test_run_logs_health_figures(bench, tmp_path):
-    train.main(_args(bench, tmp_path, "healthy", "--epoch", "2"))
+    train.main(train_args(bench, tmp_path, "healthy", "--epoch", "2", **RUN))
     lines = [json.loads(l) for l in (tmp_path / "healthy" / "log.txt").read_text().splitlines()]
     for line in lines:
         assert 0.0 <= line["train_triplet_acc"] <= 1.0

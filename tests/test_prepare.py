@@ -1,8 +1,7 @@
 """python -m datasets.prepare: building split lists from raw folders and checking a root."""
-import io
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -10,41 +9,21 @@ import datasets
 from datasets import prepare
 from datasets.benchmarks import load_benchmark
 from datasets.filelist import DatasetError, read_class_file, read_class_names, read_file_list
+from conftest import SKETCHY_EXTENDED, SKETCHY_PHOTOS, SKETCHY_SKETCHES  # tests/ is on sys.path
 
 SPLITS = Path(datasets.__file__).parent / "splits"
 SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
 SEEN = ["alarm clock", "café", "pig"]
-SK, PH, EXT = ("256x256/sketch/tx_000000000000_ready", "256x256/photo/tx_000000000000_ready",
-               "EXTEND_image_sketchy_ready")
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-PNG = _png()
-
-
-def make_raw(dataset_dir: Path, folders: dict[str, tuple[list[str], int, str]]) -> None:
-    """folders: raw sub-folder -> (classes, files per class, extension)."""
-    for sub, (classes, n, ext) in folders.items():
-        for c in classes:
-            d = dataset_dir / sub / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                (d / f"img {i}{ext}").write_bytes(PNG)
-            (d / ".DS_Store").write_bytes(b"junk")  # ignored: hidden
-            (d / "notes.txt").write_text("ignored: not an image")
+SK, PH, EXT = SKETCHY_SKETCHES, SKETCHY_PHOTOS, SKETCHY_EXTENDED
+# Raw image folders as datasets.prepare reads them (no lists): tiny white images "img <i>", and in every class
+# folder a hidden file and a text file that prepare must skip.
+RAW = dict(lists=False, images="blank", size=8, name="img {i}")
 
 
 @pytest.fixture
-def sketchy_root(tmp_path):
-    classes = SEEN + SKETCHY25
-    make_raw(tmp_path / "Sketchy", {SK: (classes, 3, ".png"), PH: (classes, 1, ".jpg"),
-                                    EXT: (classes, 2, ".jpg")})
-    return tmp_path
+def sketchy_root(tmp_path, make_benchmark):
+    """Raw Sketchy folders: SEEN + the 25 test classes, 3 sketches and 3 photos per class (photo 1 extended)."""
+    return make_benchmark(root=tmp_path, seen=SEEN, unseen=SKETCHY25, per_class=3, **RAW)
 
 
 def run(argv, capsys):
@@ -64,7 +43,7 @@ def test_build_sketchy25_lists(sketchy_root, capsys):
     assert sketches[:4] == [f"{SK}/alarm clock/img 0.png 0", f"{SK}/alarm clock/img 1.png 0",
                             f"{SK}/alarm clock/img 2.png 0", f"{SK}/café/img 0.png 1"]
     photos = read_file_list(split / "all_photo_filelist_zero.txt", SKETCHY25)
-    assert photos[:3] == [(f"{PH}/cup/img 0.jpg", "cup"), (f"{EXT}/cup/img 0.jpg", "cup"),
+    assert photos[:3] == [(f"{PH}/cup/img 0.jpg", "cup"), (f"{PH}/cup/img 2.jpg", "cup"),
                           (f"{EXT}/cup/img 1.jpg", "cup")]
     summary = load_benchmark(sketchy_root, "sketchy_extend", "test_class_sketchy25").summary()
     assert (summary["train_sketches"], summary["train_photos"]) == (9, 9)
@@ -93,11 +72,12 @@ def test_check_reports_counts_missing_and_unreadable(sketchy_root, capsys, monke
     assert code == 0 and "PROBLEM" not in out and out.count(" ok") == 6
     # A missing file is found and named.
     gone = sketchy_root / "Sketchy" / EXT / "swan" / "img 1.jpg"
+    good = gone.read_bytes()
     gone.unlink()
     code, out = run(check, capsys)
     assert code == 1 and "1 of 75 listed files are missing" in out and str(gone) in out
     # --verify_images opens every image: a zero-byte one is reported.
-    gone.write_bytes(PNG)
+    gone.write_bytes(good)
     broken = sketchy_root / "Sketchy" / SK / "pig" / "img 2.png"
     broken.write_bytes(b"")
     code, out = run(check, capsys)
@@ -127,12 +107,11 @@ def test_check_reports_class_mismatch(sketchy_root, capsys, monkeypatch):
     ("Quickdraw", ("sketches", "images"), "QuickDraw/zeroshot",
      ("sketch_train.txt", "all_photo_zero.txt")),
 ])
-def test_build_tu_berlin_and_quickdraw(tmp_path, capsys, dataset, dirs, split, lists):
+def test_build_tu_berlin_and_quickdraw(tmp_path, make_benchmark, capsys, dataset, dirs, split, lists):
     spec_name = {"tu_berlin": "test_class_tuberlin30", "Quickdraw": "test_class_quickdraw30"}[dataset]
     unseen = read_class_names(SPLITS / f"{spec_name}.txt")
-    dataset_dir = tmp_path / split.split("/")[0]
-    make_raw(dataset_dir, {dirs[0]: (["alarm clock", "wrist-watch"] + unseen, 2, ".png"),
-                           dirs[1]: (["alarm clock", "wrist-watch"] + unseen, 1, ".JPEG")})
+    layout = {"tu_berlin": "tuberlin", "Quickdraw": "quickdraw"}[dataset]
+    make_benchmark(layout, root=tmp_path, seen=["alarm clock", "wrist-watch"], unseen=unseen, per_class=(2, 1), **RAW)
     code, out = run(["--root", tmp_path, "--dataset", dataset], capsys)
     assert code == 0, out
     assert read_file_list(tmp_path / split / lists[0])[:2] == [
@@ -145,11 +124,14 @@ def test_build_tu_berlin_and_quickdraw(tmp_path, capsys, dataset, dirs, split, l
 AM_TEST_CLASSES = ["cup", "harp", "pineapple", "ray", "rifle", "snail", "squirrel", "swan", "volcano"]
 
 
-def test_build_sketchy_am(sketchy_root, capsys, caplog):
+def test_build_sketchy_am(sketchy_root, make_benchmark, capsys, caplog):
     """The released AM classes include 9 test classes: the build leaves them out of training and says so."""
     am = ["ant", "car_(sedan)"] + AM_TEST_CLASSES
-    make_raw(sketchy_root / "Sketchy", {"ambiguity": (am, 2, ".jpg"), SK: (am[:2], 1, ".png")})
-    (sketchy_root / "Sketchy/ambiguity/cup/img 2.jpg").write_bytes(PNG)  # 3 cup photos
+    # AM's training folders beside the Sketchy ones: 2 photos per class under ambiguity/, a sketch of each
+    # (the test classes' sketch "img 0" is already there)
+    make_benchmark(root=sketchy_root, test_class="test_class_sketchyam", seen=am, unseen=[], per_class=(1, 2), **RAW)
+    shutil.copy(sketchy_root / "Sketchy/ambiguity/cup/img 0.jpg", sketchy_root / "Sketchy/ambiguity/cup/img 2.jpg")
+    # 3 cup photos
     code, out = run(["--root", sketchy_root, "--dataset", "sketchy_am"], capsys)
     assert code == 0, out
     assert ("note: 9 training classes under ambiguity/ are test classes of test_class_sketchyam and are left out "
@@ -178,22 +160,13 @@ def test_build_sketchy_am(sketchy_root, capsys, caplog):
     assert "files are in both" not in out and "left out" not in out
 
 
-def test_check_sketchy_am_with_test_class_files(tmp_path, capsys):
+def test_check_sketchy_am_with_test_class_files(tmp_path, make_benchmark, capsys):
     """An AM root whose training lists hold a test class, and the test files themselves (as the old build
     wrote them): the class is a note, the shared files are a problem naming them and the fix."""
-    make_raw(tmp_path / "Sketchy", {SK: (["ant"] + SKETCHY25, 1, ".png"), PH: (SKETCHY25, 1, ".jpg"),
-                                    "ambiguity": (["ant", "cup"], 1, ".jpg")})
-    split = tmp_path / "Sketchy/zeroshot2"
-    split.mkdir()
-    (split / "cname_cid.txt").write_text("ant 0\ncup 1\n")
-    (split / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(SKETCHY25)))
-    (split / "all_photo_filelist_train.txt").write_text("ambiguity\\ant\\img 0.jpg 0\nambiguity\\cup\\img 0.jpg 1\n")
-    (split / "sketch_tx_000000000000_ready_filelist_train.txt").write_text(
-        f"{SK}/ant/img 0.png 0\n{SK}/cup/img 0.png 1\n")
-    (split / "sketch_tx_000000000000_ready_filelist_zero.txt").write_text(
-        "".join(f"{SK}/{c}/img 0.png {i}\n" for i, c in enumerate(SKETCHY25)))
-    (split / "all_photo_filelist_zero.txt").write_text(
-        "".join(f"{PH}/{c}/img 0.jpg {i}\n" for i, c in enumerate(SKETCHY25)))
+    # seen ant and cup (a test class) with one sketch and one photo (under ambiguity\, Windows separators), the
+    # 25 test classes with one of each: cup's training sketch "img 0" is its test sketch
+    make_benchmark(root=tmp_path, test_class="test_class_sketchyam", seen=["ant", "cup"], unseen=SKETCHY25,
+                   per_class=1, **dict(RAW, lists=True, junk=True), backslash=("photo_train",))
     code, out = run(["--check", tmp_path, "--dataset", "sketchy_am"], capsys)
     assert code == 1
     assert "note: 1 classes of cname_cid.txt are also test classes and will be left out of training" in out
@@ -230,24 +203,21 @@ def test_check_reports_files_in_training_and_test_lists(sketchy_root, capsys):
         load_benchmark(sketchy_root, "sketchy_extend", "test_class_sketchy25")
 
 
-def test_build_errors(tmp_path, capsys):
+def test_build_errors(tmp_path, make_benchmark, capsys):
     code, out = run(["--root", tmp_path, "--dataset", "sketchy_extend"], capsys)
     assert code == 1 and "neither" in out
-    classes = SEEN + SKETCHY25
-    make_raw(tmp_path / "Sketchy", {SK: (classes, 1, ".png"), PH: ([c for c in classes if c != "swan"], 1, ".jpg")})
+    make_benchmark(root=tmp_path, seen=SEEN, unseen=SKETCHY25, per_class=1, **RAW)
+    shutil.rmtree(tmp_path / "Sketchy" / PH / "swan")  # a test class without photos
     code, out = run(["--root", tmp_path, "--dataset", "sketchy_extend"], capsys)
     assert code == 1 and "['swan']" in out and "no photos" in out
     assert not (tmp_path / "Sketchy/zeroshot1").exists()  # nothing written on error
 
 
-def test_check_a_custom_split_and_a_missing_root(tmp_path, capsys):
+def test_check_a_custom_split_and_a_missing_root(tmp_path, make_benchmark, capsys):
     """--custom_split checks a split of one's own (here the synthetic one) without the canonical classes or
     the published counts; a missing root says so instead of 'split folder not found'."""
-    from datasets.synthetic import make_synthetic_benchmark
-
-    root = make_synthetic_benchmark(tmp_path / "bench", seed=0, sketches_per_class=2, photos_per_class=2,
-                                    unseen_per_class=2, size=32, classes=["sun", "moon", "star", "candle"],
-                                    progress=False)
+    root = make_benchmark(root=tmp_path / "bench", seen=["sun", "moon", "star"], unseen=["candle"], per_class=2,
+                          size=32)
     assert prepare.main(["--check", str(root), "--dataset", "sketchy_extend", "--verify_images"]) == 1  # not canonical
     assert "not canonical" in capsys.readouterr().out
     assert prepare.main(["--check", str(root), "--dataset", "sketchy_extend", "--custom_split",
@@ -263,11 +233,11 @@ def test_check_a_custom_split_and_a_missing_root(tmp_path, capsys):
     assert "data root not found" in capsys.readouterr().out
 
 
-def test_missing_only_completes_a_released_split_and_keeps_its_lists(tmp_path, capsys):
+def test_missing_only_completes_a_released_split_and_keeps_its_lists(tmp_path, make_benchmark, capsys):
     """TU-Berlin as ZSE-SBIR ships it: no photo training list. --missing_only writes it, keeps the rest."""
     unseen = read_class_names(SPLITS / "test_class_tuberlin30.txt")
-    make_raw(tmp_path / "TUBerlin", {"png_ready": (["alarm clock", "wrist-watch"] + unseen, 2, ".png"),
-                                     "ImageResized_ready": (["alarm clock", "wrist-watch"] + unseen, 1, ".JPEG")})
+    make_benchmark("tuberlin", root=tmp_path, seen=["alarm clock", "wrist-watch"], unseen=unseen, per_class=(2, 1),
+                   **RAW)
     assert run(["--root", tmp_path, "--dataset", "tu_berlin"], capsys)[0] == 0
     split = tmp_path / "TUBerlin" / "zeroshot"
     released = {p.name: p.read_bytes() for p in split.iterdir()}

@@ -188,13 +188,10 @@ def test_checkpoint_whose_data_root_moved_says_what_to_pass(tmp_path, setup, cap
     assert "--gallery FOLDER" in err and "synthetic" not in err
 
 
-def test_default_gallery_is_the_checkpoints_split(tmp_path, setup):
+def test_default_gallery_is_the_checkpoints_split(tmp_path, setup, make_benchmark):
     from datasets import load_benchmark
-    from datasets.synthetic import make_synthetic_benchmark
 
-    bench = tmp_path / "bench"
-    make_synthetic_benchmark(bench, sketches_per_class=1, photos_per_class=1, unseen_per_class=3, size=48,
-                             classes=["sun", "kite", "tent"], progress=False)
+    bench = make_benchmark(seen=["sun"], unseen=["kite", "tent"], per_class=1, unseen_per_class=3, size=48)
     ckpt = _save_train_checkpoint(setup["model"], tmp_path / "ckpt.pth", data_path=str(bench), custom_split=True)
     split = load_benchmark(bench, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
     sketch = split.test_sketches[0][0]  # a kite sketch, in a folder named kite
@@ -211,13 +208,10 @@ def test_default_gallery_is_the_checkpoints_split(tmp_path, setup):
         [vis.GREEN if cls == "kite" else vis.RED for _, _, cls in expected]
 
 
-def test_synthetic_checkpoint_uses_the_synthetic_benchmark(tmp_path, setup, monkeypatch):
+def test_synthetic_checkpoint_uses_the_synthetic_benchmark(tmp_path, setup, make_benchmark, monkeypatch):
     import datasets.synthetic
-    from datasets.synthetic import make_synthetic_benchmark
 
-    bench = tmp_path / "bench"
-    make_synthetic_benchmark(bench, sketches_per_class=1, photos_per_class=1, unseen_per_class=2, size=48,
-                             classes=["sun", "kite", "tent"], progress=False)
+    bench = make_benchmark(seen=["sun"], unseen=["kite", "tent"], per_class=1, unseen_per_class=2, size=48)
     asked = []
     monkeypatch.setattr(datasets.synthetic, "ensure_synthetic_benchmark",
                         lambda cache_dir=None, **kw: asked.append(cache_dir) or bench)

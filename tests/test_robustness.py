@@ -28,13 +28,12 @@ import torch
 
 import test as test_script
 import train
-from conftest import png_claiming  # tests/ is on sys.path (pytest prepends a test file's folder)
+from conftest import png_claiming, train_args  # tests/ is on sys.path (pytest prepends a test file's folder)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = ["sun", "moon", "star", "mushroom", "candle"]  # 3 seen + 2 unseen (datasets.synthetic)
 STEPS_PER_EPOCH = 24  # --datasetLen 24 --batch_size 1: long enough to be killed in the middle
 EPOCHS = 2
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -44,26 +43,11 @@ TIMEOUT = 180  # seconds any one subprocess may take before the test gives up
 # ------------------------------------------------------------------------------------------------
 # Shared data, arguments and helpers
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Path:
-    from datasets.synthetic import make_synthetic_benchmark
-
-    root = tmp_path_factory.mktemp("robust") / "bench"
-    return make_synthetic_benchmark(root, seed=0, sketches_per_class=8, photos_per_class=8,
-                                    unseen_per_class=4, size=64, classes=CLASSES, progress=False)
-
-
-def common(root, out, exp, *extra) -> list[str]:
-    """The flags every run here shares (the tiny CLIP's grid needs 64 px images, so no --image_size 32)."""
-    return ["--exp", exp, "--output_dir", str(out), "--data_path", str(root), "--custom_split",
-            "--arch", "tiny", "--num_workers", "0", "--no_progress", "--device", "cpu",
-            "--no_tb_images", "--seed", "0", *extra]
-
-
-def run_args(root, out, exp, *extra) -> list[str]:
-    """The reference schedule: 2 epochs of 24 one-triplet steps, evaluated once at the end."""
-    return common(root, out, exp, "--epoch", str(EPOCHS), "--datasetLen", str(STEPS_PER_EPOCH),
-                  "--batch_size", "1", "--eval_every", str(EPOCHS), *extra)
+# bench (conftest.py): the shared drawn benchmark, 3 seen + 2 unseen classes (8 sketches and 8 photos per seen
+# class, 4 of each per unseen class); train_args (conftest.py): the flags every run here shares.
+# The reference schedule: 2 epochs of 24 one-triplet steps, evaluated once at the end.
+SCHEDULE = ("--epoch", str(EPOCHS), "--datasetLen", str(STEPS_PER_EPOCH), "--batch_size", "1",
+            "--eval_every", str(EPOCHS))
 
 
 def spawn(args: list[str], log_path: Path, script: str = "train.py") -> subprocess.Popen:
@@ -120,7 +104,7 @@ def baseline(bench, tmp_path_factory) -> dict:
     """The uninterrupted reference run."""
     out = tmp_path_factory.mktemp("baseline")
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    result = train.main(run_args(bench, out, "base"))
+    result = train.main(train_args(bench, out, "base", *SCHEDULE))
     ckpt = load_checkpoint(out / "base" / "checkpoint.pth")
     return {"global_step": result["global_step"], "epochs": [l["epoch"] for l in read_log(out / "base")],
             "model": ckpt["model"], "folder": out / "base",
@@ -151,7 +135,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(bench, baseline
     folder = out / "killed"
     ckpt = folder / "checkpoint.pth"
     log_path = tmp_path / "killed.out"
-    proc = spawn(run_args(bench, out, "killed"), log_path)
+    proc = spawn(train_args(bench, out, "killed", *SCHEDULE), log_path)
     reads, first_seen, refused = 0, None, None
     try:
         wait_until_training(proc, log_path)
@@ -175,10 +159,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(bench, baseline
                 assert (folder / ".lock").read_text().split()[1] == str(proc.pid)
                 caplog.clear()
                 with pytest.raises(SystemExit) as exc:
-                    train.main(run_args(bench, out, "killed", "--resume"))
+                    train.main(train_args(bench, out, "killed", *SCHEDULE, "--resume"))
                 refused = (exc.value.code, caplog.text)
                 with pytest.raises(SystemExit) as exc:  # --overwrite must not delete a live run either
-                    train.main(run_args(bench, out, "killed", "--overwrite"))
+                    train.main(train_args(bench, out, "killed", *SCHEDULE, "--overwrite"))
                 assert exc.value.code == 2 and ckpt.is_file()
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
@@ -198,7 +182,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(bench, baseline
     # the dead process's lock is stale: it must not block the resumed run
     assert (folder / ".lock").read_text().split()[1] == str(proc.pid)
 
-    result = train.main(run_args(bench, out, "killed", "--resume"))
+    result = train.main(train_args(bench, out, "killed", *SCHEDULE, "--resume"))
     assert result["global_step"] == baseline["global_step"]
     assert [l["epoch"] for l in read_log(folder)] == baseline["epochs"]
     final = load_checkpoint(ckpt)
@@ -218,7 +202,7 @@ def test_stale_lock_and_half_written_checkpoint_of_dead_process(bench, baseline,
     (folder / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
     half = (folder / "checkpoint.pth").read_bytes()[:100_000]
     (folder / ".checkpoint.pth.x7k2q9.tmp").write_bytes(half)  # as save_checkpoint's atomic_write names it
-    result = train.main(run_args(bench, tmp_path, "stale", "--resume", "--epoch", str(EPOCHS + 1),
+    result = train.main(train_args(bench, tmp_path, "stale", *SCHEDULE, "--resume", "--epoch", str(EPOCHS + 1),
                                  "--eval_every", "10"))
     assert result["global_step"] == (EPOCHS + 1) * STEPS_PER_EPOCH
     assert not (folder / ".lock").exists()
@@ -235,7 +219,7 @@ def test_sigterm_and_sigint_checkpoint_mid_epoch_and_resume_exactly(bench, basel
     log_path = tmp_path / "sig.out"
 
     # SIGTERM to a train.py process as soon as it trains: it finishes the step, saves, exits 143
-    proc = spawn(run_args(bench, out, "sig"), log_path)
+    proc = spawn(train_args(bench, out, "sig", *SCHEDULE), log_path)
     try:
         wait_until_training(proc, log_path)
         proc.send_signal(signal.SIGTERM)
@@ -267,7 +251,7 @@ def test_sigterm_and_sigint_checkpoint_mid_epoch_and_resume_exactly(bench, basel
     caplog.clear()
     try:
         with pytest.raises(SystemExit) as exc:
-            train.main(run_args(bench, out, "sig", "--resume"))
+            train.main(train_args(bench, out, "sig", *SCHEDULE, "--resume"))
     finally:
         done.set()
         thread.join()
@@ -279,7 +263,7 @@ def test_sigterm_and_sigint_checkpoint_mid_epoch_and_resume_exactly(bench, basel
     assert second["global_step"] == second["skip_batches"]
 
     # the last resume finishes the schedule: same steps, epochs and weights as the uninterrupted run
-    result = train.main(run_args(bench, out, "sig", "--resume"))
+    result = train.main(train_args(bench, out, "sig", *SCHEDULE, "--resume"))
     assert result["global_step"] == baseline["global_step"]
     assert [l["epoch"] for l in read_log(folder)] == baseline["epochs"]
     assert_same_weights(load_checkpoint(folder / "checkpoint.pth")["model"], baseline["model"])
@@ -386,7 +370,7 @@ def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
     before = sha(ckpt)
     caplog.clear()
     with pytest.raises(SystemExit) as exc:
-        train.main(run_args(bench, tmp_path, "exp", "--resume", "--epoch", str(EPOCHS + 1), *extra))
+        train.main(train_args(bench, tmp_path, "exp", *SCHEDULE, "--resume", "--epoch", str(EPOCHS + 1), *extra))
     assert exc.value.code == 2
     assert str(ckpt) in caplog.text and expected in caplog.text, caplog.text
     assert not marker.exists(), "loading the checkpoint ran its pickled code"
@@ -468,7 +452,7 @@ def damaged(bench, tmp_path_factory) -> dict:
 def test_bad_training_images_are_skipped_and_listed_then_evaluation_accounts_for_all(damaged, tmp_path):
     train_files = 2 * 3 * 8
     assert len(damaged["train_bad"]) / train_files < 0.1
-    result = train.main(common(damaged["root"], tmp_path, "bad", "--epoch", "1", "--datasetLen", "8",
+    result = train.main(train_args(damaged["root"], tmp_path, "bad", "--epoch", "1", "--datasetLen", "8",
                                "--batch_size", "1", "--max_bad_fraction", "0.5"))
     folder = tmp_path / "bad"
     assert result["global_step"] == 8  # every step ran: each bad triplet was replaced
@@ -496,7 +480,7 @@ def test_too_many_bad_training_images_stop_the_run(damaged, tmp_path, caplog):
     # One batch of 200 triplets: ~1 draw in 4 meets a damaged file, far above 5%.
     caplog.clear()
     with pytest.raises(SystemExit) as exc:
-        train.main(common(damaged["root"], tmp_path, "toomany", "--epoch", "1", "--datasetLen", "200",
+        train.main(train_args(damaged["root"], tmp_path, "toomany", "--epoch", "1", "--datasetLen", "200",
                           "--batch_size", "200", "--max_bad_fraction", "0.05"))
     assert exc.value.code == 2
     bad_list = tmp_path / "toomany" / "bad_files.txt"
@@ -517,7 +501,7 @@ def test_failed_evaluation_keeps_the_trained_epoch(bench, tmp_path, caplog):
         damage(Path(path), "zero_byte")
     caplog.clear()
     with pytest.raises(SystemExit) as exc:
-        train.main(common(root, tmp_path, "noquery", "--epoch", "1", "--datasetLen", "4", "--batch_size", "2"))
+        train.main(train_args(root, tmp_path, "noquery", "--epoch", "1", "--datasetLen", "4", "--batch_size", "2"))
     assert exc.value.code == 2
     assert "none of the 8 unseen-class queries could be read" in caplog.text and "zero-byte" in caplog.text
     ckpt = load_checkpoint(tmp_path / "noquery" / "checkpoint.pth")
@@ -552,7 +536,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(bench, tmp_path, mon
     monkeypatch.setattr(losses, "build_criterion", lambda args: NaNAtStep(real_build(args)))
     caplog.clear()
     with pytest.raises(SystemExit) as exc:
-        train.main(common(bench, tmp_path, "nan", "--epoch", "2", "--datasetLen", "3", "--batch_size", "1"))
+        train.main(train_args(bench, tmp_path, "nan", "--epoch", "2", "--datasetLen", "3", "--batch_size", "1"))
     assert exc.value.code == 2
     assert f"non-finite loss at optimizer step {nan_step}" in caplog.text, caplog.text
     assert sha(folder / "checkpoint.pth") == seen["checkpoint"]
@@ -568,7 +552,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(bench, tmp_path, mon
 # ------------------------------------------------------------------------------------------------
 def test_full_disk_keeps_previous_checkpoint(bench, tmp_path, monkeypatch, caplog):
     folder = tmp_path / "full"
-    args = common(bench, tmp_path, "full", "--epoch", "3", "--datasetLen", "2", "--batch_size", "1",
+    args = train_args(bench, tmp_path, "full", "--epoch", "3", "--datasetLen", "2", "--batch_size", "1",
                   "--eval_every", "10")
     real_save = torch.save
 
@@ -598,38 +582,16 @@ def test_full_disk_keeps_previous_checkpoint(bench, tmp_path, monkeypatch, caplo
 # ------------------------------------------------------------------------------------------------
 # 8. Unicode, spaces and punctuation in paths and class names
 # ------------------------------------------------------------------------------------------------
-SEEN_NAMES = {"sun": "hot-air balloon", "moon": "日本の城", "star": "fish, chips & peas"}
-UNSEEN_NAMES = {"mushroom": "crème brûlée", "candle": 'o\'clock, "12"'}  # a comma and quotes: CSV quoting
+SEEN_NAMES = ["hot-air balloon", "日本の城", "fish, chips & peas"]
+UNSEEN_NAMES = ["crème brûlée", 'o\'clock, "12"']  # a comma and quotes: CSV quoting
 
 
-def make_unicode_dataset(bench: Path, root: Path) -> None:
-    """Copy the synthetic benchmark into the Sketchy layout under new, awkward names."""
-    src = bench / "Sketchy" / "256x256"
-    split = root / "Sketchy" / "zeroshot1"
-    split.mkdir(parents=True)
-    for names, suffix in ((SEEN_NAMES, "train"), (UNSEEN_NAMES, "zero")):
-        (split / f"cname_cid{'_zero' if suffix == 'zero' else ''}.txt").write_text(
-            "".join(f"{new} {i}\n" for i, new in enumerate(names.values())), encoding="utf-8")
-        for kind, folder, lst in (("sketch", "sketch/tx_000000000000_ready",
-                                   f"sketch_tx_000000000000_ready_filelist_{suffix}.txt"),
-                                  ("photo", "photo/tx_000000000000_ready", f"all_photo_filelist_{suffix}.txt")):
-            lines = []
-            for label, (old, new) in enumerate(names.items()):
-                dest = root / "Sketchy" / "256x256" / folder / new
-                dest.mkdir(parents=True)
-                for i, f in enumerate(sorted((src / folder / old).iterdir())):
-                    name = f"{new} #{i} (ü).{f.suffix[1:]}"
-                    shutil.copy(f, dest / name)
-                    lines.append(f"256x256/{folder}/{new}/{name} {label}\n")
-            (split / lst).write_text("".join(lines), encoding="utf-8")
-
-
-def test_unicode_spaces_and_punctuation_end_to_end(bench, tmp_path):
-    root = tmp_path / "my data (v2) — ü"
-    make_unicode_dataset(bench, root)
+def test_unicode_spaces_and_punctuation_end_to_end(make_benchmark, tmp_path):
+    root = make_benchmark(root=tmp_path / "my data (v2) — ü", seen=SEEN_NAMES, unseen=UNSEEN_NAMES, per_class=8,
+                          unseen_per_class=4, images="noise", name="{cls} #{i} (ü)")
     out = root / "results dir"
     exp = "exp ü 1"
-    result = train.main(common(root, out, exp, "--epoch", "1", "--datasetLen", "4", "--batch_size", "1"))
+    result = train.main(train_args(root, out, exp, "--epoch", "1", "--datasetLen", "4", "--batch_size", "1"))
     assert result["global_step"] == 4
     folder = out / exp
     log_path = tmp_path / "test_py.out"
@@ -639,9 +601,9 @@ def test_unicode_spaces_and_punctuation_end_to_end(bench, tmp_path):
     with open(folder / "per_class.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0][:2] == ["class", "mAP@all"]
-    assert [r[0] for r in rows[1:]] == sorted(UNSEEN_NAMES.values())
+    assert [r[0] for r in rows[1:]] == sorted(UNSEEN_NAMES)
     assert all(0.0 <= float(r[1]) <= 1.0 for r in rows[1:])
     saved = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    assert saved["split"]["unseen_classes"] == sorted(UNSEEN_NAMES.values())
+    assert saved["split"]["unseen_classes"] == sorted(UNSEEN_NAMES)
     assert saved["num_queries"] == saved["listed"]["queries"] == 8
     assert str(folder / "best.pth") in output_of(log_path)

@@ -6,22 +6,19 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
+from conftest import parse_train_args  # tests/ is on sys.path
 from datasets.sampling import TripletIndexSampler
 
 
-def _resolve(*argv):
-    return train.resolve_args(train.get_args_parser().parse_args(list(argv)))
-
-
 def test_b16_defaults_are_the_released_recipe():
-    args = _resolve("--data_path", "/data")  # a dataset: the b16 preset
+    args = parse_train_args(["--data_path", "/data"])  # a dataset: the b16 preset
     assert args.arch == "b16"
     assert (args.batch_size, args.lr, args.weight_decay, args.epoch, args.datasetLen) == (2, 1e-5, 1e-3, 50, 5000)
     assert train.RELEASED_RECIPE == dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000)
     assert args.ln_eps is None  # the encoder preset's 1e-6 (timm's)
     assert train.planned_updates(args.datasetLen, args.batch_size, args.epoch) == 125_000
     assert train.schedule_warning(args, 125_000) is None
-    assert _resolve("--data_path", "/data", "--batch_size", "16").batch_size == 16  # still available
+    assert parse_train_args(["--data_path", "/data", "--batch_size", "16"]).batch_size == 16  # still available
 
 
 @pytest.mark.parametrize("triplets,batch,epochs,world,expected", [
@@ -41,36 +38,37 @@ def test_planned_updates_match_the_training_loader(triplets, batch, epochs, worl
 
 
 def test_a_larger_batch_warns_that_the_schedule_is_not_the_released_one():
-    args = _resolve("--data_path", "/data", "--batch_size", "16")
+    args = parse_train_args(["--data_path", "/data", "--batch_size", "16"])
     updates = train.planned_updates(args.datasetLen, args.batch_size, args.epoch)
     message = train.schedule_warning(args, updates)
     assert "makes 15,650 optimizer updates against the released 125,000 (batch 2 x 5,000 triplets x 50 epochs)" \
         in message
     assert "about 7.99 times less far" in message and "has not been validated" in message
     assert message.endswith("--batch_size 2 restores it.")
-    longer = _resolve("--data_path", "/data", "--epoch", "100")
+    longer = parse_train_args(["--data_path", "/data", "--epoch", "100"])
     assert "about 2 times further" in train.schedule_warning(longer, 250_000)
     assert train.schedule_warning(longer, 250_000).endswith("--epoch 50 restores it.")
-    tiny = _resolve("--batch_size", "16")  # no --data_path: the tiny preset, which has no released schedule
+    tiny = parse_train_args(["--batch_size", "16"])  # no --data_path: the tiny preset, which has no released schedule
     assert tiny.arch == "tiny" and train.schedule_warning(tiny, 1000) is None
 
 
 def test_ln_eps_flag():
-    assert _resolve("--data_path", "/data", "--ln_eps", "1e-5").ln_eps == 1e-5
+    assert parse_train_args(["--data_path", "/data", "--ln_eps", "1e-5"]).ln_eps == 1e-5
     with pytest.raises(train.UserError, match="--ln_eps must be positive"):
-        _resolve("--ln_eps", "0")
+        parse_train_args(["--ln_eps", "0"])
     assert "ln_eps" in train.RUN_DEFINING_FLAGS
 
 
 def test_resume_treats_a_checkpoint_without_ln_eps_as_the_default(tmp_path, caplog):
     old = {"arch": "b16", "batch_size": 2, "seed": 0}  # saved before --ln_eps existed
     for ours in (None, 1e-6):
-        train.check_resume_args(_resolve("--data_path", "/data", *(["--ln_eps", str(ours)] if ours else [])),
+        train.check_resume_args(parse_train_args(["--data_path", "/data", *(["--ln_eps", str(ours)] if ours else [])]),
                                 dict(old), tmp_path / "checkpoint.pth")
     with pytest.raises(train.UserError, match=r"--ln_eps 1e-05 \(the run has None\)"):
-        train.check_resume_args(_resolve("--data_path", "/data", "--ln_eps", "1e-5"), dict(old),
+        train.check_resume_args(parse_train_args(["--data_path", "/data", "--ln_eps", "1e-5"]), dict(old),
                                 tmp_path / "checkpoint.pth")
     with pytest.raises(train.UserError, match="--ln_eps None"):
-        train.check_resume_args(_resolve("--data_path", "/data"), dict(old, ln_eps=1e-5), tmp_path / "checkpoint.pth")
-    train.check_resume_args(_resolve("--data_path", "/data", "--ln_eps", "1e-5"), dict(old, ln_eps=1e-5),
+        train.check_resume_args(parse_train_args(["--data_path", "/data"]), dict(old, ln_eps=1e-5),
+                                tmp_path / "checkpoint.pth")
+    train.check_resume_args(parse_train_args(["--data_path", "/data", "--ln_eps", "1e-5"]), dict(old, ln_eps=1e-5),
                             tmp_path / "checkpoint.pth")

@@ -46,9 +46,9 @@ def _ink(img: Image.Image) -> float:
 
 
 @pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    return make_synthetic_benchmark(tmp_path_factory.mktemp("bench") / "root", classes=FEW_CLASSES,
-                                    progress=False, **SMALL)
+def small_root(make_benchmark) -> Path:
+    """make_synthetic_benchmark(classes=FEW_CLASSES, **SMALL), 128 px (its default size)."""
+    return make_benchmark(seen=FEW_CLASSES[:3], unseen=FEW_CLASSES[3:], per_class=(3, 2), unseen_per_class=2, size=128)
 
 
 # ------------------------------------------------------------------------------------------ classes

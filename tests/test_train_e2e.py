@@ -13,30 +13,26 @@ import torch
 
 import test as test_script
 import train
+from conftest import train_args  # tests/ is on sys.path
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    from datasets.synthetic import make_synthetic_benchmark
-
-    root = tmp_path_factory.mktemp("synth")
-    return make_synthetic_benchmark(root / "bench", seed=0, sketches_per_class=8, photos_per_class=8,
-                                    unseen_per_class=16, size=64, progress=False)
+def synthetic_root(make_benchmark):
+    """Every class of datasets.synthetic: 8 sketches and 8 photos per seen class, 16 of each per unseen class."""
+    return make_benchmark(seen=None, unseen=None, per_class=8, unseen_per_class=16, size=64)
 
 
-def common(root, out, exp, *extra):
-    return ["--exp", exp, "--output_dir", str(out), "--data_path", str(root), "--custom_split",
-            "--arch", "tiny", "--num_workers", "0", "--no_progress", "--device", "cpu", *extra]
+TB_IMAGES = {"no_tb_images": False}  # these runs log TensorBoard pictures too (train.py's log_pictures)
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory):
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("results")
-    result = train.main(common(synthetic_root, out, "run", "--epoch", "3", "--datasetLen", "192",
-                               "--batch_size", "16", "--seed", "1", "--collapse_patience", "12", "--log_every", "3"))
+    result = train.main(train_args(synthetic_root, out, "run", "--epoch", "3", "--datasetLen", "192", "--batch_size",
+                                   "16", "--seed", "1", "--collapse_patience", "12", "--log_every", "3", **TB_IMAGES))
     return out / "run", result
 
 
@@ -79,7 +75,7 @@ def test_experiment_folder_contents(trained):
 def test_existing_experiment_is_not_overwritten(trained, synthetic_root):
     folder, _ = trained
     with pytest.raises(SystemExit) as exc:
-        train.main(common(synthetic_root, folder.parent, "run"))
+        train.main(train_args(synthetic_root, folder.parent, "run", **TB_IMAGES))
     assert exc.value.code == 2
     assert (folder / "checkpoint.pth").is_file()
 
@@ -102,9 +98,9 @@ def test_test_script_rebuilds_model_from_checkpoint(trained, tmp_path):
 
 def test_resume_continues_exactly(synthetic_root, tmp_path):
     args = ["--datasetLen", "64", "--batch_size", "16", "--seed", "3", "--eval_per_class", "2", "--no-testall"]
-    full = train.main(common(synthetic_root, tmp_path, "full", "--epoch", "2", *args))
-    train.main(common(synthetic_root, tmp_path, "part", "--epoch", "1", *args))
-    resumed = train.main(common(synthetic_root, tmp_path, "part", "--epoch", "2", "--resume", *args))
+    full = train.main(train_args(synthetic_root, tmp_path, "full", "--epoch", "2", *args, **TB_IMAGES))
+    train.main(train_args(synthetic_root, tmp_path, "part", "--epoch", "1", *args, **TB_IMAGES))
+    resumed = train.main(train_args(synthetic_root, tmp_path, "part", "--epoch", "2", "--resume", *args, **TB_IMAGES))
     assert resumed["global_step"] == full["global_step"] == 2 * 4
     assert [l["epoch"] for l in read_log(tmp_path / "part")] == [0, 1]
     a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)["model"]
@@ -117,9 +113,9 @@ def test_compile_flag_trains_and_saves_uncompiled_weights(synthetic_root, tmp_pa
     # backend "eager": dynamo traces the encoder and the decoder without a C++ build (fast on CPU).
     args = ["--datasetLen", "32", "--batch_size", "16", "--epoch", "1", "--eval_per_class", "2", "--no-testall",
             "--no_tb_images", "--seed", "2"]
-    result = train.main(common(synthetic_root, tmp_path, "compiled", "--compile", "--compile_backend", "eager",
-                               *args))
-    plain = train.main(common(synthetic_root, tmp_path, "plain", *args))
+    result = train.main(train_args(synthetic_root, tmp_path, "compiled", "--compile", "--compile_backend", "eager",
+                                   *args, **TB_IMAGES))
+    plain = train.main(train_args(synthetic_root, tmp_path, "plain", *args, **TB_IMAGES))
     assert result["global_step"] == plain["global_step"] == 2
     a = torch.load(tmp_path / "compiled" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "checkpoint.pth", weights_only=True)["model"]

@@ -219,11 +219,7 @@ def test_select_items_spreads_over_classes_reproducibly():
 
 
 # ----------------------------------------------------------------------------- summaries (tiny model)
-@pytest.fixture(scope="module")
-def tiny_sampler():
-    from models.vxl_sampler import VxLSampler
-
-    return VxLSampler.tiny(image_size=SIZE, patch_size=8)
+# tiny_sampler (conftest.py): the tiny preset's sampler, SIZE px images in 8 px patches
 
 
 @pytest.fixture(scope="module")
@@ -330,13 +326,9 @@ def test_visualize_masks_tool_on_photos(tmp_path, tiny_sampler, photo_files):
 
 
 @pytest.fixture(scope="module")
-def mini_benchmark(tmp_path_factory):
-    from datasets.synthetic import make_synthetic_benchmark
-
-    root = tmp_path_factory.mktemp("bench")
-    make_synthetic_benchmark(root, sketches_per_class=1, photos_per_class=3, unseen_per_class=2, size=48,
-                             classes=["sun", "moon", "star", "kite", "tent"], progress=False)
-    return root
+def mini_benchmark(make_benchmark):
+    return make_benchmark(seen=["sun", "moon", "star"], unseen=["kite", "tent"], per_class=(1, 3), unseen_per_class=2,
+                          size=48)
 
 
 def test_visualize_masks_tool_takes_settings_from_a_checkpoint(tmp_path, mini_benchmark):

@@ -1,11 +1,9 @@
 """models.vxl_cache and tools.precompute_masks: cached VxL masks equal the online ones, stale caches are refused."""
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 
 from datasets import build_datasets, load_benchmark
@@ -18,47 +16,17 @@ from models.vxl_cache import (
 )
 from models.vxl_sampler import VxLSampler, build_tiny_clip, build_vxl_sampler
 from tools import precompute_masks
+from conftest import parse_train_args, train_args  # tests/ is on sys.path
 
 SEEN = ["alarm clock", "cat", "café crème"]  # spaces and unicode in class names and paths
 UNSEEN = ["cup", "sun"]
 PHOTOS_PER_CLASS = 3  # 9 training photos
-LISTS = {"sketch_train": "sketch_tx_000000000000_ready_filelist_train.txt",
-         "photo_train": "all_photo_filelist_train.txt",
-         "sketch_zero": "sketch_tx_000000000000_ready_filelist_zero.txt",
-         "photo_zero": "all_photo_filelist_zero.txt"}
-
-
-def write_tree(root: Path) -> Path:
-    """A tiny Sketchy-layout split with random 40x40 photos (different photos, different masks)."""
-    rng = np.random.default_rng(0)
-    sketchy = root / "Sketchy"
-    folder = sketchy / "zeroshot1"
-    folder.mkdir(parents=True)
-    (folder / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(SEEN)))
-    (folder / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(UNSEEN)))
-    for name, classes, sub, count in [("sketch_train", SEEN, "sketch", 1),
-                                      ("photo_train", SEEN, "photo", PHOTOS_PER_CLASS),
-                                      ("sketch_zero", UNSEEN, "sketch", 1), ("photo_zero", UNSEEN, "photo", 1)]:
-        lines = []
-        for label, c in enumerate(classes):
-            for j in range(count):
-                rel = f"256x256/{sub}/tx_000000000000_ready/{c}/{sub} {j}.png"
-                (sketchy / rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(sketchy / rel)
-                lines.append(f"{rel} {label}\n")
-        (folder / LISTS[name]).write_text("".join(lines), encoding="utf-8")
-    return root
 
 
 def run_precompute(root, out, *extra):
     return precompute_masks.main(["--data_path", str(root), "--custom_split", "--arch", "tiny", "--out", str(out),
                                   "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no_progress",
                                   *extra])
-
-
-def train_args(root, **kw):
-    return SimpleNamespace(data_path=str(root), dataset="sketchy_extend", test_class="test_class_sketchy25",
-                           custom_split=True, arch="tiny", image_size=64, datasetLen=6, seed=0, **kw)
 
 
 def online_masks(sampler: VxLSampler, split):
@@ -72,17 +40,17 @@ def online_masks(sampler: VxLSampler, split):
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = write_tree(tmp_path_factory.mktemp("data"))
+def tree(make_benchmark):
+    """A tiny Sketchy-layout split with random 40x40 images (different photos, different masks), its masks."""
+    root = make_benchmark(seen=SEEN, unseen=UNSEEN, per_class=(1, PHOTOS_PER_CLASS), unseen_per_class=1,
+                          images="noise", size=40)
     out = root / "masks.npz"
     summary = run_precompute(root, out)
     return SimpleNamespace(root=root, out=out, summary=summary,
                            split=load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False))
 
 
-@pytest.fixture(scope="module")
-def sampler():
-    return build_vxl_sampler("tiny")
+# tiny_sampler (conftest.py): what build_vxl_sampler("tiny") builds
 
 
 # ----------------------------------------------------------------------------- packing
@@ -120,14 +88,14 @@ def test_save_load_roundtrip_and_contains(tmp_path):
 
 
 # ----------------------------------------------------------------------------- precompute
-def test_precompute_equals_online_sampler(tree, sampler):
+def test_precompute_equals_online_sampler(tree, tiny_sampler):
     assert tree.summary["computed"] == tree.summary["train_photos"] == 3 * PHOTOS_PER_CLASS
-    args = train_args(tree.root)
+    args = parse_train_args(train_args(tree.root))
     cache = load_mask_cache_for_training(tree.out, args)
-    assert cache.key == expected_cache_key(args) == mask_cache_key(sampler, image_size=64, clip=cache.key["clip"])
+    assert cache.key == expected_cache_key(args) == mask_cache_key(tiny_sampler, image_size=64, clip=cache.key["clip"])
     # The sampler training builds (build_model) has the settings the key records.
     assert mask_cache_key(build_model(args).sampler, image_size=64, clip=cache.key["clip"]) == cache.key
-    online = online_masks(sampler, tree.split)
+    online = online_masks(tiny_sampler, tree.split)
     assert sorted(cache.paths) == sorted(online)
     for rel, mask in online.items():
         assert torch.equal(cache.get(rel), mask), rel  # bit-exact
@@ -137,17 +105,18 @@ def test_precompute_equals_online_sampler(tree, sampler):
 
 
 def test_refuses_cache_made_with_other_settings(tree, tmp_path):
-    args = train_args(tree.root)
+    args = parse_train_args(train_args(tree.root))
     with pytest.raises(MaskCacheError, match=r"keep_ratio 0\.3 in cache vs 0\.5 now"):
-        load_mask_cache_for_training(tree.out, train_args(tree.root, keep_ratio=0.5))
+        load_mask_cache_for_training(tree.out, parse_train_args(train_args(tree.root, keep_ratio=0.5)))
     with pytest.raises(MaskCacheError, match=r'prompt "\{\}" in cache vs "a photo of \{\}" now'):
-        load_mask_cache_for_training(tree.out, train_args(tree.root, prompt="a photo of {}"))
+        load_mask_cache_for_training(tree.out, parse_train_args(train_args(tree.root, prompt="a photo of {}")))
     with pytest.raises(MaskCacheError, match="feature_norm"):
-        load_mask_cache_for_training(tree.out, train_args(tree.root, vxl_norm="channel"))
+        load_mask_cache_for_training(tree.out, parse_train_args(train_args(tree.root, vxl_norm="channel")))
     # Another CLIP: the tiny architecture with other (seed-1) weights, from a file.
     torch.save(build_tiny_clip(seed=1).state_dict(), tmp_path / "clip_seed1.pt")
     with pytest.raises(MaskCacheError, match="made with a different CLIP"):
-        load_mask_cache_for_training(tree.out, train_args(tree.root, clip_weights=str(tmp_path / "clip_seed1.pt")))
+        load_mask_cache_for_training(tree.out, parse_train_args(
+            train_args(tree.root, clip_weights=str(tmp_path / "clip_seed1.pt"))))
     # Rerunning the tool with other settings on the same --out refuses rather than mixing masks.
     with pytest.raises(SystemExit, match=r"keep_ratio 0\.3 in cache vs 0\.5 now"):
         run_precompute(tree.root, tree.out, "--keep_ratio", "0.5")
@@ -158,7 +127,7 @@ def test_other_clip_file_gives_other_key_and_masks(tree, tmp_path):
     torch.save(build_tiny_clip(seed=1).state_dict(), tmp_path / "clip_seed1.pt")
     out = tmp_path / "seed1.npz"
     run_precompute(tree.root, out, "--clip_weights", str(tmp_path / "clip_seed1.pt"))
-    args = train_args(tree.root, clip_weights=str(tmp_path / "clip_seed1.pt"))
+    args = parse_train_args(train_args(tree.root, clip_weights=str(tmp_path / "clip_seed1.pt")))
     cache = load_mask_cache_for_training(out, args)
     assert cache.key["clip"]["source"] == "file" and len(cache.key["clip"]["sha256"]) == 64
     online = online_masks(build_vxl_sampler("tiny", str(tmp_path / "clip_seed1.pt")), tree.split)
@@ -179,7 +148,7 @@ def test_missing_photo_has_clear_error(tree, tmp_path):
     partial = MaskCache(key=cache.key, num_patches=64, meta=cache.meta, source="partial.npz")
     partial.add(cache.paths[:-2], cache.get_many(cache.paths[:-2]))
     with pytest.raises(MaskCacheError, match=r"lacks 2 of the 9 training photos"):
-        build_datasets(train_args(tree.root), mask_cache=partial)
+        build_datasets(parse_train_args(train_args(tree.root)), mask_cache=partial)
 
 
 def test_resume_after_interruption(tree, tmp_path, monkeypatch):
@@ -235,7 +204,7 @@ def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path):
 # ----------------------------------------------------------------------------- training equivalence
 def test_forward_with_cached_masks_equals_online_sampler(tree):
     """The key equivalence: the same batch gives the same losses and gradients with or without CLIP."""
-    args = train_args(tree.root)
+    args = parse_train_args(train_args(tree.root))
     online_data = build_datasets(args)
     cached_data = build_datasets(args, mask_cache=load_mask_cache_for_training(tree.out, args))
     items = [cached_data["train"][k] for k in range(4)]
@@ -273,7 +242,7 @@ def test_forward_with_cached_masks_equals_online_sampler(tree):
 
 
 def test_model_rejects_bad_per_photo_masks(tree):
-    model = build_model(train_args(tree.root), with_sampler=False).eval()
+    model = build_model(parse_train_args(train_args(tree.root)), with_sampler=False).eval()
     img = torch.zeros(2, 3, 64, 64)
     batch = dict(sketch=img, positive=img, negative=img, positive_class=["cat"] * 2, negative_class=["sun"] * 2)
     with pytest.raises(ValueError, match="go together"):

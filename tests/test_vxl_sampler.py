@@ -12,9 +12,8 @@ from models.vxl_sampler import (TINY_CLIP_CFG, VxLSampler, build_tiny_clip, buil
 NAMES = ["cat", "airplane", "cat"]
 
 
-@pytest.fixture(scope="module")
-def sampler():
-    return VxLSampler.tiny()  # 64x64 images, 8x8 patches -> 64 patches, surgery on the last 2 blocks
+# tiny_sampler (conftest.py): VxLSampler.tiny(), 64x64 images, 8x8 patches -> 64 patches, surgery on the last
+# 2 blocks
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +106,17 @@ def plain_mask(relevance, keep_ratio):
 
 
 # ----------------------------------------------------------------------------- tests
-def test_plain_normal_path_matches_open_clip(sampler, images):
+def test_plain_normal_path_matches_open_clip(tiny_sampler, images):
     """Validates the plain re-implementation itself on open_clip's own image embedding."""
-    _, normal = plain_surgery_tokens(sampler.clip, images, sampler.surgery_depth)
+    _, normal = plain_surgery_tokens(tiny_sampler.clip, images, tiny_sampler.surgery_depth)
     with torch.no_grad():
-        pooled = sampler.clip.encode_image(images)
+        pooled = tiny_sampler.clip.encode_image(images)
     torch.testing.assert_close(normal[:, 0].float(), pooled, rtol=1e-5, atol=1e-5)
 
 
-def test_surgery_tokens_match_plain(sampler, images):
-    ours = sampler.image_tokens(images)
-    surgery, normal = plain_surgery_tokens(sampler.clip, images, sampler.surgery_depth)
+def test_surgery_tokens_match_plain(tiny_sampler, images):
+    ours = tiny_sampler.image_tokens(images)
+    surgery, normal = plain_surgery_tokens(tiny_sampler.clip, images, tiny_sampler.surgery_depth)
     assert ours.shape == (3, 65, 64)
     torch.testing.assert_close(ours.double(), surgery, rtol=1e-5, atol=1e-5)
     # The patch tokens really come from the second path.
@@ -137,9 +136,9 @@ def test_relevance_and_mask_match_plain(images, feature_norm):
     assert mask.sum(dim=1).tolist() == [19.0] * 3  # 64 - (floor(64 * 0.7) + 1) = 19 kept
 
 
-def test_token_norm_differs_from_channel_norm(sampler, images):
+def test_token_norm_differs_from_channel_norm(tiny_sampler, images):
     chan = VxLSampler.tiny(feature_norm="channel")
-    assert not torch.allclose(sampler.relevance(images, NAMES), chan.relevance(images, NAMES))
+    assert not torch.allclose(tiny_sampler.relevance(images, NAMES), chan.relevance(images, NAMES))
 
 
 def test_b16_mask_keeps_58_of_196():
@@ -152,12 +151,12 @@ def test_b16_mask_keeps_58_of_196():
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 
 
-def test_mask_ties_are_stable(sampler):
+def test_mask_ties_are_stable(tiny_sampler):
     rel = torch.zeros(1, 64)
-    mask = sampler.mask_from_relevance(rel)
+    mask = tiny_sampler.mask_from_relevance(rel)
     assert mask[0, :45].sum() == 0 and mask[0, 45:].sum() == 19  # ties: lowest indices dropped first
     rel = torch.arange(64.0).flip(0)[None]  # descending relevance: the last 45 patches go
-    assert sampler.mask_from_relevance(rel)[0, 19:].sum() == 0
+    assert tiny_sampler.mask_from_relevance(rel)[0, 19:].sum() == 0
 
 
 def test_prompt_and_text_cache(images):
@@ -184,8 +183,8 @@ def test_prompt_and_text_cache(images):
     torch.testing.assert_close(t[2], ref[[0, 1]], rtol=1e-5, atol=1e-6)
 
 
-def test_clip_input_norm(images):
-    enc_mode = VxLSampler.tiny()
+def test_clip_input_norm(tiny_sampler, images):
+    enc_mode = tiny_sampler
     clip_mode = VxLSampler.tiny(input_norm="clip")
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -194,12 +193,12 @@ def test_clip_input_norm(images):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_and_always_eval(sampler, images):
-    assert all(not p.requires_grad for p in sampler.parameters())
-    sampler.train()
-    assert not sampler.training and not any(m.training for m in sampler.modules())
+def test_frozen_and_always_eval(tiny_sampler, images):
+    assert all(not p.requires_grad for p in tiny_sampler.parameters())
+    tiny_sampler.train()
+    assert not tiny_sampler.training and not any(m.training for m in tiny_sampler.modules())
     x = images.clone().requires_grad_(True)
-    out = sampler.relevance(x, NAMES)
+    out = tiny_sampler.relevance(x, NAMES)
     assert out.grad_fn is None and not out.requires_grad
 
 
@@ -211,7 +210,7 @@ def test_tiny_clip_is_seeded_and_leaves_global_rng_alone():
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_bad_arguments(sampler, images):
+def test_bad_arguments(tiny_sampler, images):
     with pytest.raises(ValueError, match="keep_ratio"):
         VxLSampler.tiny(keep_ratio=1.5)
     with pytest.raises(ValueError, match="feature_norm"):
@@ -221,9 +220,9 @@ def test_bad_arguments(sampler, images):
     with pytest.raises(ValueError, match="surgery_depth"):
         VxLSampler.tiny(surgery_depth=9)
     with pytest.raises(ValueError, match="class names"):
-        sampler.relevance(images, ["cat"])
+        tiny_sampler.relevance(images, ["cat"])
     with pytest.raises(ValueError, match="64"):
-        sampler.relevance(torch.zeros(1, 3, 32, 32), ["cat"])
+        tiny_sampler.relevance(torch.zeros(1, 3, 32, 32), ["cat"])
     with pytest.raises(ValueError, match="--clip_weights"):
         build_vxl_sampler("b16", None)
 
@@ -236,9 +235,9 @@ def _openai_style_state_dict(clip):
     return sd
 
 
-def test_openai_naming_is_open_clips(sampler):
+def test_openai_naming_is_open_clips(tiny_sampler):
     """open_clip's own OpenAI loader accepts our OpenAI-style dict: the key names are the same."""
-    sd = _openai_style_state_dict(sampler.clip)
+    sd = _openai_style_state_dict(tiny_sampler.clip)
     ref = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True).float()
     ours = open_clip.CLIP(**tiny_clip_cfg())
     load_openai_state_dict(ours, dict(sd))
@@ -248,8 +247,8 @@ def test_openai_naming_is_open_clips(sampler):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
-def test_from_pretrained_state_dict_and_torchscript(tmp_path, sampler, images):
-    clip = sampler.clip
+def test_from_pretrained_state_dict_and_torchscript(tmp_path, tiny_sampler, images):
+    clip = tiny_sampler.clip
     sd = {k: v.clone() for k, v in clip.state_dict().items()}
     sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     torch.save(sd, tmp_path / "clip_sd.pt")
@@ -263,7 +262,7 @@ def test_from_pretrained_state_dict_and_torchscript(tmp_path, sampler, images):
                      "encode_text": (torch.zeros(1, 77, dtype=torch.long),)}, check_trace=False)
     torch.jit.save(traced, str(tmp_path / "clip_jit.pt"))
 
-    expected = sampler.relevance(images, NAMES)
+    expected = tiny_sampler.relevance(images, NAMES)
     for name in ("clip_sd.pt", "clip_jit.pt"):
         loaded = VxLSampler.from_pretrained(str(tmp_path / name), model_cfg=tiny_clip_cfg(), surgery_depth=2)
         assert all(not p.requires_grad for p in loaded.parameters())
@@ -280,14 +279,14 @@ def test_from_pretrained_state_dict_and_torchscript(tmp_path, sampler, images):
     torch.testing.assert_close(built.relevance(images, NAMES), expected, rtol=0, atol=0)
 
 
-def test_from_pretrained_errors(tmp_path, sampler):
-    sd = dict(sampler.clip.state_dict())
+def test_from_pretrained_errors(tmp_path, tiny_sampler):
+    sd = dict(tiny_sampler.clip.state_dict())
     sd["visual.proj"] = torch.zeros(128, 32)
     torch.save(sd, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"visual\.proj.*\(128, 32\).*\(128, 64\)"):
         VxLSampler.from_pretrained(str(tmp_path / "wrong.pt"), model_cfg=tiny_clip_cfg())
 
-    missing = {k: v for k, v in sampler.clip.state_dict().items() if k != "ln_final.weight"}
+    missing = {k: v for k, v in tiny_sampler.clip.state_dict().items() if k != "ln_final.weight"}
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="ln_final.weight"):
         VxLSampler.from_pretrained(str(tmp_path / "missing.pt"), model_cfg=tiny_clip_cfg())
@@ -299,7 +298,7 @@ def test_from_pretrained_errors(tmp_path, sampler):
         VxLSampler.from_pretrained(str(tmp_path / "junk.pt"), model_cfg=tiny_clip_cfg())
 
     gelu_cfg = dict(tiny_clip_cfg(), quick_gelu=False)  # plain GELU: wrong for OpenAI weights
-    torch.save(sampler.clip.state_dict(), tmp_path / "ok.pt")
+    torch.save(tiny_sampler.clip.state_dict(), tmp_path / "ok.pt")
     with pytest.raises(ValueError, match="QuickGELU"):
         VxLSampler.from_pretrained(str(tmp_path / "ok.pt"), model_cfg=gelu_cfg)
 
