@@ -44,6 +44,8 @@ __all__ = ["FamilySpec", "FAMILY", "PHOTO_STYLES", "SKETCH_STYLES", "LAYOUTS", "
 PHOTO_STYLES = ("flat", "textured", "cluttered", "noisy", "lowcontrast")
 SKETCH_STYLES = ("clean", "jittery", "thin", "thick", "partial")
 PART_KINDS = ("circle", "square", "triangle", "diamond", "star", "ring", "cross", "bar", "halfdisc", "hexagon")
+# Single-shape classes (``FamilySpec.parts == (1, 1)``) draw from these: the parts and six more outlines.
+SHAPE_KINDS = PART_KINDS + ("pentagon", "ellipse", "arrow", "trapezoid", "ell", "tee")
 # layout -> (--dataset, --test_class, sketch folder, photo folder, photo extension)
 LAYOUTS = {
     "sketchy": ("sketchy_extend", "test_class_sketchy25", "256x256/sketch/tx_000000000000_ready",
@@ -71,6 +73,7 @@ class FamilySpec:
     photo_mode: str = "RGB"  # RGB | L (JPEG) ; P | RGBA (PNG)
     sketch_mode: str = "L"  # L | 1 | RGB | RGBA (PNG)
     seed: int = 0
+    parts: tuple[int, int] = (2, 4)  # parts per class glyph, inclusive; (1, 1): each class one simple shape
     extra: dict = field(default_factory=dict, compare=False)
 
     def check(self) -> None:
@@ -81,6 +84,13 @@ class FamilySpec:
                                f"sketch styles {SKETCH_STYLES}")
         if self.layout not in LAYOUTS:
             raise DatasetError(f"benchmark {self.name!r}: unknown layout {self.layout!r}; choose {list(LAYOUTS)}")
+        lo, hi = self.parts
+        if not 1 <= lo <= hi <= 4:
+            raise DatasetError(f"benchmark {self.name!r}: parts must be (lo, hi) with 1 <= lo <= hi <= 4, "
+                               f"got {self.parts}")
+        if hi == 1 and self.seen + self.unseen > len(SHAPE_KINDS):
+            raise DatasetError(f"benchmark {self.name!r}: single-shape classes allow at most {len(SHAPE_KINDS)} "
+                               f"classes ({list(SHAPE_KINDS)}), got {self.seen + self.unseen}")
         if self.seen < 2 or self.unseen < 2 or self.per_class < 2:
             raise DatasetError(f"benchmark {self.name!r}: needs >= 2 seen and unseen classes and >= 2 images "
                                f"per class")
@@ -97,6 +107,7 @@ class FamilySpec:
 # The learning matrix's benchmarks (tools.learning_matrix). ``issue_flat_noisy`` is the benchmark on
 # which the tiny preset used to collapse (9 + 3 classes, flat photos with distractors and noise).
 FAMILY: dict[str, FamilySpec] = {s.name: s for s in (
+    FamilySpec("issue_shapes", "sketchy", 9, 3, 60, ("flat", "cluttered", "noisy"), ("clean",), parts=(1, 1), seed=8),
     FamilySpec("issue_flat_noisy", "sketchy", 9, 3, 60, ("flat", "cluttered", "noisy"), ("clean",)),
     FamilySpec("textured_jittery_tub", "tuberlin", 20, 5, 40, ("textured",), ("jittery",),
                sketch_size=96, photo_size=(96, 96), photo_mode="L", seed=1),
@@ -116,17 +127,27 @@ FAMILY: dict[str, FamilySpec] = {s.name: s for s in (
 
 
 # --------------------------------------------------------------------------------------------- glyphs
-def class_glyph(family_seed: int, class_index: int) -> list[dict]:
-    """The parts of class ``class_index``: kind, centre (x, y), size, angle, in unit object coordinates."""
+def class_glyph(family_seed: int, class_index: int, parts: tuple[int, int] = (2, 4)) -> list[dict]:
+    """The parts of class ``class_index``: kind, centre (x, y), size, angle, in unit object coordinates.
+
+    With ``parts == (1, 1)`` class ``k`` is the ``k``-th shape of a seeded permutation of
+    ``SHAPE_KINDS`` (so no two classes share a shape); otherwise 2 to 4 parts (``parts``) of
+    ``PART_KINDS`` at random offsets.
+    """
+    if tuple(parts) == (1, 1):
+        order = np.random.default_rng([family_seed, 104729]).permutation(len(SHAPE_KINDS))
+        rng = np.random.default_rng([family_seed, 7919, class_index])
+        return [dict(kind=SHAPE_KINDS[order[class_index]], centre=(0.0, 0.0), size=float(rng.uniform(0.28, 0.36)),
+                     angle=float(rng.uniform(0, 360)))]
     rng = np.random.default_rng([family_seed, 7919, class_index])
-    n_parts = int(rng.integers(2, 5))
+    n_parts = int(rng.integers(parts[0], parts[1] + 1))
     kinds = rng.choice(len(PART_KINDS), size=n_parts, replace=False)
-    parts = []
+    glyph = []
     for j, k in enumerate(kinds):
         centre = (0.0, 0.0) if j == 0 else tuple(rng.uniform(-0.3, 0.3, size=2))
         size = rng.uniform(0.28, 0.42) if j == 0 else rng.uniform(0.12, 0.28)
-        parts.append(dict(kind=PART_KINDS[k], centre=centre, size=float(size), angle=float(rng.uniform(0, 360))))
-    return parts
+        glyph.append(dict(kind=PART_KINDS[k], centre=centre, size=float(size), angle=float(rng.uniform(0, 360))))
+    return glyph
 
 
 def _regular(n: int, r: float, phase: float = 0.0) -> np.ndarray:
@@ -159,6 +180,23 @@ def _outlines(kind: str, size: float) -> list[tuple[np.ndarray, bool]]:
                            [-a, b], [-a, -b], [-b, -b]]), True)]
     if kind == "bar":
         return [(np.array([[-s, -0.2 * s], [s, -0.2 * s], [s, 0.2 * s], [-s, 0.2 * s]]), True)]
+    if kind == "pentagon":
+        return [(_regular(5, s, -math.pi / 2), True)]
+    if kind == "ellipse":
+        return [(_regular(48, s) * [1.0, 0.55], True)]
+    if kind == "arrow":
+        a, b = s, 0.25 * s
+        return [(np.array([[-a, -b], [0.2 * a, -b], [0.2 * a, -2.2 * b], [a, 0], [0.2 * a, 2.2 * b], [0.2 * a, b],
+                           [-a, b]]), True)]
+    if kind == "trapezoid":
+        return [(np.array([[-s, 0.6 * s], [s, 0.6 * s], [0.45 * s, -0.6 * s], [-0.45 * s, -0.6 * s]]), True)]
+    if kind == "ell":
+        a, b = s, 0.35 * s
+        return [(np.array([[-a, -a], [-a + b, -a], [-a + b, a - b], [a, a - b], [a, a], [-a, a]]), True)]
+    if kind == "tee":
+        a, b = s, 0.3 * s
+        return [(np.array([[-a, -a], [a, -a], [a, -a + b], [b / 2, -a + b], [b / 2, a], [-b / 2, a],
+                           [-b / 2, -a + b], [-a, -a + b]]), True)]
     if kind == "halfdisc":
         t = np.linspace(0, math.pi, 24)
         return [(np.stack([s * np.cos(t), -s * np.sin(t)], 1), True)]
@@ -316,6 +354,7 @@ def make_family_benchmark(root: str | Path, spec: FamilySpec, *, progress: bool 
     stamp = root / "family.json"
     record = {k: v for k, v in asdict(spec).items() if k != "extra"}
     record["photo_size"] = list(spec.photo_size)
+    record["parts"] = list(spec.parts)
     record["version"] = FAMILY_VERSION
     record = json.loads(json.dumps(record))
     if stamp.is_file() and json.loads(stamp.read_text()) == record:
@@ -323,7 +362,7 @@ def make_family_benchmark(root: str | Path, spec: FamilySpec, *, progress: bool 
     if spec.photo_mode in ("P", "RGBA"):
         photo_ext = ".png"
     names = _class_names(spec)
-    glyphs = [class_glyph(spec.seed, i) for i in range(len(names))]
+    glyphs = [class_glyph(spec.seed, i, spec.parts) for i in range(len(names))]
     seen_glyphs = glyphs[:spec.seen]
     base = root / split.dataset_dir
     lists = {"sketch_train": [], "photo_train": [], "sketch_zero": [], "photo_zero": []}

@@ -63,6 +63,19 @@ def test_bad_spec_is_refused_by_name(tmp_path):
         make_family_benchmark(tmp_path, small("odd2", layout="imagenet"))
 
 
+def test_single_shape_classes_are_distinct_simple_shapes_and_composites_are_unchanged():
+    kinds = [class_glyph(8, k, (1, 1)) for k in range(16)]
+    assert all(len(g) == 1 and g[0]["centre"] == (0.0, 0.0) for g in kinds)
+    assert len({g[0]["kind"] for g in kinds}) == 16  # a permutation of the 16 outlines
+    # Composite glyphs draw as before the single-shape option existed (the README's matrix figures).
+    assert [p["kind"] for p in class_glyph(0, 0)] == ["halfdisc", "hexagon", "bar"]
+    assert [p["kind"] for p in class_glyph(0, 0, (2, 4))] == ["halfdisc", "hexagon", "bar"]
+    with pytest.raises(DatasetError, match="at most 16 classes"):
+        small("many", seen=15, unseen=2, parts=(1, 1)).check()
+    with pytest.raises(DatasetError, match="parts must be"):
+        small("none", parts=(0, 2)).check()
+
+
 def test_family_spans_the_issue_ranges():
     specs = list(FAMILY.values())
     assert len(specs) >= 8
@@ -79,7 +92,8 @@ def test_learning_matrix_runs_cells_and_names_a_failing_one(tmp_path, monkeypatc
     monkeypatch.setattr(learning_matrix, "FAMILY", cells)
     code = learning_matrix.main(["--benchmarks", "ok_cell", "bad_cell", "--seeds", "3", "--data_dir",
                                  str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--train_args",
-                                 "--epoch 1 --datasetLen 16 --batch_size 8 --num_workers 0 --device cpu"])
+                                 "--epoch 1 --datasetLen 16 --batch_size 8 --num_workers 0 --device cpu",
+                                 "--reference_args", "--steps 3 --batch_size 4"])
     out, err = capsys.readouterr()
     assert code == 1
     assert "bad_cell seed 3 FAILED: drawing the benchmark" in err and "unknown style" in err
@@ -91,6 +105,11 @@ def test_learning_matrix_runs_cells_and_names_a_failing_one(tmp_path, monkeypatc
     assert ok["P100_x"] == pytest.approx(line["test_P@100"] / 0.5)
     assert 0 <= ok["triplet_acc"] <= 1 and ok["emb_spread"] >= 0
     assert "| ok_cell | 3 |" in out and "1/2 cells finished" in out and "targets NOT met" in out
+    # The small-CNN yardstick ran on the same cell, with the same chance level.
+    ref = ok["reference"]
+    assert ref["steps"] == 3 and ref["chance"] == pytest.approx(0.5) and 0 < ref["mAP@all"] <= 1
+    assert ref["mAP_x"] == pytest.approx(ref["mAP@all"] / 0.5)
+    assert f"{ref['mAP@all']:.3f} ({ref['mAP_x']:.2f}x)" in out and "the small-CNN reference reaches" in out
     # --report_only tabulates finished runs again without training; a seed never run is named.
     code = learning_matrix.main(["--benchmarks", "ok_cell", "--seeds", "3", "4", "--out", str(tmp_path / "out"),
                                  "--report_only"])

@@ -11,6 +11,12 @@ level (the fraction of the gallery that is relevant). The table gives both as mu
 ranking scores below 1); the last line says whether the mAP@all of every cell reaches 1.5x chance
 and the median 2x.
 
+``--reference cnn`` (the default) also trains ``tools.cnn_reference``'s small CNN on every cell, with the
+same budget, as a yardstick of the benchmark itself: where that CNN does not beat chance either, the
+benchmark is beyond what a small model learns in this budget, and the preset's figure says little;
+where it does and the preset does not, the preset is at fault. The table shows both, and the last
+line also counts the cells where the CNN reaches 1.5x and how many of them the preset reaches too.
+
 Cells run one after another in subprocesses (``--jobs N`` runs N at once, each with its share of the
 CPU threads). A cell that fails to draw or train is reported by name with the reason, the others go
 on, and the exit status is 1. Runs land in ``--out/<benchmark>_s<seed>/`` (train.py's usual folder).
@@ -46,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where the benchmarks are drawn (default: $PUXIM_CACHE/family or ~/.cache/puxim/family)")
     p.add_argument("--out", default="results/learning_matrix", help="experiment folders and the table")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once")
+    p.add_argument("--reference", default="cnn", choices=("cnn", "none"),
+                   help="also train the small-CNN yardstick (tools.cnn_reference) on every cell")
+    p.add_argument("--reference_args", default="", help="extra tools.cnn_reference flags, e.g. '--steps 100'")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: tabulate the cells whose runs are already in --out (e.g. after an "
                         "interrupted matrix); cells without a finished run are listed as missing")
@@ -78,7 +87,27 @@ def run_cell(name: str, seed: int, root: Path, args, threads: int) -> dict:
     if proc.returncode != 0 or not (Path(args.out) / exp / "log.txt").is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**cell, "error": f"train.py exited {proc.returncode}: " + " | ".join(tail)}
+    if args.reference == "cnn":
+        run_reference(name, seed, root, args, env)
     return read_cell(args.out, name, seed, seconds=cell["seconds"])
+
+
+def reference_path(out: Path, name: str, seed: int) -> Path:
+    return Path(out) / "reference" / f"{name}_s{seed}.json"
+
+
+def run_reference(name: str, seed: int, root: Path, args, env: dict) -> None:
+    """Train the small-CNN yardstick on one cell; its result (or why it failed) goes to reference/<cell>.json."""
+    spec = FAMILY[name]
+    path = reference_path(args.out, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tools.cnn_reference", "--data_path", str(root), "--dataset", spec.dataset,
+           "--test_class", spec.test_class, "--custom_split", "--seed", str(seed), "--json", str(path),
+           "--no_progress", *shlex.split(args.reference_args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+        path.write_text(json.dumps({"error": f"tools.cnn_reference exited {proc.returncode}: " + " | ".join(tail)}))
 
 
 def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> dict:
@@ -102,22 +131,29 @@ def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> 
                  "P100_x_max": p100_best / chance,
                  "triplet_acc": last.get("train_triplet_acc"), "emb_spread": last.get("train_emb_spread"),
                  "collapse_warning": "COLLAPSED" in train_log})
+    ref_path = reference_path(out, name, seed)
+    if ref_path.is_file():
+        ref = json.loads(ref_path.read_text())
+        cell["reference"] = ref if "error" in ref else {**ref, "mAP_x": ref["mAP@all"] / ref["chance"]}
     return cell
 
 
 def format_table(cells: list[dict]) -> str:
     lines = ["| benchmark | seed | unseen mAP@all (x chance) | P@100 (x chance; best possible) | chance | "
-             "train triplet acc | train emb spread | collapse warning | minutes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "train triplet acc | train emb spread | collapse warning | minutes | small-CNN reference mAP@all |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
-            lines.append(f"| {c['benchmark']} | {c['seed']} | FAILED: {c['error']} | | | | | | |")
+            lines.append(f"| {c['benchmark']} | {c['seed']} | FAILED: {c['error']} | | | | | | | |")
             continue
+        ref = c.get("reference")
+        ref_text = ("" if ref is None else f"FAILED: {ref['error']}" if "error" in ref
+                    else f"{ref['mAP@all']:.3f} ({ref['mAP_x']:.2f}x)")
         acc = "" if c.get("triplet_acc") is None else f"{c['triplet_acc']:.2f}"
         spread = "" if c.get("emb_spread") is None else f"{c['emb_spread']:.3f}"
         lines.append(f"| {c['benchmark']} | {c['seed']} | {c['mAP@all']:.3f} ({c['mAP_x']:.2f}x) | "
                      f"{c['P@100']:.3f} ({c['P100_x']:.2f}x; {c['P100_x_max']:.2f}x) | {c['chance']:.3f} | {acc} | "
-                     f"{spread} | {'yes' if c.get('collapse_warning') else 'no'} | {c['seconds'] / 60:.1f} |")
+                     f"{spread} | {'yes' if c.get('collapse_warning') else 'no'} | {c['seconds'] / 60:.1f} | {ref_text} |")
     return "\n".join(lines)
 
 
@@ -131,6 +167,13 @@ def verdict(cells: list[dict]) -> tuple[str, bool]:
     text = (f"{len(done)}/{len(cells)} cells finished; unseen mAP@all over chance: min {worst:.2f}x "
             f"(target >= {TARGET_MIN}x), median {median:.2f}x (target >= {TARGET_MEDIAN}x): "
             f"{'targets met' if ok else 'targets NOT met'}")
+    learnable = [c for c in done if "mAP_x" in c.get("reference", {}) and c["reference"]["mAP_x"] >= TARGET_MIN]
+    with_ref = [c for c in done if "mAP_x" in c.get("reference", {})]
+    if with_ref:
+        reached = sum(c["mAP_x"] >= TARGET_MIN for c in learnable)
+        text += (f"\nthe small-CNN reference reaches {TARGET_MIN}x on {len(learnable)}/{len(with_ref)} cells "
+                 f"(median {statistics.median(c['reference']['mAP_x'] for c in with_ref):.2f}x); "
+                 f"the preset reaches {TARGET_MIN}x on {reached} of those")
     return text, ok
 
 
