@@ -71,7 +71,7 @@ def train_step(
     losses = criterion(outputs)
     loss = losses["loss"]
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(step, {k: float(v) for k, v in losses.items()})
+        raise NonFiniteLossError(step, {k: float(v.detach()) for k, v in losses.items()})
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
