@@ -29,6 +29,7 @@ from utils.experiment import (ExperimentError, RunLock, check_experiment_name, d
 from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
+from utils.defaults import SAMPLER_DEFAULTS
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.train_state import TrainState
 from utils.visualize import mask_summary, retrieval_summary, select_items
@@ -108,11 +109,13 @@ def _add_model_flags(g) -> None:
                         "download; tiny preset: a fixed random tiny CLIP when omitted")
     g.add_argument("--variant", default="puxim", choices=["puxim", "non-mask"],
                    help="non-mask = the ablation without VxL masking (cosine triplet, margin 0.2)")
-    g.add_argument("--keep_ratio", type=float, default=0.3, help="fraction of patches the VxL mask keeps")
-    g.add_argument("--prompt", default="{}", help="text template for the class name; paper figure: 'a photo of {}'")
-    g.add_argument("--vxl_norm", default="token", choices=["token", "channel"],
+    g.add_argument("--keep_ratio", type=float, default=SAMPLER_DEFAULTS["keep_ratio"],
+                   help="fraction of patches the VxL mask keeps")
+    g.add_argument("--prompt", default=SAMPLER_DEFAULTS["prompt"],
+                   help="text template for the class name; paper figure: 'a photo of {}'")
+    g.add_argument("--vxl_norm", default=SAMPLER_DEFAULTS["vxl_norm"], choices=["token", "channel"],
                    help="L2 axis of CLIP Surgery features (released code: token axis)")
-    g.add_argument("--clip_input_norm", default="encoder", choices=["encoder", "clip"],
+    g.add_argument("--clip_input_norm", default=SAMPLER_DEFAULTS["clip_input_norm"], choices=["encoder", "clip"],
                    help="photo normalisation seen by CLIP (released code: the encoder's 0.5/0.5)")
     g.add_argument("--int_memory", default="masked", choices=["masked", "unmasked"],
                    help="interaction decoder memory: masked photo tokens (paper) or unmasked (released code)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
-from .vxl_sampler import VxLSampler, build_vxl_sampler
+from .vxl_sampler import SAMPLER_DEFAULTS, VxLSampler, build_vxl_sampler
 
 __all__ = [
     "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
@@ -61,10 +61,10 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     if use_mask and with_sampler:
         sampler = build_vxl_sampler(
             arch, _arg(args, "clip_weights", None),
-            keep_ratio=_arg(args, "keep_ratio", 0.3),
-            prompt=_arg(args, "prompt", "{}"),
-            feature_norm=_arg(args, "vxl_norm", "token"),
-            input_norm=_arg(args, "clip_input_norm", "encoder"),
+            keep_ratio=_arg(args, "keep_ratio", SAMPLER_DEFAULTS["keep_ratio"]),
+            prompt=_arg(args, "prompt", SAMPLER_DEFAULTS["prompt"]),
+            feature_norm=_arg(args, "vxl_norm", SAMPLER_DEFAULTS["vxl_norm"]),
+            input_norm=_arg(args, "clip_input_norm", SAMPLER_DEFAULTS["clip_input_norm"]),
         )
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),

@@ -43,6 +43,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from utils.defaults import SAMPLER_DEFAULTS
 from utils.io import atomic_write
 
 __all__ = [
@@ -175,9 +176,11 @@ def expected_cache_key(args) -> dict:
     arch = arg("arch", "b16")
     clip_size, patch, depth = _preset_clip_geometry(arch)
     image_size = int(arg("image_size", clip_size))
-    return cache_key(clip=clip_identity(arch, arg("clip_weights", None)), keep_ratio=arg("keep_ratio", 0.3),
-                     prompt=arg("prompt", "{}"), feature_norm=arg("vxl_norm", "token"),
-                     input_norm=arg("clip_input_norm", "encoder"), surgery_depth=depth,
+    defaults = SAMPLER_DEFAULTS
+    return cache_key(clip=clip_identity(arch, arg("clip_weights", None)),
+                     keep_ratio=arg("keep_ratio", defaults["keep_ratio"]), prompt=arg("prompt", defaults["prompt"]),
+                     feature_norm=arg("vxl_norm", defaults["vxl_norm"]),
+                     input_norm=arg("clip_input_norm", defaults["clip_input_norm"]), surgery_depth=depth,
                      image_size=image_size, grid_size=(image_size // patch, image_size // patch))
 
 

@@ -35,9 +35,11 @@ from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undo
 
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
+from utils.defaults import SAMPLER_DEFAULTS  # re-exported: the sampler's defaults, under train.py's names
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["VxLSampler", "build_vxl_sampler", "build_tiny_clip", "load_openai_state_dict",
+__all__ = ["SAMPLER_DEFAULTS", "VxLSampler", "build_vxl_sampler", "build_tiny_clip", "load_openai_state_dict",
            "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
 # OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
@@ -73,8 +75,9 @@ class VxLSampler(nn.Module):
         surgery_depth: number of last visual blocks with the surgery path (6 for ViT-B/16).
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = 0.3, prompt: str = "{}",
-                 feature_norm: str = "token", input_norm: str = "encoder", surgery_depth: int = 6):
+    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = SAMPLER_DEFAULTS["keep_ratio"],
+                 prompt: str = SAMPLER_DEFAULTS["prompt"], feature_norm: str = SAMPLER_DEFAULTS["vxl_norm"],
+                 input_norm: str = SAMPLER_DEFAULTS["clip_input_norm"], surgery_depth: int = 6):
         super().__init__()
         import open_clip
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tools import ToolError, select_device
+from utils.defaults import SAMPLER_DEFAULTS
 
 log = logging.getLogger("precompute_masks")
 
@@ -49,10 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="preset (default: tiny without --data_path, else b16)")
     g.add_argument("--clip_weights", default=None,
                    help="OpenAI-format CLIP ViT-B/16 file, or 'openai'; tiny: a fixed random tiny CLIP when omitted")
-    g.add_argument("--keep_ratio", type=float, default=0.3)
-    g.add_argument("--prompt", default="{}")
-    g.add_argument("--vxl_norm", default="token", choices=["token", "channel"])
-    g.add_argument("--clip_input_norm", default="encoder", choices=["encoder", "clip"])
+    g.add_argument("--keep_ratio", type=float, default=SAMPLER_DEFAULTS["keep_ratio"])
+    g.add_argument("--prompt", default=SAMPLER_DEFAULTS["prompt"])
+    g.add_argument("--vxl_norm", default=SAMPLER_DEFAULTS["vxl_norm"], choices=["token", "channel"])
+    g.add_argument("--clip_input_norm", default=SAMPLER_DEFAULTS["clip_input_norm"], choices=["encoder", "clip"])
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="the cache file (.npz) to write or complete")

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from tools import ToolError, run_tool, select_device
+from utils.defaults import SAMPLER_DEFAULTS
 
 log = logging.getLogger("visualize_masks")
 
-# train.py's defaults for the sampler options.
-SAMPLER_DEFAULTS = dict(keep_ratio=0.3, prompt="{}", vxl_norm="token", clip_input_norm="encoder")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
