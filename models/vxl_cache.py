@@ -176,11 +176,11 @@ def expected_cache_key(args) -> dict:
     arch = arg("arch", "b16")
     clip_size, patch, depth = _preset_clip_geometry(arch)
     image_size = int(arg("image_size", clip_size))
-    defaults = SAMPLER_DEFAULTS
     return cache_key(clip=clip_identity(arch, arg("clip_weights", None)),
-                     keep_ratio=arg("keep_ratio", defaults["keep_ratio"]), prompt=arg("prompt", defaults["prompt"]),
-                     feature_norm=arg("vxl_norm", defaults["vxl_norm"]),
-                     input_norm=arg("clip_input_norm", defaults["clip_input_norm"]), surgery_depth=depth,
+                     keep_ratio=arg("keep_ratio", SAMPLER_DEFAULTS["keep_ratio"]),
+                     prompt=arg("prompt", SAMPLER_DEFAULTS["prompt"]),
+                     feature_norm=arg("vxl_norm", SAMPLER_DEFAULTS["vxl_norm"]),
+                     input_norm=arg("clip_input_norm", SAMPLER_DEFAULTS["clip_input_norm"]), surgery_depth=depth,
                      image_size=image_size, grid_size=(image_size // patch, image_size // patch))
 
 

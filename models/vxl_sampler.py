@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.defaults import SAMPLER_DEFAULTS  # re-exported: the sampler's defaults, under train.py's names
 from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undone for CLIP
 
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
-
-from utils.defaults import SAMPLER_DEFAULTS  # re-exported: the sampler's defaults, under train.py's names
 
 _logger = logging.getLogger(__name__)
 

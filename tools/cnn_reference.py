@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -33,7 +32,9 @@ from tqdm import tqdm
 from datasets import build_datasets, load_image, preprocess_photo, preprocess_sketch
 from datasets.filelist import DatasetError
 from models.encoder import ModalityBatchNorm2d
+from utils.io import atomic_write
 from utils.metrics import chance_level, retrieval_metrics
+from utils.runtime import run_cli
 
 __all__ = ["SmallCNN", "train_reference", "get_args_parser", "main"]
 
@@ -87,6 +88,7 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
         pos = torch.randint(len(classes), (batch_size,), generator=gen)
         neg = (pos + torch.randint(1, len(classes), (batch_size,), generator=gen)) % len(classes)
         s, p, n = model(pick(sketches, pos), "sketch"), model(pick(photos, pos), "photo"), model(pick(photos, neg), "photo")
+        # 1 - s.p on unit vectors: losses.cosine_distance in value, kept in this form for the README's figures
         loss_tri = F.triplet_margin_with_distance_loss(
             s, p, n, distance_function=lambda x, y: 1 - (x * y).sum(1), margin=0.2)
         logits = 16 * F.normalize(classifier.weight, dim=1) @ torch.cat([s, p, n]).T  # [K, 3B]
@@ -129,22 +131,23 @@ def main(argv=None) -> int:
     if args.steps <= 0 or args.batch_size <= 0:
         print("cnn_reference: error: --steps and --batch_size must be positive", file=sys.stderr)
         return 2
+    return run_cli(_run, args, user_errors=(DatasetError,), raise_exit=False,
+                   report=lambda message: print(f"cnn_reference: error: {message}", file=sys.stderr))
+
+
+def _run(args) -> int:
     data_args = SimpleNamespace(data_path=args.data_path, dataset=args.dataset, test_class=args.test_class,
                                 custom_split=args.custom_split, image_size=args.image_size, seed=args.seed,
                                 datasetLen=1, no_progress=args.no_progress)
-    try:
-        data = build_datasets(data_args)
-        result = train_reference(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 image_size=args.image_size, seed=args.seed, progress=not args.no_progress)
-    except DatasetError as e:
-        print(f"cnn_reference: error: {e}", file=sys.stderr)
-        return 2
+    data = build_datasets(data_args)
+    result = train_reference(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             image_size=args.image_size, seed=args.seed, progress=not args.no_progress)
     ratio = result["mAP@all"] / max(result["chance"], 1e-12)
     print(f"small-CNN reference: unseen mAP@all {result['mAP@all']:.4f} ({ratio:.2f}x chance {result['chance']:.3f}), "
           f"P@100 {result['P@100']:.4f}, {result['train_seconds'] / 60:.1f} min of training")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        with atomic_write(args.json) as f:  # the learning matrix reads it: whole or not at all
+            f.write(json.dumps(result, indent=1))
     return 0
 
 
