@@ -84,8 +84,15 @@ class TripletDataset(Dataset):
         neg_cls = self.negative_pool[j]
         neg_files = self.photos[neg_cls]
         negative = neg_files[rng.integers(len(neg_files))]
-        return {"positive_class": cls, "negative_class": neg_cls, "sketch_path": sketch,
-                "positive_path": positive, "negative_path": negative, "index": int(k)}
+        # Labels index ``label_names`` (the seen classes with photos): the tiny preset's seen-class loss.
+        return {"positive_class": cls, "negative_class": neg_cls, "positive_label": self._pool_index[cls],
+                "negative_label": j, "sketch_path": sketch, "positive_path": positive, "negative_path": negative,
+                "index": int(k)}
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class of each training label (``positive_label`` / ``negative_label``), sorted by name."""
+        return list(self.negative_pool)
 
     def __getitem__(self, k: int) -> dict:
         """Triplet ``k`` as tensors ``[3, S, S]``; an unreadable file raises ImageLoadError."""

@@ -1,6 +1,6 @@
 """PuXIM's losses (see ``puxim_losses``); ``build_criterion(args)`` is the builder."""
-from .puxim_losses import (DEFAULT_WEIGHTS, MatchingLoss, PuXIMCriterion, ReconstructionLoss, TripletLoss,
-                           build_criterion, cosine_distance)
+from .puxim_losses import (DEFAULT_WEIGHTS, TRIPLET_DISTANCES, MatchingLoss, PuXIMCriterion, ReconstructionLoss,
+                           TripletLoss, build_criterion, cosine_distance)
 
 __all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "PuXIMCriterion", "build_criterion",
-           "cosine_distance", "DEFAULT_WEIGHTS"]
+           "cosine_distance", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]

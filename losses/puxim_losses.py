@@ -12,9 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "PuXIMCriterion", "build_criterion",
-           "cosine_distance", "DEFAULT_WEIGHTS"]
+           "cosine_distance", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
 
-DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
+DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}  # the paper's
+# Not the paper's: a cross-entropy over the seen classes (models.SeenClassHead), weighted when present.
+OPTIONAL_TERMS = ("loss_cls",)
+TRIPLET_DISTANCES = ("euclidean", "cosine")
+DEFAULT_MARGINS = {"euclidean": 1.0, "cosine": 0.2}  # PuXIM's; the released non-mask ablation's
 
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,19 +75,21 @@ class MatchingLoss(nn.Module):
 
 
 class PuXIMCriterion(nn.Module):
-    """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper).
+    """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper) [``+ w_cls L_cls``].
 
     ``forward(outputs)`` takes ``PuXIM.forward``'s dict and returns ``loss_tri``, ``loss_rec``,
     ``loss_int`` and ``loss``. Without reconstruction (``non-mask``) ``loss_rec`` is a detached
-    zero that adds nothing.
+    zero that adds nothing. When ``weight_dict`` has ``loss_cls`` (the ``tiny`` preset), ``L_cls`` is
+    the cross-entropy of ``outputs["class_logits"]`` against ``outputs["class_labels"]``.
     """
 
     def __init__(self, *, weight_dict: Optional[Dict[str, float]] = None, margin: float = 1.0,
                  distance: str = "euclidean", use_reconstruction: bool = True):
         super().__init__()
         weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
-        if set(weight_dict) != set(DEFAULT_WEIGHTS):
-            raise ValueError(f"weight_dict needs exactly the keys {sorted(DEFAULT_WEIGHTS)}, got {sorted(weight_dict)}")
+        if not set(DEFAULT_WEIGHTS) <= set(weight_dict) <= set(DEFAULT_WEIGHTS) | set(OPTIONAL_TERMS):
+            raise ValueError(f"weight_dict needs the keys {sorted(DEFAULT_WEIGHTS)} and may have {OPTIONAL_TERMS}, "
+                             f"got {sorted(weight_dict)}")
         self.weight_dict = weight_dict
         self.use_reconstruction = use_reconstruction
         self.triplet = TripletLoss(margin=margin, distance=distance)
@@ -99,25 +105,36 @@ class PuXIMCriterion(nn.Module):
             losses["loss_rec"] = self.reconstruction(outputs["photo_patch_tokens"], outputs["photo_mask"])
         else:
             losses["loss_rec"] = losses["loss_tri"].new_zeros(())  # detached: contributes nothing
-        losses["loss"] = sum(self.weight_dict[k] * losses[k] for k in ("loss_tri", "loss_rec", "loss_int"))
+        if "loss_cls" in self.weight_dict:
+            if "class_logits" not in outputs:
+                raise ValueError("the seen-class loss (w_cls > 0) needs outputs['class_logits']: build the model "
+                                 "with a class head (models.build_model with w_cls and num_seen_classes)")
+            losses["loss_cls"] = F.cross_entropy(outputs["class_logits"], outputs["class_labels"])
+        losses["loss"] = sum(self.weight_dict[k] * losses[k] for k in self.weight_dict)
         return losses
 
 
 def build_criterion(args) -> PuXIMCriterion:
-    """Criterion from parsed arguments: ``variant`` ("puxim" | "non-mask"), ``margin`` (None: 1.0 for
-    puxim, 0.2 for non-mask), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1)."""
-    variant = getattr(args, "variant", "puxim")
+    """Criterion from parsed arguments, every field optional: ``variant`` ("puxim" | "non-mask"),
+    ``tri_distance`` (None: euclidean for puxim, cosine for non-mask), ``margin`` (None: 1.0 for
+    euclidean, 0.2 for cosine), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1), ``w_cls`` (None or 0:
+    no seen-class loss)."""
+    variant = getattr(args, "variant", None) or "puxim"
     if variant not in ("puxim", "non-mask"):
         raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
     masked = variant == "puxim"
+    distance = getattr(args, "tri_distance", None) or ("euclidean" if masked else "cosine")
+    if distance not in TRIPLET_DISTANCES:
+        raise ValueError(f"unknown --tri_distance {distance!r}; choose one of {TRIPLET_DISTANCES}")
     margin = getattr(args, "margin", None)
     if margin is None:
-        margin = 1.0 if masked else 0.2
+        margin = DEFAULT_MARGINS[distance]
     weights = {
         "loss_tri": getattr(args, "w_tri", None),
         "loss_rec": getattr(args, "w_rec", None),
         "loss_int": getattr(args, "w_int", None),
     }
     weights = {k: DEFAULT_WEIGHTS[k] if v is None else float(v) for k, v in weights.items()}
-    return PuXIMCriterion(weight_dict=weights, margin=margin, distance="euclidean" if masked else "cosine",
-                          use_reconstruction=masked)
+    if getattr(args, "w_cls", None):
+        weights["loss_cls"] = float(args.w_cls)
+    return PuXIMCriterion(weight_dict=weights, margin=margin, distance=distance, use_reconstruction=masked)

@@ -5,6 +5,7 @@ keyword arguments.
 """
 from __future__ import annotations
 
+from .class_head import SeenClassHead
 from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
@@ -12,6 +13,7 @@ from .vxl_sampler import SAMPLER_DEFAULTS, VxLSampler, build_vxl_sampler
 
 __all__ = [
     "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
+    "SeenClassHead",
     "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary", "compile_model",
 ]
 
@@ -41,7 +43,9 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     the interaction head),
     ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny),
     ``ln_eps`` (None: the preset's 1e-6, timm's; 1e-5 is the released ViT's; checkpoints saved before
-    the flag existed have none and rebuild with 1e-6, as they were trained).
+    the flag existed have none and rebuild with 1e-6, as they were trained),
+    ``w_cls`` (None or 0: no class head; > 0: a ``SeenClassHead`` over ``num_seen_classes`` classes,
+    which train.py sets from the training data and checkpoints keep in their args).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
@@ -77,8 +81,14 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
         interaction_cfg["dropout"] = float(args.dropout)
     interaction = InteractionHead(**interaction_cfg)
+    class_head = None
+    if _arg(args, "w_cls", 0.0) > 0:
+        num_classes = _arg(args, "num_seen_classes", None)
+        if num_classes is None:
+            raise ValueError("w_cls > 0 needs num_seen_classes (the number of training classes; train.py sets it)")
+        class_head = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=int(num_classes))
     return PuXIM(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
-                 mask_memory=int_memory == "masked")
+                 mask_memory=int_memory == "masked", class_head=class_head)
 
 
 def model_summary(model: PuXIM) -> dict:

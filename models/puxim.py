@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .class_head import SeenClassHead
 from .encoder import SketchPhotoEncoder
 from .interaction import InteractionHead
 from .vxl_sampler import VxLSampler
@@ -30,10 +31,14 @@ class PuXIM(nn.Module):
         use_mask: False is the ``non-mask`` ablation: no sampler, masks of ones.
         mask_memory: the interaction head reads the *masked* photo tokens (the paper, Fig. 1e)
             when True; the released code's unmasked tokens when False.
+        class_head: a seen-class classifier on the CLS embeddings (the ``tiny`` preset's; not the
+            paper's); ``forward`` then also returns ``class_logits`` and ``class_labels``, and the batch
+            must carry ``positive_label`` and ``negative_label`` (``TripletDataset`` gives them).
     """
 
     def __init__(self, *, encoder: SketchPhotoEncoder, interaction: InteractionHead,
-                 sampler: Optional[VxLSampler], use_mask: bool = True, mask_memory: bool = True):
+                 sampler: Optional[VxLSampler], use_mask: bool = True, mask_memory: bool = True,
+                 class_head: Optional[SeenClassHead] = None):
         super().__init__()
         if sampler is not None and sampler.num_patches != encoder.num_patches:
             raise ValueError(f"the VxL sampler scores {sampler.num_patches} patches but the encoder has "
@@ -43,10 +48,13 @@ class PuXIM(nn.Module):
         self.sampler = sampler if use_mask else None
         self.use_mask = use_mask
         self.mask_memory = mask_memory
+        self.class_head = class_head
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        """Parameters of the encoder and the interaction head (never the frozen CLIP)."""
+        """Parameters of the encoder, the interaction head and the class head (never the frozen CLIP)."""
         params = list(self.encoder.parameters()) + list(self.interaction.parameters())
+        if self.class_head is not None:
+            params += list(self.class_head.parameters())
         return [p for p in params if p.requires_grad]
 
     def encode(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
@@ -105,7 +113,7 @@ class PuXIM(nn.Module):
         # [2B]: 1 for (s, p), 0 for (s, n); made on the device (a host copy would sync the stream)
         match_labels = (torch.arange(2 * b, device=sketch.device) < b).long()
 
-        return {
+        outputs = {
             "sketch_emb": sketch_tokens[:, 0],  # [B, D]
             "positive_emb": photo_tokens[:b, 0],  # [B, D]
             "negative_emb": photo_tokens[b:, 0],  # [B, D]
@@ -114,3 +122,13 @@ class PuXIM(nn.Module):
             "match_logits": match_logits,  # [2B, 2]
             "match_labels": match_labels,  # [2B]
         }
+        if self.class_head is not None:
+            if batch.get("positive_label") is None or batch.get("negative_label") is None:
+                raise ValueError("PuXIM with a class head needs batch['positive_label'] and batch['negative_label'] "
+                                 "(the seen-class indices TripletDataset gives)")
+            pos_label = torch.as_tensor(batch["positive_label"], device=sketch.device)  # [B]
+            neg_label = torch.as_tensor(batch["negative_label"], device=sketch.device)  # [B]
+            embeddings = torch.cat([sketch_tokens[:, 0], photo_tokens[:, 0]])  # [3B, D]: sketch, positive, negative
+            outputs["class_logits"] = self.class_head(embeddings)  # [3B, C]
+            outputs["class_labels"] = torch.cat([pos_label, pos_label, neg_label]).long()  # [3B]
+        return outputs

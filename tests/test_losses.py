@@ -109,3 +109,23 @@ def test_build_criterion_defaults_and_overrides():
     assert crit.weight_dict == {"loss_tri": 2.0, "loss_rec": 0.05, "loss_int": 0.3}
     with pytest.raises(ValueError, match="variant"):
         build_criterion(SimpleNamespace(variant="mae"))
+
+
+def test_seen_class_term_by_hand():
+    out = dict(_outputs(), class_logits=torch.tensor([[2.0, 0.0], [0.0, 0.0]]), class_labels=torch.tensor([0, 1]))
+    crit = build_criterion(SimpleNamespace(w_cls=0.5, tri_distance="cosine"))
+    assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_cls": 0.5}
+    assert crit.triplet.distance == "cosine" and crit.triplet.margin == 0.2  # cosine's default margin
+    losses = crit(out)
+    cls = (0.126928 + 0.693147) / 2  # -log softmax: log(1 + e^-2) and log 2
+    assert losses["loss_cls"].item() == pytest.approx(cls, abs=1e-6)
+    # cosine triplet with a = 0: 0.2 (see test_non_mask_criterion); rec 86/8; int as in test_criterion_by_hand
+    ce = (2.126928 + 0.693147) / 2
+    assert losses["loss"].item() == pytest.approx(0.2 + 0.05 * 86 / 8 + 0.1 * ce + 0.5 * cls, abs=1e-5)
+    assert "loss_cls" not in build_criterion(SimpleNamespace(w_cls=0.0))(out)  # 0: no term at all
+    with pytest.raises(ValueError, match="class_logits"):
+        crit(_outputs())
+    with pytest.raises(ValueError, match="tri_distance"):
+        build_criterion(SimpleNamespace(tri_distance="manhattan"))
+    with pytest.raises(ValueError, match="may have"):
+        PuXIMCriterion(weight_dict={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0, "loss_typo": 1.0})

@@ -238,3 +238,47 @@ def test_compile_model_keeps_names_and_values():
     g_c = compiled.encoder.vit.blocks[0].attn.qkv.weight.grad
     g_e = eager.encoder.vit.blocks[0].attn.qkv.weight.grad
     torch.testing.assert_close(g_c, g_e)
+
+
+# ----------------------------------------------------------------------------- seen-class head (tiny preset)
+def test_seen_class_head_by_hand():
+    from models import SeenClassHead
+
+    head = SeenClassHead(embed_dim=2, num_classes=3, scale=16.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, -1.0]]))
+    logits = head(torch.tensor([[3.0, 0.0], [1.0, 1.0]]))
+    # cosines: (1, 0, -1/sqrt2) and (1/sqrt2, 1/sqrt2, -1), times 16
+    r = 16 / 2 ** 0.5
+    torch.testing.assert_close(logits, torch.tensor([[16.0, 0.0, -r], [r, r, -16.0]]))
+    with pytest.raises(ValueError, match="2 classes"):
+        SeenClassHead(embed_dim=2, num_classes=1)
+
+
+def test_class_head_outputs_and_loss():
+    torch.manual_seed(0)
+    args = SimpleNamespace(arch="tiny", variant="non-mask", w_cls=1.0, num_seen_classes=5)
+    model = build_model(args).train()
+    assert model.class_head is not None and model.class_head.weight.shape == (5, 192)
+    assert {id(p) for p in model.class_head.parameters()} <= {id(p) for p in model.trainable_parameters()}
+    batch = dict(_batch(), positive_label=torch.tensor([0, 3]), negative_label=torch.tensor([4, 1]))
+    out = model(batch)
+    assert out["class_logits"].shape == (3 * B, 5)
+    assert out["class_labels"].tolist() == [0, 3, 0, 3, 4, 1]  # sketch, positive, negative
+    embeddings = torch.cat([out["sketch_emb"], out["positive_emb"], out["negative_emb"]])
+    torch.testing.assert_close(out["class_logits"], model.class_head(embeddings))
+
+    crit = build_criterion(args)
+    assert crit.weight_dict["loss_cls"] == 1.0 and crit.triplet.distance == "cosine"
+    losses = crit(out)
+    expected = torch.nn.functional.cross_entropy(out["class_logits"], out["class_labels"])
+    torch.testing.assert_close(losses["loss_cls"], expected)
+    torch.testing.assert_close(losses["loss"], losses["loss_tri"] + 0.1 * losses["loss_int"] + expected)
+    losses["loss_cls"].backward()
+    assert model.class_head.weight.grad.abs().sum() > 0
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="positive_label"):
+        model(_batch())
+    with pytest.raises(ValueError, match="num_seen_classes"):
+        build_model(SimpleNamespace(arch="tiny", w_cls=1.0), with_sampler=False)
+    assert build_model(SimpleNamespace(arch="tiny", w_cls=0.0), with_sampler=False).class_head is None

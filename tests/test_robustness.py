@@ -383,7 +383,9 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
     data.mkdir()
     saved = {"data_path": str(data), "batch_size": 8, "seed": 0, "lr": 1e-5, "epoch": 10}
     monkeypatch.chdir(tmp_path)
-    args = train.argparse.Namespace(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20)  # relative path
+    # tri_distance / w_cls: what a checkpoint from before the flags was trained with (euclidean, no class loss)
+    args = train.argparse.Namespace(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20,  # relative path
+                                    tri_distance="euclidean", w_cls=0.0)
     caplog.clear()
     with caplog.at_level("INFO"):
         train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
@@ -401,6 +403,12 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
     args.clip_weights = str(tmp_path / "other.pt")
     with pytest.raises(train.UserError, match="--clip_weights"):
         train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    # Today's tiny defaults against a checkpoint from before --tri_distance / --w_cls: refused, naming both.
+    args.clip_weights, args.tri_distance, args.w_cls = str(tmp_path / "moved.pt"), "cosine", 1.0
+    with pytest.raises(train.UserError, match=r"--tri_distance 'cosine' \(the run has 'euclidean'\); "
+                                              r"--w_cls 1.0 \(the run has 0.0\)"):
+        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    train.check_resume_args(args, {**saved, "tri_distance": "cosine", "w_cls": 1.0}, tmp_path / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def test_class_balance_and_negative_choice(draws):
     ds, items = draws
     anchors = ["a", "b", "c", "d", "e"]  # classes with both sketches and photos
     assert ds.classes == anchors and ds.negative_pool == ["a", "b", "c", "d", "e", "photo only"]
+    # Labels index label_names (the photo classes): the seen-class loss's targets.
+    assert ds.label_names == ds.negative_pool
+    assert all(ds.label_names[t["positive_label"]] == t["positive_class"]
+               and ds.label_names[t["negative_label"]] == t["negative_class"] for t in items)
     anchor_counts = Counter(t["positive_class"] for t in items)
     assert set(anchor_counts) == set(anchors)
     # df = 4; the 99.99% quantile is 23.5: a uniform draw stays far below.
