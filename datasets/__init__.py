@@ -11,25 +11,48 @@ from .sampling import ImageListDataset, TripletDataset, TripletIndexSampler, sub
 from .transforms import ImageLoadError, load_image, preprocess_photo, preprocess_sketch
 
 __all__ = [
-    "build_datasets", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
+    "build_datasets", "load_split", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
     "ImageLoadError", "read_class_file", "read_file_list", "TripletDataset",
     "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image",
     "preprocess_sketch", "preprocess_photo",
 ]
 
 
+def load_split(args) -> BenchmarkSplit:
+    """The benchmark split ``args`` names, the one place that decides between synthetic and real data.
+
+    Fields read (with defaults): ``data_path`` (None → the built-in synthetic benchmark, drawn into
+    ``synthetic_dir`` (None → its default cache) on first use, with a progress bar unless
+    ``no_progress``), ``dataset`` ("sketchy_extend"), ``test_class`` ("test_class_sketchy25"),
+    ``custom_split`` (False: the unseen classes must equal the canonical list of ``test_class``),
+    ``check_files`` (True: every listed file must exist). A field that is None takes its default.
+    """
+    def field(name, default):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    check_files = field("check_files", True)
+    data_path = getattr(args, "data_path", None)
+    if data_path is None:
+        from .synthetic import ensure_synthetic_benchmark  # lazy: draws images on first use
+
+        root = ensure_synthetic_benchmark(getattr(args, "synthetic_dir", None),  # None: default cache
+                                          progress=not field("no_progress", False))
+        return load_benchmark(root, "sketchy_extend", "test_class_sketchy25",
+                              check_canonical=False, check_files=check_files)
+    return load_benchmark(data_path, field("dataset", "sketchy_extend"), field("test_class", "test_class_sketchy25"),
+                          check_canonical=not field("custom_split", False), check_files=check_files)
+
+
 def build_datasets(args, mask_cache=None) -> dict:
     """Build the training triplets and the unseen-class query/gallery sets from ``args``.
 
-    Fields read (with defaults): ``data_path`` (None → the built-in synthetic benchmark,
-    ``synthetic_dir`` (None → its default cache)), ``dataset`` ("sketchy_extend"),
-    ``test_class`` ("test_class_sketchy25"), ``image_size`` (224), ``datasetLen`` (5000,
-    triplets per epoch), ``seed`` (0), ``testall`` (True: every unseen sketch and photo;
-    False: the released code's quick-evaluation strides), ``eval_per_class`` (None: when set,
-    at most that many queries and gallery photos per class, chosen reproducibly),
-    ``check_files`` (True), ``custom_split`` (False: the unseen classes must equal the
-    canonical list of ``test_class``; True: a user's own split, taken as written),
-    ``no_progress`` (False: a progress bar while the synthetic benchmark is drawn).
+    Fields read (with defaults): those of :func:`load_split` (``data_path``, ``synthetic_dir``,
+    ``dataset``, ``test_class``, ``custom_split``, ``check_files``, ``no_progress``), then
+    ``image_size`` (224), ``datasetLen`` (5000, triplets per epoch), ``seed`` (0), ``testall``
+    (True: every unseen sketch and photo; False: the released code's quick-evaluation strides),
+    ``eval_per_class`` (None: when set, at most that many queries and gallery photos per class,
+    chosen reproducibly).
 
     ``mask_cache``: precomputed VxL keep-masks (``models.vxl_cache.MaskCache``, keyed by paths
     relative to ``split.root``); every training photo must be in it (checked here, before
@@ -39,20 +62,7 @@ def build_datasets(args, mask_cache=None) -> dict:
     ``gallery`` (ImageListDataset of unseen sketches / photos), ``class_to_idx`` (unseen
     classes sorted → 0..n-1).
     """
-    data_path = getattr(args, "data_path", None)
-    check_files = getattr(args, "check_files", True)
-    if data_path is None:
-        from .synthetic import ensure_synthetic_benchmark  # lazy: draws images on first use
-
-        root = ensure_synthetic_benchmark(getattr(args, "synthetic_dir", None),  # None: default cache
-                                          progress=not getattr(args, "no_progress", False))
-        split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25",
-                               check_canonical=False, check_files=check_files)
-    else:
-        split = load_benchmark(data_path, getattr(args, "dataset", "sketchy_extend"),
-                               getattr(args, "test_class", "test_class_sketchy25"),
-                               check_canonical=not getattr(args, "custom_split", False),
-                               check_files=check_files)
+    split = load_split(args)
 
     image_size = getattr(args, "image_size", 224)
     seed = getattr(args, "seed", 0)

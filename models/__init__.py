@@ -45,7 +45,9 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``ln_eps`` (None: the preset's 1e-6, timm's; 1e-5 is the released ViT's; checkpoints saved before
     the flag existed have none and rebuild with 1e-6, as they were trained),
     ``w_cls`` (None or 0: no class head; > 0: a ``SeenClassHead`` over ``num_seen_classes`` classes,
-    which train.py sets from the training data and checkpoints keep in their args).
+    which train.py sets from the training data and checkpoints keep in their args; without
+    ``num_seen_classes`` no head is built: enough for embeddings and masks, and the criterion then
+    says that the seen-class loss lacks its logits).
 
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
@@ -82,10 +84,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
         interaction_cfg["dropout"] = float(args.dropout)
     interaction = InteractionHead(**interaction_cfg)
     class_head = None
-    if _arg(args, "w_cls", 0.0) > 0:
-        num_classes = _arg(args, "num_seen_classes", None)
-        if num_classes is None:
-            raise ValueError("w_cls > 0 needs num_seen_classes (the number of training classes; train.py sets it)")
+    num_classes = _arg(args, "num_seen_classes", None)
+    if _arg(args, "w_cls", 0.0) > 0 and num_classes is not None:  # none known: a model for masks or embeddings only
         class_head = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=int(num_classes))
     return PuXIM(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
                  mask_memory=int_memory == "masked", class_head=class_head)

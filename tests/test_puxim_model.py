@@ -279,6 +279,9 @@ def test_class_head_outputs_and_loss():
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="positive_label"):
         model(_batch())
-    with pytest.raises(ValueError, match="num_seen_classes"):
-        build_model(SimpleNamespace(arch="tiny", w_cls=1.0), with_sampler=False)
+    # No class count (a model built only to embed or to draw masks): no head, and the loss says what is missing.
+    headless = build_model(SimpleNamespace(arch="tiny", variant="non-mask", w_cls=1.0), with_sampler=False)
+    assert headless.class_head is None
+    with pytest.raises(ValueError, match="class_logits"):
+        crit(headless(batch))
     assert build_model(SimpleNamespace(arch="tiny", w_cls=0.0), with_sampler=False).class_head is None

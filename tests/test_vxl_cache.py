@@ -214,6 +214,7 @@ def test_forward_with_cached_masks_equals_online_sampler(tree):
     assert "positive_mask" not in online_batch and cached_batch["positive_mask"].shape == (4, 64)
     assert torch.equal(cached_batch["positive"], online_batch["positive"])
 
+    args.num_seen_classes = len(online_data["train"].label_names)  # as train.py sets it: the class head too
     torch.manual_seed(0)
     online_model = build_model(args)  # with the CLIP sampler
     cached_model = build_model(args, with_sampler=False)

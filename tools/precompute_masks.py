@@ -98,23 +98,13 @@ def _resolve(args) -> argparse.Namespace:
     return args
 
 
-def _load_split(args):
-    from datasets import load_benchmark
-
-    if args.data_path is None:
-        from datasets.synthetic import ensure_synthetic_benchmark
-
-        root = ensure_synthetic_benchmark(args.synthetic_dir)
-        return load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
-    return load_benchmark(args.data_path, args.dataset, args.test_class, check_canonical=not args.custom_split)
-
-
 def _command(argv) -> str:
     """This run's flags, quoted: the command that completes the cache (saved in its meta)."""
     return " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
 def main(argv=None) -> dict:
+    from datasets import load_split
     from datasets.filelist import DatasetError
     from models.vxl_cache import MaskCache, MaskCacheError, expected_cache_key, mask_cache_key
     from utils.errors import user_message
@@ -122,7 +112,7 @@ def main(argv=None) -> dict:
     args = _resolve(get_args_parser().parse_args(argv))
     try:
         key = expected_cache_key(args)
-        split = _load_split(args)
+        split = load_split(args)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     grid = key["grid_size"]

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -96,23 +97,19 @@ def scan_gallery(folder: str | os.PathLike) -> list[tuple[str, str]]:
 
 def split_gallery(args, saved: dict) -> tuple[list[tuple[str, str]], str]:
     """The unseen photos of a benchmark split: ``--data_path``... or the checkpoint's own data args."""
-    from datasets import load_benchmark
+    from datasets import load_split
 
     data_path = args.data_path if args.data_path is not None else saved.get("data_path")
-    if data_path is None:
-        from datasets.synthetic import ensure_synthetic_benchmark
-
-        root = ensure_synthetic_benchmark(args.synthetic_dir or saved.get("synthetic_dir"))
-        split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
-    else:
-        if args.data_path is None and not Path(data_path).expanduser().is_dir():
-            raise ToolError(f"the checkpoint was trained on --data_path {data_path}, which is not there (any more): "
-                            f"pass --data_path ROOT where the dataset is now, or --gallery FOLDER to search a folder "
-                            f"of photos.")
-        custom = args.custom_split if args.custom_split is not None else saved.get("custom_split", False)
-        split = load_benchmark(data_path, args.dataset or saved.get("dataset", "sketchy_extend"),
-                               args.test_class or saved.get("test_class", "test_class_sketchy25"),
-                               check_canonical=not custom)
+    if data_path is not None and args.data_path is None and not Path(data_path).expanduser().is_dir():
+        raise ToolError(f"the checkpoint was trained on --data_path {data_path}, which is not there (any more): "
+                        f"pass --data_path ROOT where the dataset is now, or --gallery FOLDER to search a folder "
+                        f"of photos.")
+    # This command's data flags, each falling back to the checkpoint's.
+    split = load_split(SimpleNamespace(
+        data_path=data_path, synthetic_dir=args.synthetic_dir or saved.get("synthetic_dir"),
+        dataset=args.dataset or saved.get("dataset"), test_class=args.test_class or saved.get("test_class"),
+        custom_split=args.custom_split if args.custom_split is not None else saved.get("custom_split"),
+        no_progress=args.no_progress))
     items = [(str(Path(p).resolve()), c) for p, c in split.test_photos]
     return items, f"{split.name}@{split.root.resolve()}"
 
