@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,24 +30,20 @@ from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from utils.defaults import SAMPLER_DEFAULTS
+from utils.presets import PRESETS, default_arch, get_preset, preset_values
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.train_state import TrainState
 from utils.visualize import mask_summary, retrieval_summary, select_items
 
 log = logging.getLogger("train")
 
-# The released training schedule (README "Training"): Adam 1e-5, weight decay 1e-3, 50 epochs of 5,000
-# triplets in batches of 2, i.e. 2,500 updates per epoch and 125,000 in all.
-RELEASED_RECIPE = dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000)
-# Per-architecture defaults for flags left unset. ``b16`` is the released recipe; ``tiny`` trains
-# from scratch on a CPU, with a cosine triplet loss and a seen-class cross-entropy (models.SeenClassHead):
-# with the paper's Euclidean triplet alone it fits the seen triplets and stays near chance on unseen
-# classes of most benchmarks (README, "Learning beyond the synthetic benchmark").
-ARCH_DEFAULTS = {
-    "b16": dict(RELEASED_RECIPE, image_size=224, w_cls=0.0),
-    "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, image_size=64, datasetLen=1600,
-                 tri_distance="cosine", w_cls=1.0),
-}
+# The released training schedule (README "Training"): the b16 preset's (utils.presets), 2,500 updates per
+# epoch and 125,000 in all; schedule_warning compares a b16 run with it.
+RELEASED_RECIPE = {k: getattr(PRESETS["b16"].recipe, k) for k in ("lr", "weight_decay", "batch_size", "epoch",
+                                                                   "datasetLen")}
+# Per-preset defaults for flags left unset (utils.presets.RecipeConfig), as dicts: a snapshot kept for
+# importers; resolve_args reads PRESETS.
+ARCH_DEFAULTS = {name: asdict(p.recipe) for name, p in PRESETS.items()}
 DATASETS = ("sketchy_extend", "tu_berlin", "Quickdraw", "sketchy_am")  # sketchy_am: Sketchy-AM (zeroshot2)
 TEST_CLASSES = (
     "test_class_sketchy25", "test_class_sketchy21", "test_class_sketchyam",
@@ -85,7 +81,8 @@ def _add_data_flags(g) -> None:
                         "default: the dataset's first (sketchy_extend: test_class_sketchy25, tu_berlin: "
                         "test_class_tuberlin30, Quickdraw: test_class_quickdraw30)")
     g.add_argument("--datasetLen", type=int, default=None,
-                   help="sampled triplets per epoch (released code: 5000; tiny preset: 1600)")
+                   help=f"sampled triplets per epoch ({preset_values(lambda p: p.recipe.datasetLen)}; b16's is the "
+                        "released code's)")
     g.add_argument("--testall", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate on all unseen sketches and photos (--no-testall with --eval_per_class)")
     g.add_argument("--eval_per_class", type=int, default=None,
@@ -94,7 +91,8 @@ def _add_data_flags(g) -> None:
                    help="your own split: take the unseen classes from cname_cid_zero.txt without checking "
                         "them against the canonical list of --test_class")
     g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
-    g.add_argument("--image_size", type=int, default=None, help="input size (default: the preset's)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help=f"input size ({preset_values(lambda p: p.recipe.image_size)})")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="unreadable training images are skipped and listed in bad_files.txt; stop when "
@@ -102,11 +100,12 @@ def _add_data_flags(g) -> None:
 
 
 def _add_model_flags(g) -> None:
-    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
-                   help="b16 = the paper's ViT-B/16; tiny = CPU preset (default without --data_path)")
+    g.add_argument("--arch", default=None, choices=list(PRESETS),  # read as the parser is built
+                   help="preset (utils.presets): " + "; ".join(f"{n} = {p.description}" for n, p in PRESETS.items())
+                        + f" (default: {default_arch(True)} without --data_path, else {default_arch(False)})")
     g.add_argument("--vit_weights", default=None,
-                   help="local timm-format .safetensors/.pth, a timm tag, or 'none' "
-                        "(b16 default: vit_base_patch16_224.orig_in21k, downloaded only if online)")
+                   help="local timm-format .safetensors/.pth, a timm tag (downloaded only if online), or 'none' "
+                        f"({preset_values(lambda p: p.recipe.vit_weights or 'none')})")
     g.add_argument("--clip_weights", default=None,
                    help="OpenAI-format CLIP ViT-B/16 file (.pt state dict or TorchScript), or 'openai' to "
                         "download; tiny preset: a fixed random tiny CLIP when omitted")
@@ -127,37 +126,43 @@ def _add_model_flags(g) -> None:
                    help="precomputed VxL masks (python -m tools.precompute_masks ... --out FILE): "
                         "training then runs no CLIP at all; a cache made with other settings is refused")
     g.add_argument("--dropout", type=float, default=None,
-                   help="dropout of the encoder and the interaction decoder (b16: 0.1, as specified; tiny: 0)")
+                   help="dropout of the encoder and the interaction decoder "
+                        f"({preset_values(lambda p: p.encoder.dropout)}; b16's is the paper's)")
     g.add_argument("--stem_norm", default=None, choices=["none", "batch"],
-                   help="BatchNorm after each conv of the encoder's stem (b16: none, as in the paper; "
-                        "tiny: batch, without which the from-scratch tiny ViT collapses)")
+                   help="BatchNorm after each conv of the encoder's stem "
+                        f"({preset_values(lambda p: p.encoder.stem_norm)}; none is the paper's, batch keeps the "
+                        "from-scratch tiny ViT from collapsing)")
     g.add_argument("--ln_eps", type=float, default=None,
-                   help="eps of the encoder's LayerNorms (default timm's 1e-6; 1e-5 is the released ViT's, "
-                        "torch's default)")
+                   help=f"eps of the encoder's LayerNorms ({preset_values(lambda p: p.encoder.ln_eps)}, timm's; "
+                        "1e-5 is the released ViT's, torch's default)")
 
 
 def _add_loss_flags(g) -> None:
     from losses import TRIPLET_DISTANCES
 
     g.add_argument("--tri_distance", default=None, choices=TRIPLET_DISTANCES,
-                   help="distance of the triplet loss (b16: euclidean, the paper's; --variant non-mask: cosine; "
-                        "tiny: cosine)")
+                   help="distance of the triplet loss "
+                        f"({preset_values(lambda p: p.recipe.tri_distance or 'by variant')}; by variant: euclidean, "
+                        "the paper's, for --variant puxim, cosine for non-mask)")
     g.add_argument("--margin", type=float, default=None, help="triplet margin (None: 1.0 for euclidean, 0.2 for cosine)")
     g.add_argument("--w_tri", type=float, default=1.0, help="weight of the triplet loss")
     g.add_argument("--w_rec", type=float, default=0.05, help="weight of the PMM reconstruction loss")
     g.add_argument("--w_int", type=float, default=0.1, help="weight of the PMM interaction loss")
     g.add_argument("--w_cls", type=float, default=None,
                    help="weight of a cross-entropy over the seen classes on the CLS embeddings, not the paper's "
-                        "(b16: 0 = none; tiny: 1)")
+                        f"({preset_values(lambda p: p.recipe.w_cls)}; 0 = none)")
 
 
 def _add_optimisation_flags(g) -> None:
-    g.add_argument("--epoch", type=int, default=None, help="epochs (b16: 50, tiny: 10)")
+    g.add_argument("--epoch", type=int, default=None, help=f"epochs ({preset_values(lambda p: p.recipe.epoch)})")
     g.add_argument("--batch_size", type=int, default=None,
-                   help="global batch of triplets (b16: 2, the released recipe's 125,000 updates; a larger batch "
-                        "makes fewer updates, a schedule not validated; tiny: 32)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (b16: 1e-5, tiny: 5e-4)")
-    g.add_argument("--weight_decay", type=float, default=None, help="Adam weight decay (b16: 1e-3, tiny: 1e-4)")
+                   help=f"global batch of triplets ({preset_values(lambda p: p.recipe.batch_size)}); b16's is the "
+                        "released recipe's 125,000 updates: a larger batch makes fewer updates, a schedule not "
+                        "validated")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate ({preset_values(lambda p: p.recipe.lr)})")
+    g.add_argument("--weight_decay", type=float, default=None,
+                   help=f"Adam weight decay ({preset_values(lambda p: p.recipe.weight_decay)})")
 
 
 def _add_runtime_flags(g) -> None:
@@ -196,14 +201,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
         args.test_class = resolve_split(args.dataset, None)[1]
     if args.arch is None:
-        args.arch = "tiny" if args.synthetic else "b16"
-    for key, value in ARCH_DEFAULTS[args.arch].items():
+        args.arch = default_arch(args.synthetic)
+    for key, value in asdict(get_preset(args.arch).recipe).items():  # vit_weights too: b16's pretrained ViT
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.tri_distance is None:
+    if args.tri_distance is None:  # a preset without one: the variant's
         args.tri_distance = default_distance(args.variant)
-    if args.vit_weights is None and args.arch == "b16":
-        args.vit_weights = "vit_base_patch16_224.orig_in21k"
     if isinstance(args.vit_weights, str) and args.vit_weights.lower() == "none":
         args.vit_weights = None
     if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
@@ -275,9 +278,7 @@ def check_resume_args(args, saved: dict, source: Path) -> None:
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)
         if key == "ln_eps" and (ours is None) != (theirs is None):  # None is the preset's value
-            from models import ENCODER_PRESETS
-
-            preset = ENCODER_PRESETS.get(getattr(args, "arch", None), ENCODER_PRESETS["b16"])["ln_eps"]
+            preset = PRESETS.get(getattr(args, "arch", None), PRESETS["b16"]).encoder.ln_eps
             ours, theirs = (preset if ours is None else ours), (preset if theirs is None else theirs)
         if key in ("data_path", "clip_weights") and ours is not None and theirs is not None:
             if Path(ours).resolve() == Path(theirs).resolve():

@@ -5,6 +5,10 @@ keyword arguments.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
+from utils.presets import PRESETS
+
 from .class_head import SeenClassHead
 from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
@@ -17,11 +21,9 @@ __all__ = [
     "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary", "compile_model",
 ]
 
-# The paper's PMM-int decoder (b16) and a small CPU version (tiny).
-INTERACTION_PRESETS = {
-    "b16": dict(d_model=768, nhead=4, num_layers=4, dim_feedforward=1024, dropout=0.1),
-    "tiny": dict(d_model=192, nhead=4, num_layers=2, dim_feedforward=256, dropout=0.0),  # no dropout: see encoder
-}
+# The PMM-int decoder of each preset (utils.presets.PRESETS: the paper's, b16, and a small CPU version, tiny),
+# as keyword dicts. A snapshot kept for importers; build_model reads PRESETS.
+INTERACTION_PRESETS = {name: asdict(p.interaction) for name, p in PRESETS.items()}
 
 VARIANTS = ("puxim", "non-mask")
 
@@ -35,8 +37,8 @@ def _arg(args, name: str, default):
 def build_model(args, with_sampler: bool = True) -> PuXIM:
     """Build PuXIM from parsed arguments (see train.py), every field optional with its default.
 
-    Fields: ``arch`` ("b16" | "tiny"), ``vit_weights``, ``clip_weights`` (paths or None),
-    ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
+    Fields: ``arch`` (a preset of ``utils.presets.PRESETS``: "b16" | "tiny"), ``vit_weights``,
+    ``clip_weights`` (paths or None), ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
     ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
     ``dropout`` (None: the preset's, 0.1 for b16 and 0 for tiny; otherwise used by the encoder and
@@ -53,8 +55,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
     """
     arch = _arg(args, "arch", "b16")
-    if arch not in ENCODER_PRESETS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ENCODER_PRESETS)}")
+    if arch not in PRESETS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(PRESETS)}")
     variant = _arg(args, "variant", "puxim")
     if variant not in VARIANTS:
         raise ValueError(f"unknown --variant {variant!r}; choose one of {VARIANTS}")
@@ -79,7 +81,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)
-    interaction_cfg = dict(INTERACTION_PRESETS[arch])
+    interaction_cfg = asdict(PRESETS[arch].interaction)
     if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
         interaction_cfg["dropout"] = float(args.dropout)
     interaction = InteractionHead(**interaction_cfg)

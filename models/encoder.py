@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import asdict
 from functools import partial
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -25,6 +26,8 @@ from torch import nn
 
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+
+from utils.presets import PRESETS
 
 _logger = logging.getLogger(__name__)
 
@@ -39,23 +42,9 @@ __all__ = [
     "WeightMismatchError",
 ]
 
-# The paper's encoder (ViT-B/16) and a small CPU preset built by the very same code.
-ENCODER_PRESETS: Dict[str, dict] = {
-    "b16": dict(
-        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-        dropout=0.1, stem_channels=(64, 128, 256), stem_norm="none",
-        ln_eps=1e-6,  # timm's LayerNorm eps; the released ViT used torch's 1e-5 (train.py --ln_eps)
-    ),
-    # The CPU preset adds BatchNorm after each stem conv (a deviation, see ConvStemPatchEmbed): trained
-    # from scratch, the tiny ViT with the paper's bare stem collapses under the triplet loss (all
-    # embeddings equal, triplet accuracy 0.5) within ~40 steps at every learning rate tried. No dropout:
-    # a few hundred from-scratch steps underfit, and dropout 0.1 slowed learning about 2x (README).
-    "tiny": dict(
-        img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
-        dropout=0.0, stem_channels=(16, 32, 64), stem_norm="batch",
-        ln_eps=1e-6,
-    ),
-}
+# The encoder of each preset (utils.presets.PRESETS: the paper's ViT-B/16 and a small CPU preset, built by
+# the very same code), as keyword dicts. A snapshot kept for importers; build_encoder reads PRESETS.
+ENCODER_PRESETS: Dict[str, dict] = {name: asdict(p.encoder) for name, p in PRESETS.items()}
 STEM_NORMS = ("none", "batch")
 
 MODALITIES = ("photo", "sketch")
@@ -258,13 +247,13 @@ class SketchPhotoEncoder(nn.Module):
 def build_encoder(arch: str, separate_photo_encoder: bool = False,
                   dropout: Optional[float] = None, stem_norm: Optional[str] = None,
                   ln_eps: Optional[float] = None) -> SketchPhotoEncoder:
-    """Encoder of a preset (``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
+    """Encoder of a preset (``utils.presets.PRESETS``: ``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
 
     ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) override the preset's value when given.
     """
-    if arch not in ENCODER_PRESETS:
-        raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(ENCODER_PRESETS)}")
-    cfg = dict(ENCODER_PRESETS[arch])
+    if arch not in PRESETS:
+        raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(PRESETS)}")
+    cfg = asdict(PRESETS[arch].encoder)
     if dropout is not None:
         cfg["dropout"] = dropout
     if stem_norm is not None:

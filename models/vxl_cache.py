@@ -34,7 +34,6 @@ ones in a near-tie patch; both are valid masks).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from pathlib import PurePosixPath
@@ -45,6 +44,7 @@ import torch
 
 from utils.defaults import SAMPLER_DEFAULTS
 from utils.io import atomic_write
+from utils.presets import PRESETS
 
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
@@ -106,15 +106,17 @@ def tensor_sha256(module: torch.nn.Module) -> str:
 
 def clip_identity(arch: str, clip_weights: Optional[str]) -> dict:
     """Identity of the CLIP that ``build_vxl_sampler(arch, clip_weights)`` would load (see module doc)."""
-    from .vxl_sampler import CLIP_MODEL_NAME, build_tiny_clip
+    from .vxl_sampler import build_random_clip
 
-    model = {"b16": CLIP_MODEL_NAME, "tiny": "tiny"}.get(arch)
-    if model is None:
-        raise ValueError(f"unknown arch {arch!r}; choose 'b16' or 'tiny'")
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(PRESETS)}")
+    sampler = PRESETS[arch].sampler
+    model = sampler.clip_model if sampler.random_clip is None else arch  # a random CLIP: named by its preset
     if clip_weights is None:
-        if arch == "b16":
-            raise ValueError("the b16 preset needs --clip_weights (OpenAI's ViT-B-16.pt or 'openai')")
-        return {"model": model, "source": "random", "seed": 0, "weights_sha256": tensor_sha256(build_tiny_clip())}
+        if sampler.random_clip is None:
+            raise ValueError(f"the {arch} preset needs --clip_weights (OpenAI's ViT-B-16.pt or 'openai')")
+        return {"model": model, "source": "random", "seed": 0,
+                "weights_sha256": tensor_sha256(build_random_clip(sampler.random_clip))}
     if os.fspath(clip_weights) == "openai":
         return {"model": model, "source": "open_clip", "pretrained": "openai"}
     if not os.path.isfile(clip_weights):
@@ -147,18 +149,16 @@ def mask_cache_key(sampler, *, image_size: int, clip: dict) -> dict:
 
 def _preset_clip_geometry(arch: str) -> tuple[int, int, int]:
     """``(image_size, patch_size, surgery_depth)`` of the CLIP ``build_vxl_sampler(arch)`` builds."""
-    from .vxl_sampler import CLIP_MODEL_NAME, TINY_SURGERY_DEPTH, VxLSampler, tiny_clip_cfg
-
-    if arch == "tiny":
-        vision, depth = tiny_clip_cfg()["vision_cfg"], TINY_SURGERY_DEPTH
-    elif arch == "b16":
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(PRESETS)}")
+    sampler = PRESETS[arch].sampler  # build_vxl_sampler passes its surgery_depth
+    if sampler.random_clip is not None:
+        vision = sampler.random_clip["vision_cfg"]
+    else:
         import open_clip
 
-        vision = open_clip.get_model_config(CLIP_MODEL_NAME)["vision_cfg"]
-        depth = inspect.signature(VxLSampler.__init__).parameters["surgery_depth"].default
-    else:
-        raise ValueError(f"unknown arch {arch!r}; choose 'b16' or 'tiny'")
-    return int(vision["image_size"]), int(vision["patch_size"]), int(depth)
+        vision = open_clip.get_model_config(sampler.clip_model)["vision_cfg"]
+    return int(vision["image_size"]), int(vision["patch_size"]), int(sampler.surgery_depth)
 
 
 def expected_cache_key(args) -> dict:

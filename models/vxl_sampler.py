@@ -33,27 +33,19 @@ from torch import nn
 
 from utils.defaults import SAMPLER_DEFAULTS  # re-exported: the sampler's defaults, under train.py's names
 from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undone for CLIP
+from utils.presets import CLIP_MODEL_NAME, PRESETS  # CLIP_MODEL_NAME re-exported
 
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLER_DEFAULTS", "VxLSampler", "build_vxl_sampler", "build_tiny_clip", "load_openai_state_dict",
-           "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
+__all__ = ["SAMPLER_DEFAULTS", "VxLSampler", "build_vxl_sampler", "build_tiny_clip", "build_random_clip",
+           "load_openai_state_dict", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
-# OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
-CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
-
-# A tiny random CLIP for CPU tests and the `tiny` preset. Head width 64 (vision 2 heads, text 1)
-# follows OpenAI's convention, so open_clip's OpenAI loader infers the same architecture; the
-# text side keeps context 77 / vocab 49408 so open_clip's shipped BPE tokenizer works offline.
-TINY_CLIP_CFG = dict(
-    embed_dim=64,
-    quick_gelu=True,
-    vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=64, mlp_ratio=4.0),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
-)
-TINY_SURGERY_DEPTH = 2
+# The `tiny` preset's random CLIP (utils.presets.PRESETS["tiny"].sampler: its config and surgery depth),
+# for CPU tests. Read-only: tiny_clip_cfg() gives a copy.
+TINY_CLIP_CFG = PRESETS["tiny"].sampler.random_clip
+TINY_SURGERY_DEPTH = PRESETS["tiny"].sampler.surgery_depth
 
 # Entries of OpenAI checkpoints (and TorchScript archives) that are not model weights.
 _OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -294,21 +286,31 @@ class VxLSampler(nn.Module):
                    open_clip.get_tokenizer(CLIP_MODEL_NAME), **kwargs)
 
 
+def _copy_clip_cfg(cfg: dict) -> dict:
+    """A copy of an open_clip config whose sub-dicts (vision_cfg, text_cfg) can be changed."""
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+
+
 def tiny_clip_cfg(image_size: int = 64, patch_size: int = 8) -> dict:
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CLIP_CFG.items()}
+    cfg = _copy_clip_cfg(TINY_CLIP_CFG)
     cfg["vision_cfg"].update(image_size=image_size, patch_size=patch_size)
     return cfg
 
 
-def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) -> nn.Module:
-    """A tiny open_clip CLIP with seeded random weights (the global RNG is left untouched)."""
+def build_random_clip(cfg: dict, seed: int = 0) -> nn.Module:
+    """An open_clip CLIP of config ``cfg`` with seeded random weights (the global RNG is left untouched)."""
     import open_clip
     with torch.random.fork_rng(devices=[]):
         # Only the CPU generator (the one module init draws from, and the one fork_rng restores):
         # torch.manual_seed would also reset every CUDA generator to this seed, for good.
         torch.default_generator.manual_seed(seed)
-        model = open_clip.CLIP(**tiny_clip_cfg(image_size, patch_size))
+        model = open_clip.CLIP(**_copy_clip_cfg(cfg))
     return model.eval()
+
+
+def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) -> nn.Module:
+    """The tiny preset's CLIP with seeded random weights (the global RNG is left untouched)."""
+    return build_random_clip(tiny_clip_cfg(image_size, patch_size), seed)
 
 
 # --------------------------------------------------------------------- OpenAI checkpoints
@@ -367,15 +369,20 @@ def _check_quick_gelu(model: nn.Module, source: str) -> None:
 
 
 def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, **kwargs) -> VxLSampler:
-    """The sampler of a preset: ``b16`` needs OpenAI's CLIP ViT-B/16, ``tiny`` uses a random tiny CLIP."""
-    if arch == "b16":
+    """The sampler of a preset (``utils.presets.PRESETS[arch].sampler``): ``b16`` needs OpenAI's CLIP ViT-B/16,
+    ``tiny`` uses a random tiny CLIP (or ``clip_weights``, a checkpoint of that tiny CLIP)."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r} for the VxL sampler; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[arch].sampler
+    kwargs = {"surgery_depth": cfg.surgery_depth, **kwargs}
+    if cfg.random_clip is None:  # pretrained weights only
         if clip_weights is None:
-            raise WeightMismatchError("the b16 model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "
-                             "--clip_weights PATH (OpenAI's ViT-B-16.pt) or --clip_weights openai to download it")
-        return VxLSampler.from_pretrained(clip_weights, **kwargs)
-    if arch == "tiny":
-        if clip_weights is not None:
-            return VxLSampler.from_pretrained(clip_weights, model_cfg=tiny_clip_cfg(),
-                                              **{"surgery_depth": TINY_SURGERY_DEPTH, **kwargs})
-        return VxLSampler.tiny(**kwargs)
-    raise ValueError(f"unknown arch {arch!r} for the VxL sampler; choose 'b16' or 'tiny'")
+            raise WeightMismatchError(f"the {arch} model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "
+                                      "--clip_weights PATH (OpenAI's ViT-B-16.pt) or --clip_weights openai to "
+                                      "download it")
+        return VxLSampler.from_pretrained(clip_weights, model_name=cfg.clip_model, **kwargs)
+    if clip_weights is not None:
+        return VxLSampler.from_pretrained(clip_weights, model_name=cfg.clip_model,
+                                          model_cfg=_copy_clip_cfg(cfg.random_clip), **kwargs)
+    import open_clip
+    return VxLSampler(build_random_clip(cfg.random_clip), open_clip.get_tokenizer(cfg.clip_model), **kwargs)

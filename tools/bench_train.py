@@ -48,6 +48,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from utils.presets import PRESETS, get_preset
+
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, from the vendors' data sheets.
 GPU_BF16_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
                         ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
@@ -67,7 +69,7 @@ CLASS_NAMES = ["airplane", "alarm clock", "ant", "ape", "apple", "armor", "axe",
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Benchmark PuXIM training steps", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="b16", choices=["b16", "tiny"])
+    p.add_argument("--arch", default="b16", choices=list(PRESETS))
     p.add_argument("--batch_size", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="triplets per step; several values are measured in turn (default: the released "
                         "recipe's 2 and a larger 16)")
@@ -95,16 +97,16 @@ def build_bench_model(arch: str, clip_weights: Optional[str] = None):
     from models import build_model
 
     args = SimpleNamespace(arch=arch, clip_weights=clip_weights, vit_weights=None)
-    if arch == "tiny" or clip_weights is not None:
+    sampler_cfg = get_preset(arch).sampler
+    if sampler_cfg.random_clip is not None or clip_weights is not None:  # the sampler training builds
         return build_model(args)
     import open_clip
 
     from models import PuXIM, VxLSampler
-    from models.vxl_sampler import CLIP_MODEL_NAME
 
     # Random weights in OpenAI's architecture (QuickGELU): the same FLOPs as the real CLIP.
-    clip = open_clip.CLIP(**open_clip.get_model_config(CLIP_MODEL_NAME)).float().eval()
-    sampler = VxLSampler(clip, open_clip.get_tokenizer(CLIP_MODEL_NAME))
+    clip = open_clip.CLIP(**open_clip.get_model_config(sampler_cfg.clip_model)).float().eval()
+    sampler = VxLSampler(clip, open_clip.get_tokenizer(sampler_cfg.clip_model), surgery_depth=sampler_cfg.surgery_depth)
     base = build_model(args, with_sampler=False)
     return PuXIM(encoder=base.encoder, interaction=base.interaction, sampler=sampler)
 

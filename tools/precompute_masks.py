@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from tools import ToolError, select_device
 from utils.defaults import SAMPLER_DEFAULTS
+from utils.presets import PRESETS, default_arch
 
 log = logging.getLogger("precompute_masks")
 
@@ -46,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_size", type=int, default=None, help="photo size (default: the preset's)")
 
     g = p.add_argument_group("VxL sampler (as train.py)")
-    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
+    g.add_argument("--arch", default=None, choices=list(PRESETS),
                    help="preset (default: tiny without --data_path, else b16)")
     g.add_argument("--clip_weights", default=None,
                    help="OpenAI-format CLIP ViT-B/16 file, or 'openai'; tiny: a fixed random tiny CLIP when omitted")
@@ -82,12 +83,10 @@ class _PhotoSet(Dataset):
 
 
 def _resolve(args) -> argparse.Namespace:
-    from models.encoder import ENCODER_PRESETS
-
     if args.arch is None:
-        args.arch = "tiny" if args.data_path is None else "b16"
-    if args.image_size is None:
-        args.image_size = ENCODER_PRESETS[args.arch]["img_size"]
+        args.arch = default_arch(args.data_path is None)  # train.py's rule
+    if args.image_size is None:  # train.py's default: masks of the photos training sees
+        args.image_size = PRESETS[args.arch].recipe.image_size
     if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
         args.clip_weights = None
     for name in ("batch_size", "save_every", "image_size"):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from tools import ToolError, run_tool, select_device
 from utils.defaults import SAMPLER_DEFAULTS
+from utils.presets import PRESETS, default_arch
 
 log = logging.getLogger("visualize_masks")
 
@@ -43,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sampler (train.py's options; --checkpoint takes them from a training run)")
     g.add_argument("--checkpoint", default=None, help="take every setting below from this checkpoint's args")
-    g.add_argument("--arch", default=None, choices=["b16", "tiny"],
+    g.add_argument("--arch", default=None, choices=list(PRESETS),
                    help="b16 = OpenAI CLIP ViT-B/16 (needs --clip_weights); tiny = the random tiny CLIP "
                         "(default: b16 with --clip_weights or --data_path, else tiny)")
     g.add_argument("--clip_weights", default=None, help="OpenAI-format CLIP file, or 'openai' to download")
@@ -87,7 +89,9 @@ def resolve_settings(args) -> dict:
     if isinstance(s["clip_weights"], str) and s["clip_weights"].lower() == "none":
         s["clip_weights"] = None
     data_path = pick("data_path")
-    s["arch"] = pick("arch") or ("b16" if s["clip_weights"] is not None or data_path is not None else "tiny")
+    # train.py's rule (utils.presets.default_arch), except that --clip_weights alone also means b16: the tool
+    # draws masks on your own --photos too, and such a file is then OpenAI's ViT-B/16 (this tool's usage).
+    s["arch"] = pick("arch") or default_arch(synthetic=data_path is None and s["clip_weights"] is None)
     s.update(data_path=data_path, dataset=pick("dataset", "sketchy_extend"),
              test_class=pick("test_class", "test_class_sketchy25"),
              custom_split=bool(pick("custom_split", False)), synthetic_dir=pick("synthetic_dir"))
@@ -96,7 +100,7 @@ def resolve_settings(args) -> dict:
 
 def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
     """``(path, class)`` of the photos to draw: ``--photos``/``--classes`` or ``--num`` from a split."""
-    from datasets import load_benchmark
+    from datasets import load_split
     from utils.visualize import select_items
 
     if args.photos is not None or args.classes is not None:
@@ -106,14 +110,8 @@ def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
         return list(zip(args.photos, args.classes))
     if args.num < 1:
         raise ToolError(f"--num must be positive, got {args.num}")
-    if settings["data_path"] is None:
-        from datasets.synthetic import ensure_synthetic_benchmark
-
-        root = ensure_synthetic_benchmark(settings["synthetic_dir"])
-        split = load_benchmark(root, "sketchy_extend", "test_class_sketchy25", check_canonical=False)
-    else:
-        split = load_benchmark(settings["data_path"], settings["dataset"], settings["test_class"],
-                               check_canonical=not settings["custom_split"], check_files=False)
+    split = load_split(SimpleNamespace(**{k: settings[k] for k in ("data_path", "dataset", "test_class", "custom_split",
+                                                                 "synthetic_dir")}, check_files=False))
     if args.split == "train":
         items = [(str(p), c) for c, paths in split.train_photos.items() for p in paths]
     else:
