@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 
+from utils import runtime
 from utils.runtime import UserError, run_cli
 
 
@@ -14,12 +16,8 @@ class ToolError(UserError):
 
 
 def select_device(name: str) -> torch.device:
-    """``--device`` of a tool: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (ToolError without CUDA)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ToolError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    """``--device`` of a tool (auto/cpu/cuda): ``utils.runtime.select_device`` on GPU 0, quiet about the CPU."""
+    return runtime.select_device(SimpleNamespace(device=name, gpu="0"), warn_cpu=False)
 
 
 def tool_errors() -> tuple:

@@ -53,19 +53,21 @@ def run_cli(run: Callable[..., Any], *args, user_errors: Iterable[type] | Callab
         return exit_code
 
 
-def select_device(args) -> torch.device:
-    """``--device`` (auto/cuda/cpu) and ``--gpu`` of train.py and test.py; under torchrun, LOCAL_RANK's GPU."""
+def select_device(args, *, warn_cpu: bool = True) -> torch.device:
+    """``--device`` (auto/cuda/cpu) and ``--gpu`` (default 0) of train.py, test.py and the tools; under
+    torchrun, LOCAL_RANK's GPU. ``warn_cpu``: say so when ``auto`` finds no CUDA (the tools stay quiet)."""
     if args.device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if args.device == "cuda":
             raise UserError("--device cuda was asked but CUDA is not available here (use --device cpu).")
-        log.warning("CUDA is not available: running on the CPU.")
+        if warn_cpu:
+            log.warning("CUDA is not available: running on the CPU.")
         return torch.device("cpu")
     if dist_utils.launched_by_torchrun():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        index = int(args.gpu.split(",")[0])
+        index = int(str(getattr(args, "gpu", "0")).split(",")[0])
     except ValueError:
         raise UserError(f"--gpu must be a device index such as 0, got {args.gpu!r}") from None
     if not 0 <= index < torch.cuda.device_count():
