@@ -99,6 +99,15 @@ class ModalityBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sketch(x) if self.modality == "sketch" else self.photo(x)  # [B, C, H, W]
 
+    @staticmethod
+    def set_modality(module: nn.Module, modality: str) -> None:
+        """Point every ``ModalityBatchNorm2d`` inside ``module`` at ``modality``'s statistics."""
+        if modality not in ("photo", "sketch"):
+            raise ValueError(f"modality must be 'photo' or 'sketch', got {modality!r}")
+        for layer in module.modules():
+            if isinstance(layer, ModalityBatchNorm2d):
+                layer.modality = modality
+
 
 class ConvStemPatchEmbed(PatchEmbed):
     """timm ``PatchEmbed`` whose output is averaged with a 4-conv stem (ZSE-SBIR / PuXIM).
@@ -145,9 +154,7 @@ class ConvStemPatchEmbed(PatchEmbed):
 
     def set_modality(self, modality: str) -> None:
         """Which statistics the stem's BatchNorms use for the next calls (set by the encoder)."""
-        for layer in self.stem:
-            if isinstance(layer, ModalityBatchNorm2d):
-                layer.modality = modality
+        ModalityBatchNorm2d.set_modality(self.stem, modality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape  # [B, 3, H, W]

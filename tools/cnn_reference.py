@@ -52,9 +52,7 @@ class SmallCNN(nn.Module):
         self.embed = nn.Linear(c, embed_dim)
 
     def forward(self, images: torch.Tensor, modality: str) -> torch.Tensor:
-        for m in self.features:
-            if isinstance(m, ModalityBatchNorm2d):
-                m.modality = modality
+        ModalityBatchNorm2d.set_modality(self.features, modality)
         x = self.features(images).mean((2, 3))  # [B, C]
         return F.normalize(self.embed(x), dim=1)  # [B, E]
 
