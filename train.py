@@ -368,7 +368,7 @@ def user_errors() -> tuple:
     """What train.py reports as a message and exit status 2 (with UserError), not as a traceback."""
     from datasets.filelist import DatasetError  # bad data
     from models.encoder import WeightLoadError
-    from models.vxl_cache import MaskCacheError
+    from datasets.mask_cache import MaskCacheError
 
     return (ExperimentError, CheckpointError, engine.NonFiniteLossError, DatasetError, MaskCacheError,
             WeightLoadError)

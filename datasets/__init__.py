@@ -54,7 +54,7 @@ def build_datasets(args, mask_cache=None) -> dict:
     ``eval_per_class`` (None: when set, at most that many queries and gallery photos per class,
     chosen reproducibly).
 
-    ``mask_cache``: precomputed VxL keep-masks (``models.vxl_cache.MaskCache``, keyed by paths
+    ``mask_cache``: precomputed VxL keep-masks (``datasets.mask_cache.MaskCache``, keyed by paths
     relative to ``split.root``); every training photo must be in it (checked here, before
     training), and the training items then carry ``positive_mask`` / ``negative_mask``.
 

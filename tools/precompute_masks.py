@@ -105,7 +105,8 @@ def _command(argv) -> str:
 def main(argv=None) -> dict:
     from datasets import load_split
     from datasets.filelist import DatasetError
-    from models.vxl_cache import MaskCache, MaskCacheError, expected_cache_key, mask_cache_key
+    from datasets.mask_cache import MaskCache, MaskCacheError
+    from models.vxl_cache import expected_cache_key, mask_cache_key
     from utils.errors import user_message
 
     args = _resolve(get_args_parser().parse_args(argv))
