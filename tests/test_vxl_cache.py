@@ -1,4 +1,5 @@
 """models.vxl_cache and tools.precompute_masks: cached VxL masks equal the online ones, stale caches are refused."""
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_precompute_equals_online_sampler(tree, tiny_sampler):
     assert cache.meta["complete"] is True and "--data_path" in cache.meta["command"]
 
 
-def test_refuses_cache_made_with_other_settings(tree, tmp_path):
+def test_refuses_cache_made_with_other_settings(tree, tmp_path, capsys):
     args = parse_train_args(train_args(tree.root))
     with pytest.raises(MaskCacheError, match=r"keep_ratio 0\.3 in cache vs 0\.5 now"):
         load_mask_cache_for_training(tree.out, parse_train_args(train_args(tree.root, keep_ratio=0.5)))
@@ -118,8 +119,13 @@ def test_refuses_cache_made_with_other_settings(tree, tmp_path):
         load_mask_cache_for_training(tree.out, parse_train_args(
             train_args(tree.root, clip_weights=str(tmp_path / "clip_seed1.pt"))))
     # Rerunning the tool with other settings on the same --out refuses rather than mixing masks.
-    with pytest.raises(SystemExit, match=r"keep_ratio 0\.3 in cache vs 0\.5 now"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         run_precompute(tree.root, tree.out, "--keep_ratio", "0.5")
+    assert exc.value.code == 2  # a user error, as for every tool
+    err = capsys.readouterr().err
+    assert re.search(r"precompute_masks: error: .*keep_ratio 0\.3 in cache vs 0\.5 now", err), err
+    assert f"--out {tree.out} holds another cache" in err
     assert load_mask_cache_for_training(tree.out, args).key["keep_ratio"] == 0.3  # untouched
 
 
@@ -180,7 +186,7 @@ def test_resume_after_interruption(tree, tmp_path, monkeypatch):
     assert run_precompute(tree.root, out)["computed"] == 0 and calls == []  # complete: nothing to do
 
 
-def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path):
+def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path, capsys):
     import shutil
 
     root = tmp_path / "data"
@@ -191,9 +197,12 @@ def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path):
     good = broken.read_bytes()
     broken.write_bytes(b"")
     out = tmp_path / "masks.npz"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_precompute(root, out)  # default --save_every: nothing saved before the failure
-    message = str(exc.value)
+    assert exc.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("precompute_masks: error: "), message
     assert str(broken) in message and "zero-byte" in message and "Original Traceback" not in message
     assert "4 masks computed in this run are saved" in message and "rerun the same command" in message
     assert len(MaskCache.load(out)) == 4

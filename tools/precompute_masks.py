@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tools import ToolError, select_device
+from tools import ToolError, run_tool, select_device
 from utils.defaults import SAMPLER_DEFAULTS
 from utils.presets import PRESETS, default_arch
 
@@ -91,9 +91,9 @@ def _resolve(args) -> argparse.Namespace:
         args.clip_weights = None
     for name in ("batch_size", "save_every", "image_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be positive (got {getattr(args, name)})")
+            raise ToolError(f"--{name} must be positive (got {getattr(args, name)})")
     if args.num_workers < 0:
-        raise SystemExit(f"--num_workers must be >= 0 (got {args.num_workers})")
+        raise ToolError(f"--num_workers must be >= 0 (got {args.num_workers})")
     return args
 
 
@@ -102,38 +102,76 @@ def _command(argv) -> str:
     return " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
-def main(argv=None) -> dict:
-    from datasets import load_split
-    from datasets.filelist import DatasetError
+def _open_cache(out: str, key: dict, num_patches: int):
+    """The cache at ``out`` to complete (it must have been made with ``key``), or a new one."""
     from datasets.mask_cache import MaskCache, MaskCacheError
-    from models.vxl_cache import expected_cache_key, mask_cache_key
+
+    if not os.path.exists(out):
+        return MaskCache(key=key, num_patches=num_patches)
+    try:
+        cache = MaskCache.load(out, expected_key=key)
+    except MaskCacheError as e:
+        raise ToolError(f"{e}\n(--out {out} holds another cache: choose another --out or delete it)") from None
+    log.info("resuming %s: %d photos already cached", out, len(cache))
+    return cache
+
+
+def _build_sampler(args, key: dict, device: torch.device):
+    """The VxL sampler of ``args`` (models.build_model's builder and keyword mapping), checked against ``key``."""
+    from models.vxl_cache import mask_cache_key
+    from models.vxl_sampler import build_vxl_sampler
+
+    sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
+                                feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
+    built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
+    if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
+        raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "
+                           f"build_vxl_sampler: {built_key} vs {key}")
+    return sampler
+
+
+def _compute(sampler, cache, todo: list, args, device: torch.device, summary: dict) -> None:
+    """Masks of the ``todo`` photos into ``cache``, saved every ``--save_every`` batches and on a bad photo."""
+    from datasets.filelist import DatasetError
     from utils.errors import user_message
 
-    args = _resolve(get_args_parser().parse_args(argv))
+    loader = DataLoader(_PhotoSet(todo, args.image_size), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
+    try:
+        for step, (images, rels, cnames) in enumerate(bar, 1):
+            masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
+            cache.add(list(rels), masks)
+            summary["computed"] += len(rels)
+            if step % args.save_every == 0:
+                cache.save(args.out)
+    except DatasetError as e:  # an unreadable photo: keep what is done, say how to go on
+        if summary["computed"]:
+            cache.save(args.out)
+        raise ToolError(f"{user_message(e)}\n{summary['computed']} masks computed in this run are saved in "
+                        f"{args.out}; replace or remove that photo (python -m datasets.prepare --check ROOT "
+                        f"--verify_images lists every unreadable file), then rerun the same command to continue.") \
+            from None
+    finally:
+        bar.close()
+
+
+def run(args, argv=None) -> dict:
+    from datasets import load_split
+    from models.vxl_cache import expected_cache_key
+
+    args = _resolve(args)
     try:
         key = expected_cache_key(args)
-        split = load_split(args)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise ToolError(str(e)) from None
+    split = load_split(args)
     grid = key["grid_size"]
     num_patches = grid[0] * grid[1]
-
     # Every training photo with the class text training gives CLIP (its class in the split).
-    lookup_root = split.root
-    items = []
-    for cname, files in sorted(split.train_photos.items()):
-        for path in files:
-            items.append((str(path), str(path.relative_to(lookup_root).as_posix()), cname))
-
-    try:
-        if os.path.exists(args.out):
-            cache = MaskCache.load(args.out, expected_key=key)
-            log.info("resuming %s: %d photos already cached", args.out, len(cache))
-        else:
-            cache = MaskCache(key=key, num_patches=num_patches)
-    except MaskCacheError as e:
-        raise SystemExit(f"error: {e}\n(--out {args.out} holds another cache: choose another --out or delete it)") \
-            from None
+    items = [(str(path), str(path.relative_to(split.root).as_posix()), cname)
+             for cname, files in sorted(split.train_photos.items()) for path in files]
+    cache = _open_cache(args.out, key, num_patches)
     cache.meta.update(command=_command(argv), dataset=split.name, train_photos=len(items),
                       torch=torch.__version__, precision="fp32")
     todo = [it for it in items if it[1] not in cache]
@@ -145,51 +183,13 @@ def main(argv=None) -> dict:
         print(f"{args.out}: all {len(items)} training photos already cached; nothing to do.")
         return summary
 
-    from models.vxl_sampler import build_vxl_sampler
+    import open_clip
 
-    try:
-        device = select_device(args.device)
-    except ToolError as e:  # this tool reports bad input through SystemExit(message)
-        raise SystemExit(str(e)) from None
-    # The same builder and keyword mapping as models.build_model (train.py's flags).
-    from models.encoder import WeightLoadError
-
-    try:
-        sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
-                                    feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
-    except WeightLoadError as e:
-        raise SystemExit(f"error: {e}") from None
-    built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
-    if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
-        raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "
-                           f"build_vxl_sampler: {built_key} vs {key}")
-    try:
-        import open_clip
-        cache.meta["open_clip"] = open_clip.__version__
-    except Exception:  # pragma: no cover - open_clip is a hard dependency of the sampler
-        pass
-    cache.meta.update(device=str(device), complete=False)
-
-    loader = DataLoader(_PhotoSet(todo, args.image_size), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    device = select_device(args.device)
+    sampler = _build_sampler(args, key, device)
+    cache.meta.update(device=str(device), complete=False, open_clip=open_clip.__version__)
     start = time.perf_counter()
-    bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
-    try:
-        for step, (images, rels, cnames) in enumerate(bar, 1):
-            masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
-            cache.add(list(rels), masks)
-            summary["computed"] += len(rels)
-            if step % args.save_every == 0:
-                cache.save(args.out)
-    except DatasetError as e:  # an unreadable photo: keep what is done, say how to go on
-        bar.close()
-        if summary["computed"]:
-            cache.save(args.out)
-        raise SystemExit(f"error: {user_message(e)}\n{summary['computed']} masks computed in this run are saved in "
-                         f"{args.out}; replace or remove that photo (python -m datasets.prepare --check ROOT "
-                         f"--verify_images lists every unreadable file), then rerun the same command to continue.") \
-            from None
-    bar.close()
+    _compute(sampler, cache, todo, args, device, summary)
     cache.meta["complete"] = True
     cache.save(args.out)
     elapsed = time.perf_counter() - start
@@ -200,6 +200,11 @@ def main(argv=None) -> dict:
     return summary
 
 
+def main(argv=None) -> dict:
+    """Bad input (a missing dataset or CLIP file, a foreign cache, an unreadable photo) is a message on
+    stderr and exit status 2, as for every tool (``tools.run_tool``)."""
+    return run_tool("precompute_masks", lambda a: run(a, argv), get_args_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()
