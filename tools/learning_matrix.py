@@ -82,14 +82,24 @@ def run_cell(name: str, seed: int, root: Path, args, threads: int) -> dict:
            *shlex.split(args.train_args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    error = _run("train.py", cmd, env, lines=3)
     cell["seconds"] = round(time.perf_counter() - start, 1)
-    if proc.returncode != 0 or not (Path(args.out) / exp / "log.txt").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**cell, "error": f"train.py exited {proc.returncode}: " + " | ".join(tail)}
+    if error is None and not (Path(args.out) / exp / "log.txt").is_file():
+        error = f"train.py wrote no {Path(args.out) / exp / 'log.txt'}"
+    if error is not None:
+        return {**cell, "error": error}
     if args.reference == "cnn":
         run_reference(name, seed, root, args, env)
     return read_cell(args.out, name, seed, seconds=cell["seconds"])
+
+
+def _run(what: str, cmd: list[str], env: dict, *, lines: int) -> str | None:
+    """Run ``cmd`` in the repository; None when it succeeds, else the exit status and its last output lines."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-lines:]
+    return f"{what} exited {proc.returncode}: " + " | ".join(tail)
 
 
 def reference_path(out: Path, name: str, seed: int) -> Path:
@@ -104,10 +114,9 @@ def run_reference(name: str, seed: int, root: Path, args, env: dict) -> None:
     cmd = [sys.executable, "-m", "tools.cnn_reference", "--data_path", str(root), "--dataset", spec.dataset,
            "--test_class", spec.test_class, "--custom_split", "--seed", str(seed), "--json", str(path),
            "--no_progress", *shlex.split(args.reference_args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
-        path.write_text(json.dumps({"error": f"tools.cnn_reference exited {proc.returncode}: " + " | ".join(tail)}))
+    error = _run("tools.cnn_reference", cmd, env, lines=2)
+    if error is not None:
+        path.write_text(json.dumps({"error": error}))
 
 
 def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> dict:
