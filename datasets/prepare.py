@@ -175,6 +175,47 @@ def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = 
     dataset_dir = _dataset_dir(root, spec, layout)
     unseen = canonical_unseen_classes(test_class)
 
+    sketches, photos, train_photos, seen = _scan_split(dataset_dir, layout, unseen, test_class, out)
+
+    split_dir = dataset_dir / spec.split_dir
+    outputs = {spec.seen_class_file: _class_lines(seen), spec.unseen_class_file: _class_lines(unseen),
+               spec.sketch_train: _list_lines(sketches, seen),
+               spec.photo_train: _list_lines(train_photos, seen),
+               spec.sketch_zero: _list_lines(sketches, unseen),
+               spec.photo_zero: _list_lines(photos, unseen)}
+    existing = [name for name in outputs if (split_dir / name).exists()]
+    if existing and missing_only:
+        if spec.seen_class_file in existing:  # the new training lists must be about the same classes
+            listed = read_class_file(split_dir / spec.seen_class_file)
+            if set(listed) != set(seen):
+                raise DatasetError(
+                    f"{split_dir / spec.seen_class_file} names other seen classes than the folders under "
+                    f"{dataset_dir}: only listed {sorted(set(listed) - set(seen))[:10]}, only in folders "
+                    f"{sorted(set(seen) - set(listed))[:10]}. Fix the folders, or rebuild every list with --force.")
+        outputs = {name: lines for name, lines in outputs.items() if name not in existing}
+    elif existing and not force:
+        raise DatasetError(
+            f"{split_dir}: lists already exist ({', '.join(existing)}); pass --missing_only to write only the "
+            f"absent ones, or --force to overwrite them all."
+        )
+    split_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, lines in outputs.items():
+        path = split_dir / name
+        with atomic_write(path) as f:
+            f.write("".join(line + "\n" for line in lines))
+        written[name] = path
+    return written
+
+
+def _scan_split(dataset_dir: Path, layout: RawLayout, unseen: list[str], test_class: str,
+                out) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Scan the raw folders of a split; returns ``(sketches, photos, train_photos, seen)``.
+
+    The first three map ``class -> relative image paths`` (``train_photos`` is ``photos`` unless the
+    layout has separate training photo folders); ``seen`` is the sorted training classes. Raises
+    ``DatasetError`` when a class lacks sketches or photos, or no seen class is found.
+    """
     sketches = _scan(dataset_dir, layout.sketches, "sketch")
     photos = _scan(dataset_dir, layout.photos, "photo")
     if layout.train_photos is None:
@@ -206,36 +247,7 @@ def build_lists(root: str | os.PathLike, dataset: str, test_class: str | None = 
         )
     if not seen:
         raise DatasetError(f"{dataset_dir}: no seen (training) classes found.")
-
-    split_dir = dataset_dir / spec.split_dir
-    outputs = {spec.seen_class_file: _class_lines(seen), spec.unseen_class_file: _class_lines(unseen),
-               spec.sketch_train: _list_lines(sketches, seen),
-               spec.photo_train: _list_lines(train_photos, seen),
-               spec.sketch_zero: _list_lines(sketches, unseen),
-               spec.photo_zero: _list_lines(photos, unseen)}
-    existing = [name for name in outputs if (split_dir / name).exists()]
-    if existing and missing_only:
-        if spec.seen_class_file in existing:  # the new training lists must be about the same classes
-            listed = read_class_file(split_dir / spec.seen_class_file)
-            if set(listed) != set(seen):
-                raise DatasetError(
-                    f"{split_dir / spec.seen_class_file} names other seen classes than the folders under "
-                    f"{dataset_dir}: only listed {sorted(set(listed) - set(seen))[:10]}, only in folders "
-                    f"{sorted(set(seen) - set(listed))[:10]}. Fix the folders, or rebuild every list with --force.")
-        outputs = {name: lines for name, lines in outputs.items() if name not in existing}
-    elif existing and not force:
-        raise DatasetError(
-            f"{split_dir}: lists already exist ({', '.join(existing)}); pass --missing_only to write only the "
-            f"absent ones, or --force to overwrite them all."
-        )
-    split_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, lines in outputs.items():
-        path = split_dir / name
-        with atomic_write(path) as f:
-            f.write("".join(line + "\n" for line in lines))
-        written[name] = path
-    return written
+    return sketches, photos, train_photos, seen
 
 
 def _class_lines(classes: list[str]) -> list[str]:
@@ -274,6 +286,31 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
                 f"{root} --dataset {dataset}")
         return len(problems)
 
+    seen, unseen = _check_classes(split_dir, spec, test_class, expected, custom_split, out, problem)
+    lists: dict[str, list[tuple[str, str]]] = {}
+    for kind, fname in spec.list_files.items():
+        class_list = seen if kind.endswith("train") else unseen
+        items = _check_list(split_dir, fname, kind, class_list, expected.get(kind), show, out, problem)
+        if items is None:  # unreadable: already a problem
+            continue
+        lists[kind] = items
+        _check_listed_files(split_dir, fname, kind, items, verify_images, show, out, problem)
+    for (train, test), paths in find_shared_files(lists).items():
+        problem(f"{len(paths)} files are in both {spec.list_files[train]} (training) and {spec.list_files[test]} "
+                f"(test), e.g. {', '.join(paths[:show])}; zero-shot retrieval must not train on test files: rebuild "
+                f"the lists with `{rebuild_command(root, key, test_class)}`, or remove those lines from "
+                f"{spec.list_files[train]}")
+    out(f"{'OK' if not problems else f'{len(problems)} problem(s)'}: {split_dir}")
+    return len(problems)
+
+
+def _check_classes(split_dir: Path, spec: SplitSpec, test_class: str, expected: dict, custom_split: bool,
+                   out, problem) -> tuple[list[str] | None, list[str] | None]:
+    """Check the class files of a split; returns ``(seen, unseen)`` class names, ``None`` for an unreadable file.
+
+    Reports their counts against ``expected``, unseen classes that are not the canonical ones (unless
+    ``custom_split``) and classes both seen and unseen (a note where training leaves them out).
+    """
     class_files = {"seen_classes": spec.seen_class_file, "unseen_classes": spec.unseen_class_file}
     classes: dict[str, list[str] | None] = {}
     for what, fname in class_files.items():
@@ -299,46 +336,51 @@ def check_root(root: str | os.PathLike, dataset: str, test_class: str | None = N
                 f"of training (zero-shot): {both}")
         else:
             problem(f"classes both seen and unseen: {both}")
+    return seen, unseen
 
-    lists: dict[str, list[tuple[str, str]]] = {}
-    for kind, fname in spec.list_files.items():
-        path = split_dir / fname
-        try:
-            items = lists[kind] = read_file_list(path)
-        except DatasetError as err:
-            problem(str(err))
-            continue
-        class_list = seen if kind.endswith("train") else unseen
-        _report_count(out, problem, fname, kind, len(items), expected.get(kind))
-        if class_list is not None:
-            found = {c for _, c in items}
-            stray = sorted(found - set(class_list))
-            empty = [c for c in class_list if c not in found]
-            if stray:
-                problem(f"{fname}: {len(stray)} classes not in its class file: {stray[:show]}")
-            if empty:
-                problem(f"{fname}: {len(empty)} classes of its class file have no files: {empty[:show]}")
-        paths = [split_dir.parent / rel for rel, _ in items]
-        missing = find_missing_files(paths)
-        if missing:
-            problem(f"{fname}: {len(missing)} of {len(paths)} listed files are missing, e.g. "
-                    + ", ".join(str(p) for p in missing[:show]))
-        if verify_images:
-            blank: list[str] = []
-            bad = _unreadable(set(paths) - set(missing), fname, blank if kind.startswith("sketch") else None)
-            if bad:
-                problem(f"{fname}: {len(bad)} unreadable images, e.g.\n    "
-                        + "\n    ".join(bad[:show]))
-            if blank:  # readable, and trained on as blank images: worth knowing, not an error
-                out(f"  note: {fname}: {len(blank)} blank sketches (no pixel with R+G+B <= 300), e.g. "
-                    + ", ".join(blank[:show]))
-    for (train, test), paths in find_shared_files(lists).items():
-        problem(f"{len(paths)} files are in both {spec.list_files[train]} (training) and {spec.list_files[test]} "
-                f"(test), e.g. {', '.join(paths[:show])}; zero-shot retrieval must not train on test files: rebuild "
-                f"the lists with `{rebuild_command(root, key, test_class)}`, or remove those lines from "
-                f"{spec.list_files[train]}")
-    out(f"{'OK' if not problems else f'{len(problems)} problem(s)'}: {split_dir}")
-    return len(problems)
+
+def _check_list(split_dir: Path, fname: str, kind: str, class_list: list[str] | None, expected: int | None,
+                show: int, out, problem) -> list[tuple[str, str]] | None:
+    """Read one file list and check its count and classes; returns its ``(path, class)`` items, ``None`` when
+    it cannot be read (a problem).
+
+    ``class_list`` is its class file's classes (``None`` when that file could not be read: no class check).
+    """
+    try:
+        items = read_file_list(split_dir / fname)
+    except DatasetError as err:
+        problem(str(err))
+        return None
+    _report_count(out, problem, fname, kind, len(items), expected)
+    if class_list is not None:
+        found = {c for _, c in items}
+        stray = sorted(found - set(class_list))
+        empty = [c for c in class_list if c not in found]
+        if stray:
+            problem(f"{fname}: {len(stray)} classes not in its class file: {stray[:show]}")
+        if empty:
+            problem(f"{fname}: {len(empty)} classes of its class file have no files: {empty[:show]}")
+    return items
+
+
+def _check_listed_files(split_dir: Path, fname: str, kind: str, items: list[tuple[str, str]], verify_images: bool,
+                        show: int, out, problem) -> None:
+    """Report the missing files of one list and, with ``verify_images``, its unreadable images and blank
+    sketches; returns nothing (findings go to ``problem`` and ``out``)."""
+    paths = [split_dir.parent / rel for rel, _ in items]
+    missing = find_missing_files(paths)
+    if missing:
+        problem(f"{fname}: {len(missing)} of {len(paths)} listed files are missing, e.g. "
+                + ", ".join(str(p) for p in missing[:show]))
+    if verify_images:
+        blank: list[str] = []
+        bad = _unreadable(set(paths) - set(missing), fname, blank if kind.startswith("sketch") else None)
+        if bad:
+            problem(f"{fname}: {len(bad)} unreadable images, e.g.\n    "
+                    + "\n    ".join(bad[:show]))
+        if blank:  # readable, and trained on as blank images: worth knowing, not an error
+            out(f"  note: {fname}: {len(blank)} blank sketches (no pixel with R+G+B <= 300), e.g. "
+                + ", ".join(blank[:show]))
 
 
 def _report_count(out, problem, fname, what, found, expected) -> None:

@@ -295,7 +295,6 @@ def measure_batch_size(models: dict, optimizers: dict, criterion, configs, batch
     A configuration that runs out of memory is recorded in ``out_of_memory`` and dropped from the
     rounds; the others go on.
     """
-    out_of_memory = []
     try:
         batch = make_batch(models["b"], batch_size, device, seed=args.seed)
     except torch.OutOfMemoryError:
@@ -305,6 +304,40 @@ def measure_batch_size(models: dict, optimizers: dict, criterion, configs, batch
         return {"batch_size": batch_size, "rows": {}, "out_of_memory": list(configs), "ratios": {},
                 "best_step_ratios": {}}
     steps = {c: make_step(models[c], criterion, optimizers[c], batch, c, amp_dtype, scaler) for c in configs}
+    times, peaks, out_of_memory = _timed_rounds(steps, configs, args.warmup, args.steps, device, optimizers)
+
+    want_flops = args.flops == "on" or (args.flops == "auto" and device.type == "cuda")
+    rows = {}
+    for c in configs:
+        if c in out_of_memory:
+            continue
+        step_s = sum(times[c]) / len(times[c])
+        row = {"name": CONFIGS[c], "precision": "fp32" if c == "a" or amp_dtype is None else args.amp,
+               "compiled": models[c] is not models["a"], "samples_per_s": batch_size / step_s,
+               "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
+               "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
+        if want_flops:
+            row.update(_flop_fields(models, optimizers, criterion, batch, c, device, amp_dtype, scaler, step_s,
+                                    peak_tflops))
+        rows[c] = row
+    others = [c for c in rows if c != "a" and "a" in rows]
+    ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}
+    # On a shared machine the fastest step is the least disturbed one: its ratio is printed too.
+    best_ratios = {f"{c}/a": rows["a"]["step_ms_min"] / rows[c]["step_ms_min"] for c in others}
+    del steps, batch
+    return {"batch_size": batch_size, "rows": rows, "out_of_memory": out_of_memory, "ratios": ratios,
+            "best_step_ratios": best_ratios}
+
+
+def _timed_rounds(steps: dict, configs, warmup: int, rounds: int, device: torch.device,
+                  optimizers: dict) -> tuple:
+    """``(times, peaks, out_of_memory)`` of ``warmup`` untimed then ``rounds`` timed interleaved rounds.
+
+    ``times``: ``config -> [seconds of each timed step]``; ``peaks``: ``config -> peak bytes allocated``
+    (0 off CUDA); ``out_of_memory``: the configurations that ran out of memory, in that order, skipped
+    from then on.
+    """
+    out_of_memory = []
     times = {c: [] for c in configs}
     peaks = {c: 0 for c in configs}
 
@@ -329,46 +362,32 @@ def measure_batch_size(models: dict, optimizers: dict, criterion, configs, batch
             return
         _free_after_oom(device, optimizers.values())  # outside the except: its traceback holds tensors
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         for c in configs:
             run(c, timed=False)
-    for _ in range(args.steps):
+    for _ in range(rounds):
         for c in configs:
             run(c, timed=True)
+    return times, peaks, out_of_memory
 
-    want_flops = args.flops == "on" or (args.flops == "auto" and device.type == "cuda")
-    rows = {}
-    for c in configs:
-        if c in out_of_memory:
-            continue
-        step_s = sum(times[c]) / len(times[c])
-        row = {"name": CONFIGS[c], "precision": "fp32" if c == "a" or amp_dtype is None else args.amp,
-               "compiled": models[c] is not models["a"], "samples_per_s": batch_size / step_s,
-               "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times[c]), "step_ms_max": 1000 * max(times[c]),
-               "peak_mem_mib": peaks[c] / 2**20 if device.type == "cuda" else None}
-        if want_flops:
-            # Counted on the eager model (same mathematics): compiled kernels hide their matmuls. The
-            # eager step can need more memory than the compiled one that just fit.
-            try:
-                flops = count_flops(make_step(models["a"], criterion, optimizers["a"], batch, c, amp_dtype,
-                                              scaler), device)
-            except torch.OutOfMemoryError:
-                flops = None
-            if flops is None:
-                _free_after_oom(device, optimizers.values())
-                row.update(gflop_per_step=None, achieved_tflops=None, mfu=None)
-            else:
-                row["gflop_per_step"] = flops / 1e9
-                row["achieved_tflops"] = flops / step_s / 1e12
-                row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
-        rows[c] = row
-    others = [c for c in rows if c != "a" and "a" in rows]
-    ratios = {f"{c}/a": rows[c]["samples_per_s"] / rows["a"]["samples_per_s"] for c in others}
-    # On a shared machine the fastest step is the least disturbed one: its ratio is printed too.
-    best_ratios = {f"{c}/a": rows["a"]["step_ms_min"] / rows[c]["step_ms_min"] for c in others}
-    del steps, batch
-    return {"batch_size": batch_size, "rows": rows, "out_of_memory": out_of_memory, "ratios": ratios,
-            "best_step_ratios": best_ratios}
+
+def _flop_fields(models: dict, optimizers: dict, criterion, batch, config: str, device: torch.device, amp_dtype,
+                 scaler, step_s: float, peak_tflops) -> dict:
+    """``gflop_per_step``, ``achieved_tflops`` and ``mfu`` of ``config``'s step (all ``None`` when counting
+    runs out of memory; ``mfu`` also without a known peak)."""
+    # Counted on the eager model (same mathematics): compiled kernels hide their matmuls. The
+    # eager step can need more memory than the compiled one that just fit.
+    try:
+        flops = count_flops(make_step(models["a"], criterion, optimizers["a"], batch, config, amp_dtype,
+                                      scaler), device)
+    except torch.OutOfMemoryError:
+        flops = None
+    if flops is None:
+        _free_after_oom(device, optimizers.values())
+        return dict(gflop_per_step=None, achieved_tflops=None, mfu=None)
+    achieved_tflops = flops / step_s / 1e12
+    return {"gflop_per_step": flops / 1e9, "achieved_tflops": achieved_tflops,
+            "mfu": achieved_tflops / peak_tflops if peak_tflops else None}
 
 
 def main(argv=None) -> dict:

@@ -196,7 +196,7 @@ def embed_gallery(model, items, *, image_size: int, device, batch_size: int, num
 
 # ----------------------------------------------------------------------------- the tool
 def run(args) -> list[tuple[str, float]]:
-    from datasets.transforms import INK_THRESHOLD, ImageLoadError, ink_bbox, load_image, preprocess_sketch
+    from datasets.transforms import load_image, preprocess_sketch
     from utils.checkpoint import load_checkpoint
     from utils.visualize import cosine_ranking, retrieval_grid, save_png
 
@@ -215,16 +215,58 @@ def run(args) -> list[tuple[str, float]]:
     if not 1 <= args.topk <= len(items):
         raise ToolError(f"--topk {args.topk} must be between 1 and the gallery size, {len(items)} images.")
 
-    try:  # fails early, naming the file, when it is not an image
-        sketch_img = load_image(args.sketch)
-    except ImageLoadError as e:  # its advice is about dataset lists; this is a single query file
-        raise ToolError(f"--sketch {str(e).split('; ')[0]}: give a PNG or JPEG drawing.") from None
-    if ink_bbox(np.asarray(sketch_img)) is None:  # its ranking would say nothing about any drawing
-        raise ToolError(f"{args.sketch}: the sketch is blank (no pixel darker than R+G+B = {INK_THRESHOLD}); "
-                        f"draw dark strokes on a light background.")
+    sketch_img = _load_query_sketch(args.sketch)
     if args.out is not None and Path(args.out).is_dir():
         raise ToolError(f"--out {args.out} is a folder: give the file to write, e.g. "
                         f"{Path(args.out) / 'retrieval.png'}")
+    query_class = _query_class(args, items)
+
+    device = select_device(args.device)
+    model = build_from_checkpoint(ckpt, args.checkpoint, device)
+    image_size = int(saved.get("image_size") or model.encoder.img_size)
+    feats = _gallery_features(args, model, items, gallery_id, image_size, device)  # [G, D]
+
+    with torch.no_grad():
+        sketch = preprocess_sketch(sketch_img, image_size)[None].to(device)  # [1, 3, S, S]
+        query = model.encode(sketch, "sketch").float().cpu()  # [1, D]
+    order, sims = cosine_ranking(query, feats)
+    top = order[0, :args.topk]
+    results = [(items[g][0], float(sims[0, g])) for g in top]
+
+    # Correctness is known when both the query's and the result's classes are.
+    correct = [None if (query_class is None or items[g][1] == UNKNOWN_CLASS) else items[g][1] == query_class
+               for g in top]
+    _print_top(args, items, top, sims, correct, query_class)
+
+    out = Path(args.out) if args.out else Path(f"retrieval_{Path(args.sketch).stem}.png")
+    picture = retrieval_grid(np.asarray(sketch_img), [np.asarray(load_image(items[g][0])) for g in top],
+                             correct=correct,
+                             scores=[s for _, s in results], titles=[items[g][1] or "?" for g in top],
+                             query_title=f"query: {query_class}" if query_class else "query", tile_size=args.tile_size)
+    save_png(picture, out)
+    log.info("wrote %s", out)
+    return results
+
+
+def _load_query_sketch(sketch_path: str):
+    """The query sketch as a PIL image; a ``ToolError`` when it is not an image or is blank."""
+    from datasets.transforms import INK_THRESHOLD, ImageLoadError, ink_bbox, load_image
+
+    try:  # fails early, naming the file, when it is not an image
+        sketch_img = load_image(sketch_path)
+    except ImageLoadError as e:  # its advice is about dataset lists; this is a single query file
+        raise ToolError(f"--sketch {str(e).split('; ')[0]}: give a PNG or JPEG drawing.") from None
+    if ink_bbox(np.asarray(sketch_img)) is None:  # its ranking would say nothing about any drawing
+        raise ToolError(f"{sketch_path}: the sketch is blank (no pixel darker than R+G+B = {INK_THRESHOLD}); "
+                        f"draw dark strokes on a light background.")
+    return sketch_img
+
+
+def _query_class(args, items) -> str | None:
+    """The sketch's class: ``--sketch_class``, else its folder's name when that is a gallery class, else ``None``.
+
+    Warns when the class given is not a class of the gallery (every result then counts as wrong).
+    """
     known = {c for _, c in items if c != UNKNOWN_CLASS}
     query_class = args.sketch_class
     if query_class is None and Path(args.sketch).resolve().parent.name in known:
@@ -232,11 +274,11 @@ def run(args) -> list[tuple[str, float]]:
     if query_class is not None and query_class not in known:
         log.warning("the sketch's class %r is not a class of the gallery: every result counts as wrong",
                     query_class)
+    return query_class
 
-    device = select_device(args.device)
-    model = build_from_checkpoint(ckpt, args.checkpoint, device)
-    image_size = int(saved.get("image_size") or model.encoder.img_size)
 
+def _gallery_features(args, model, items, gallery_id: str, image_size: int, device) -> np.ndarray:
+    """Photo embeddings ``[G, D]`` of the gallery: from the cache when it is valid, else embedded (and cached)."""
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     key = cache_key(args.checkpoint, image_size, items)
     path = cache_file(cache_dir, args.checkpoint, gallery_id, image_size)
@@ -250,17 +292,11 @@ def run(args) -> list[tuple[str, float]]:
         if not args.no_cache:
             write_cache(path, key, feats, items)
             log.info("cached the gallery embeddings in %s", path)
+    return feats
 
-    with torch.no_grad():
-        sketch = preprocess_sketch(sketch_img, image_size)[None].to(device)  # [1, 3, S, S]
-        query = model.encode(sketch, "sketch").float().cpu()  # [1, D]
-    order, sims = cosine_ranking(query, feats)
-    top = order[0, :args.topk]
-    results = [(items[g][0], float(sims[0, g])) for g in top]
 
-    # Correctness is known when both the query's and the result's classes are.
-    correct = [None if (query_class is None or items[g][1] == UNKNOWN_CLASS) else items[g][1] == query_class
-               for g in top]
+def _print_top(args, items, top, sims, correct, query_class) -> None:
+    """Print the top-K table (rank, score, match, class, path) to stdout; returns nothing."""
     print(f"top {args.topk} of {len(items)} gallery images for {args.sketch}"
           + (f" (class {query_class})" if query_class else "") + ":")
     print(f"{'rank':>4}  {'score':>7}  {'match':5}  {'class':16}  path")
@@ -268,15 +304,6 @@ def run(args) -> list[tuple[str, float]]:
         mark = "?" if ok is None else ("yes" if ok else "no")
         print(f"{r:>4}  {sims[0, g]:7.4f}  {mark:5}  {items[g][1] or '-':16}  {items[g][0]}")
     sys.stdout.flush()
-
-    out = Path(args.out) if args.out else Path(f"retrieval_{Path(args.sketch).stem}.png")
-    picture = retrieval_grid(np.asarray(sketch_img), [np.asarray(load_image(items[g][0])) for g in top],
-                             correct=correct,
-                             scores=[s for _, s in results], titles=[items[g][1] or "?" for g in top],
-                             query_title=f"query: {query_class}" if query_class else "query", tile_size=args.tile_size)
-    save_png(picture, out)
-    log.info("wrote %s", out)
-    return results
 
 
 if __name__ == "__main__":
