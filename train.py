@@ -30,6 +30,7 @@ from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from utils.defaults import SAMPLER_DEFAULTS
+from losses import TRIPLET_DISTANCES, default_distance
 from utils.presets import PRESETS, default_arch, get_preset, preset_values
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.train_state import TrainState
@@ -138,8 +139,6 @@ def _add_model_flags(g) -> None:
 
 
 def _add_loss_flags(g) -> None:
-    from losses import TRIPLET_DISTANCES
-
     g.add_argument("--tri_distance", default=None, choices=TRIPLET_DISTANCES,
                    help="distance of the triplet loss "
                         f"({preset_values(lambda p: p.recipe.tri_distance or 'by variant')}; by variant: euclidean, "
@@ -225,11 +224,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.ln_eps is not None and not args.ln_eps > 0:
         raise UserError(f"--ln_eps must be positive, got {args.ln_eps}")
     return args
-
-
-def default_distance(variant: str) -> str:
-    """The triplet distance of a variant when neither the flag nor the preset sets one."""
-    return "euclidean" if variant == "puxim" else "cosine"
 
 
 def planned_updates(triplets: int, batch_size: int, epochs: int, world: int = 1) -> int:

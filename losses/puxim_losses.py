@@ -114,6 +114,12 @@ class PuXIMCriterion(nn.Module):
         return losses
 
 
+def default_distance(variant: str) -> str:
+    """The triplet distance of a variant when neither ``--tri_distance`` nor the preset sets one: the paper's
+    euclidean for PuXIM, cosine for the non-mask baseline."""
+    return "euclidean" if variant == "puxim" else "cosine"
+
+
 def build_criterion(args) -> PuXIMCriterion:
     """Criterion from parsed arguments, every field optional: ``variant`` ("puxim" | "non-mask"),
     ``tri_distance`` (None: euclidean for puxim, cosine for non-mask), ``margin`` (None: 1.0 for
@@ -123,7 +129,7 @@ def build_criterion(args) -> PuXIMCriterion:
     if variant not in ("puxim", "non-mask"):
         raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
     masked = variant == "puxim"
-    distance = getattr(args, "tri_distance", None) or ("euclidean" if masked else "cosine")
+    distance = getattr(args, "tri_distance", None) or default_distance(variant)
     if distance not in TRIPLET_DISTANCES:
         raise ValueError(f"unknown --tri_distance {distance!r}; choose one of {TRIPLET_DISTANCES}")
     margin = getattr(args, "margin", None)

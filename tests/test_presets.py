@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import losses
 import train
 from conftest import parse_train_args  # tests/ is on sys.path
 from models import INTERACTION_PRESETS, build_model
@@ -57,7 +58,7 @@ def test_train_fills_each_flag_from_the_preset_and_shows_every_default():
     for args, preset in ((b16, PRESETS["b16"]), (tiny, PRESETS["tiny"])):
         assert args.arch == preset.name
         recipe = dataclasses.asdict(preset.recipe)
-        recipe["tri_distance"] = recipe["tri_distance"] or train.default_distance(args.variant)
+        recipe["tri_distance"] = recipe["tri_distance"] or losses.default_distance(args.variant)
         assert {k: getattr(args, k) for k in recipe} == recipe
     assert b16.tri_distance == "euclidean" and b16.vit_weights == "vit_base_patch16_224.orig_in21k"
     assert parse_train_args(["--data_path", "/data", "--vit_weights", "none"]).vit_weights is None

@@ -80,7 +80,7 @@ class RecipeConfig:
     epoch: int
     datasetLen: int  # sampled triplets per epoch
     image_size: int
-    tri_distance: Optional[str] = None  # None: by --variant (train.default_distance)
+    tri_distance: Optional[str] = None  # None: by --variant (losses.default_distance)
     w_cls: float = 0.0  # weight of the seen-class cross-entropy; 0: none (the paper's)
     vit_weights: Optional[str] = None  # pretrained ViT (a timm tag or a file); None: from scratch
 
