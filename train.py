@@ -29,9 +29,8 @@ from utils.experiment import (ExperimentError, RunLock, check_experiment_name, d
 from datasets.robust import BadFileLog
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
-from utils.defaults import SAMPLER_DEFAULTS
 from losses import TRIPLET_DISTANCES, default_distance
-from utils.presets import PRESETS, default_arch, get_preset, preset_values
+from utils.presets import PRESETS, default_arch, get_preset, preset_values, sampler_options
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.train_state import TrainState
 from utils.visualize import mask_summary, retrieval_summary, select_items
@@ -112,14 +111,17 @@ def _add_model_flags(g) -> None:
                         "download; tiny preset: a fixed random tiny CLIP when omitted")
     g.add_argument("--variant", default="puxim", choices=["puxim", "non-mask"],
                    help="non-mask = the ablation without VxL masking (cosine triplet, margin 0.2)")
-    g.add_argument("--keep_ratio", type=float, default=SAMPLER_DEFAULTS["keep_ratio"],
-                   help="fraction of patches the VxL mask keeps")
-    g.add_argument("--prompt", default=SAMPLER_DEFAULTS["prompt"],
-                   help="text template for the class name; paper figure: 'a photo of {}'")
-    g.add_argument("--vxl_norm", default=SAMPLER_DEFAULTS["vxl_norm"], choices=["token", "channel"],
-                   help="L2 axis of CLIP Surgery features (released code: token axis)")
-    g.add_argument("--clip_input_norm", default=SAMPLER_DEFAULTS["clip_input_norm"], choices=["encoder", "clip"],
-                   help="photo normalisation seen by CLIP (released code: the encoder's 0.5/0.5)")
+    g.add_argument("--keep_ratio", type=float, default=None,
+                   help=f"fraction of patches the VxL mask keeps ({preset_values(lambda p: p.sampler.keep_ratio)})")
+    g.add_argument("--prompt", default=None,
+                   help="text template for the class name; paper figure: 'a photo of {}' "
+                        f"({preset_values(lambda p: repr(p.sampler.prompt))})")
+    g.add_argument("--vxl_norm", default=None, choices=["token", "channel"],
+                   help="L2 axis of CLIP Surgery features (released code: token axis; "
+                        f"{preset_values(lambda p: p.sampler.vxl_norm)})")
+    g.add_argument("--clip_input_norm", default=None, choices=["encoder", "clip"],
+                   help="photo normalisation seen by CLIP (released code: the encoder's 0.5/0.5; "
+                        f"{preset_values(lambda p: p.sampler.clip_input_norm)})")
     g.add_argument("--int_memory", default="masked", choices=["masked", "unmasked"],
                    help="interaction decoder memory: masked photo tokens (paper) or unmasked (released code)")
     g.add_argument("--separate_encoders", action="store_true", help="untied sketch and photo encoders")
@@ -204,6 +206,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in asdict(get_preset(args.arch).recipe).items():  # vit_weights too: b16's pretrained ViT
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key, value in sampler_options(args, args.arch).items():
+        setattr(args, key, value)
     if args.tri_distance is None:  # a preset without one: the variant's
         args.tri_distance = default_distance(args.variant)
     if isinstance(args.vit_weights, str) and args.vit_weights.lower() == "none":

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from utils.presets import PRESETS
+from utils.presets import PRESETS, sampler_options
 
 from .class_head import SeenClassHead
 from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
-from .vxl_sampler import SAMPLER_DEFAULTS, VxLSampler, build_vxl_sampler
+from .vxl_sampler import VxLSampler, build_vxl_sampler, sampler_keywords
 
 __all__ = [
     "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
@@ -38,8 +38,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     """Build PuXIM from parsed arguments (see train.py), every field optional with its default.
 
     Fields: ``arch`` (a preset of ``utils.presets.PRESETS``: "b16" | "tiny"), ``vit_weights``,
-    ``clip_weights`` (paths or None), ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm`` ("token" | "channel"),
-    ``clip_input_norm`` ("encoder" | "clip"), ``separate_encoders`` (False),
+    ``clip_weights`` (paths or None), ``keep_ratio``, ``prompt``, ``vxl_norm`` ("token" | "channel"),
+    ``clip_input_norm`` ("encoder" | "clip") (unset: the preset's sampler's), ``separate_encoders`` (False),
     ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
     ``dropout`` (None: the preset's, 0.1 for b16 and 0 for tiny; otherwise used by the encoder and
     the interaction head),
@@ -69,10 +69,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     if use_mask and with_sampler:
         sampler = build_vxl_sampler(
             arch, _arg(args, "clip_weights", None),
-            keep_ratio=_arg(args, "keep_ratio", SAMPLER_DEFAULTS["keep_ratio"]),
-            prompt=_arg(args, "prompt", SAMPLER_DEFAULTS["prompt"]),
-            feature_norm=_arg(args, "vxl_norm", SAMPLER_DEFAULTS["vxl_norm"]),
-            input_norm=_arg(args, "clip_input_norm", SAMPLER_DEFAULTS["clip_input_norm"]),
+            **sampler_keywords(sampler_options(args, arch)),
         )
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),

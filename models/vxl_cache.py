@@ -33,8 +33,7 @@ import torch
 
 from datasets.mask_cache import (CACHE_FORMAT, MaskCache, MaskCacheError, MaskCacheMissError, RootedMaskLookup,
                                  compare_keys, pack_masks, unpack_masks)
-from utils.defaults import SAMPLER_DEFAULTS
-from utils.presets import PRESETS
+from utils.presets import PRESETS, sampler_options
 
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
@@ -125,23 +124,21 @@ def _preset_clip_geometry(arch: str) -> tuple[int, int, int]:
 def expected_cache_key(args) -> dict:
     """The key a cache must have for a run with these arguments (train.py's names), without building CLIP.
 
-    Reads ``arch``, ``clip_weights``, ``keep_ratio`` (0.3), ``prompt`` ("{}"), ``vxl_norm``
-    ("token"), ``clip_input_norm`` ("encoder"), ``image_size`` (the preset's CLIP input size).
+    Reads ``arch``, ``clip_weights``, ``keep_ratio``, ``prompt``, ``vxl_norm``, ``clip_input_norm`` (unset: the
+    preset's, ``utils.presets.sampler_options``), ``image_size`` (the preset's CLIP input size).
     ``tools.precompute_masks`` writes this very key and checks it against the sampler it builds,
     so a change in ``build_vxl_sampler`` cannot silently desynchronise the two.
     """
     def arg(name, default):
         value = getattr(args, name, None)
         return default if value is None else value
+    from .vxl_sampler import sampler_keywords
 
     arch = arg("arch", "b16")
     clip_size, patch, depth = _preset_clip_geometry(arch)
     image_size = int(arg("image_size", clip_size))
     return cache_key(clip=clip_identity(arch, arg("clip_weights", None)),
-                     keep_ratio=arg("keep_ratio", SAMPLER_DEFAULTS["keep_ratio"]),
-                     prompt=arg("prompt", SAMPLER_DEFAULTS["prompt"]),
-                     feature_norm=arg("vxl_norm", SAMPLER_DEFAULTS["vxl_norm"]),
-                     input_norm=arg("clip_input_norm", SAMPLER_DEFAULTS["clip_input_norm"]), surgery_depth=depth,
+                     **sampler_keywords(sampler_options(args, arch)), surgery_depth=depth,
                      image_size=image_size, grid_size=(image_size // patch, image_size // patch))
 
 

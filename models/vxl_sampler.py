@@ -31,15 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.defaults import SAMPLER_DEFAULTS  # re-exported: the sampler's defaults, under train.py's names
 from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undone for CLIP
-from utils.presets import CLIP_MODEL_NAME, PRESETS  # CLIP_MODEL_NAME re-exported
+from utils.presets import CLIP_MODEL_NAME, PRESETS, SamplerConfig, sampler_options  # CLIP_MODEL_NAME re-exported
 
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLER_DEFAULTS", "VxLSampler", "build_vxl_sampler", "build_tiny_clip", "build_random_clip",
+__all__ = ["VxLSampler", "build_vxl_sampler", "sampler_keywords", "build_tiny_clip", "build_random_clip",
            "load_openai_state_dict", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
 # The `tiny` preset's random CLIP (utils.presets.PRESETS["tiny"].sampler: its config and surgery depth),
@@ -66,9 +65,9 @@ class VxLSampler(nn.Module):
         surgery_depth: number of last visual blocks with the surgery path (6 for ViT-B/16).
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = SAMPLER_DEFAULTS["keep_ratio"],
-                 prompt: str = SAMPLER_DEFAULTS["prompt"], feature_norm: str = SAMPLER_DEFAULTS["vxl_norm"],
-                 input_norm: str = SAMPLER_DEFAULTS["clip_input_norm"], surgery_depth: int = 6):
+    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = SamplerConfig.keep_ratio,
+                 prompt: str = SamplerConfig.prompt, feature_norm: str = SamplerConfig.vxl_norm,
+                 input_norm: str = SamplerConfig.clip_input_norm, surgery_depth: int = SamplerConfig.surgery_depth):
         super().__init__()
         import open_clip
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -368,13 +367,20 @@ def _check_quick_gelu(model: nn.Module, source: str) -> None:
                          f"(use open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
 
 
+def sampler_keywords(options: dict) -> dict:
+    """train.py's names of the sampler options (``utils.presets.SAMPLER_OPTIONS``) as ``VxLSampler``'s keywords."""
+    renamed = {"vxl_norm": "feature_norm", "clip_input_norm": "input_norm"}
+    return {renamed.get(name, name): value for name, value in options.items()}
+
+
 def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, **kwargs) -> VxLSampler:
     """The sampler of a preset (``utils.presets.PRESETS[arch].sampler``): ``b16`` needs OpenAI's CLIP ViT-B/16,
-    ``tiny`` uses a random tiny CLIP (or ``clip_weights``, a checkpoint of that tiny CLIP)."""
+    ``tiny`` uses a random tiny CLIP (or ``clip_weights``, a checkpoint of that tiny CLIP). ``kwargs``:
+    ``VxLSampler``'s keywords; those not given are the preset's."""
     if arch not in PRESETS:
         raise ValueError(f"unknown arch {arch!r} for the VxL sampler; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[arch].sampler
-    kwargs = {"surgery_depth": cfg.surgery_depth, **kwargs}
+    kwargs = {"surgery_depth": cfg.surgery_depth, **sampler_keywords(sampler_options({}, arch)), **kwargs}
     if cfg.random_clip is None:  # pretrained weights only
         if clip_weights is None:
             raise WeightMismatchError(f"the {arch} model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "

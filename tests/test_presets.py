@@ -10,7 +10,6 @@ from conftest import parse_train_args  # tests/ is on sys.path
 from models import INTERACTION_PRESETS, build_model
 from models.encoder import ENCODER_PRESETS
 from models.vxl_sampler import CLIP_MODEL_NAME, TINY_CLIP_CFG, build_vxl_sampler
-from utils.defaults import SAMPLER_DEFAULTS
 from utils.presets import PRESETS, default_arch, get_preset
 
 
@@ -44,13 +43,24 @@ def test_the_presets_hold_the_values_the_tables_had():
         PRESETS["tiny"].recipe.lr = 1.0
 
 
-def test_sampler_options_are_shared_by_every_preset():
-    # train.py's --keep_ratio/--prompt/--vxl_norm/--clip_input_norm (and the tools') default to
-    # SAMPLER_DEFAULTS whatever --arch: a preset with other values would not be trained with them.
-    for name, preset in PRESETS.items():
-        s = preset.sampler
-        assert dict(keep_ratio=s.keep_ratio, prompt=s.prompt, vxl_norm=s.vxl_norm,
-                    clip_input_norm=s.clip_input_norm) == SAMPLER_DEFAULTS, name
+def test_sampler_options_come_from_the_preset_unless_a_flag_sets_them(monkeypatch):
+    # A preset with other sampler options is trained, cached and visualised with them: train.py's flags,
+    # build_model, the mask-cache key and the tools all read them through utils.presets.sampler_options.
+    from models.vxl_cache import expected_cache_key
+
+    other = dataclasses.replace(PRESETS["tiny"], name="tiny_other", sampler=dataclasses.replace(
+        PRESETS["tiny"].sampler, keep_ratio=0.5, prompt="a sketch of {}", vxl_norm="channel"))
+    monkeypatch.setitem(PRESETS, "tiny_other", other)
+    args = train.resolve_args(train.get_args_parser().parse_args(["--arch", "tiny_other"]))
+    assert (args.keep_ratio, args.prompt, args.vxl_norm, args.clip_input_norm) == (0.5, "a sketch of {}", "channel",
+                                                                                  "encoder")
+    sampler = build_model(SimpleNamespace(arch="tiny_other")).sampler
+    assert (sampler.keep_ratio, sampler.prompt, sampler.feature_norm) == (0.5, "a sketch of {}", "channel")
+    key = expected_cache_key(SimpleNamespace(arch="tiny_other"))
+    assert (key["keep_ratio"], key["prompt"], key["feature_norm"]) == (0.5, "a sketch of {}", "channel")
+    flagged = train.resolve_args(train.get_args_parser().parse_args(["--arch", "tiny_other", "--keep_ratio", "0.2"]))
+    assert flagged.keep_ratio == 0.2 and flagged.prompt == "a sketch of {}"
+    assert "tiny_other: 0.5" in " ".join(train.get_args_parser().format_help().split())
 
 
 def test_train_fills_each_flag_from_the_preset_and_shows_every_default():

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tools import ToolError, run_tool, select_device
-from utils.defaults import SAMPLER_DEFAULTS
-from utils.presets import PRESETS, default_arch
+from utils.presets import PRESETS, SAMPLER_OPTIONS, default_arch, preset_values, sampler_options
 
 log = logging.getLogger("precompute_masks")
 
@@ -51,10 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="preset (default: tiny without --data_path, else b16)")
     g.add_argument("--clip_weights", default=None,
                    help="OpenAI-format CLIP ViT-B/16 file, or 'openai'; tiny: a fixed random tiny CLIP when omitted")
-    g.add_argument("--keep_ratio", type=float, default=SAMPLER_DEFAULTS["keep_ratio"])
-    g.add_argument("--prompt", default=SAMPLER_DEFAULTS["prompt"])
-    g.add_argument("--vxl_norm", default=SAMPLER_DEFAULTS["vxl_norm"], choices=["token", "channel"])
-    g.add_argument("--clip_input_norm", default=SAMPLER_DEFAULTS["clip_input_norm"], choices=["encoder", "clip"])
+    g.add_argument("--keep_ratio", type=float, default=None, help=preset_values(lambda p: p.sampler.keep_ratio))
+    g.add_argument("--prompt", default=None, help=preset_values(lambda p: repr(p.sampler.prompt)))
+    g.add_argument("--vxl_norm", default=None, choices=["token", "channel"],
+                   help=preset_values(lambda p: p.sampler.vxl_norm))
+    g.add_argument("--clip_input_norm", default=None, choices=["encoder", "clip"],
+                   help=preset_values(lambda p: p.sampler.clip_input_norm))
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="the cache file (.npz) to write or complete")
@@ -87,6 +88,8 @@ def _resolve(args) -> argparse.Namespace:
         args.arch = default_arch(args.data_path is None)  # train.py's rule
     if args.image_size is None:  # train.py's default: masks of the photos training sees
         args.image_size = PRESETS[args.arch].recipe.image_size
+    for name, value in sampler_options(args, args.arch).items():  # train.py's rule: the preset's when unset
+        setattr(args, name, value)
     if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
         args.clip_weights = None
     for name in ("batch_size", "save_every", "image_size"):
@@ -119,10 +122,10 @@ def _open_cache(out: str, key: dict, num_patches: int):
 def _build_sampler(args, key: dict, device: torch.device):
     """The VxL sampler of ``args`` (models.build_model's builder and keyword mapping), checked against ``key``."""
     from models.vxl_cache import mask_cache_key
-    from models.vxl_sampler import build_vxl_sampler
+    from models.vxl_sampler import build_vxl_sampler, sampler_keywords
 
-    sampler = build_vxl_sampler(args.arch, args.clip_weights, keep_ratio=args.keep_ratio, prompt=args.prompt,
-                                feature_norm=args.vxl_norm, input_norm=args.clip_input_norm).to(device)
+    options = {name: getattr(args, name) for name in SAMPLER_OPTIONS}
+    sampler = build_vxl_sampler(args.arch, args.clip_weights, **sampler_keywords(options)).to(device)
     built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
     if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
         raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "

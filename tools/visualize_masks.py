@@ -21,8 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from tools import ToolError, run_tool, select_device
-from utils.defaults import SAMPLER_DEFAULTS
-from utils.presets import PRESETS, default_arch
+from utils.presets import PRESETS, SAMPLER_OPTIONS, default_arch, sampler_options
 
 log = logging.getLogger("visualize_masks")
 
@@ -84,14 +83,14 @@ def resolve_settings(args) -> dict:
         value = getattr(args, name)
         return value if value is not None else saved.get(name, default)
 
-    s = {name: pick(name, default) for name, default in SAMPLER_DEFAULTS.items()}
-    s["clip_weights"] = pick("clip_weights")
+    s = {"clip_weights": pick("clip_weights")}
     if isinstance(s["clip_weights"], str) and s["clip_weights"].lower() == "none":
         s["clip_weights"] = None
     data_path = pick("data_path")
     # train.py's rule (utils.presets.default_arch), except that --clip_weights alone also means b16: the tool
     # draws masks on your own --photos too, and such a file is then OpenAI's ViT-B/16 (this tool's usage).
     s["arch"] = pick("arch") or default_arch(synthetic=data_path is None and s["clip_weights"] is None)
+    s.update(sampler_options({name: pick(name) for name in SAMPLER_OPTIONS}, s["arch"]))
     s.update(data_path=data_path, dataset=pick("dataset", "sketchy_extend"),
              test_class=pick("test_class", "test_class_sketchy25"),
              custom_split=bool(pick("custom_split", False)), synthetic_dir=pick("synthetic_dir"))

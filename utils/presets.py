@@ -15,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
-from utils.defaults import SAMPLER_DEFAULTS
-
 __all__ = ["CLIP_MODEL_NAME", "EncoderConfig", "InteractionConfig", "SamplerConfig", "RecipeConfig", "Preset",
-           "PRESETS", "get_preset", "default_arch", "preset_values"]
+           "PRESETS", "SAMPLER_OPTIONS", "get_preset", "default_arch", "preset_values", "sampler_options"]
 
 # OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
 CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
@@ -58,17 +56,23 @@ class SamplerConfig:
     no ``--clip_weights``: a seeded random CLIP of this config stands in (and ``--clip_weights`` loads a
     checkpoint of this config, not of ``clip_model``'s). Read-only: copy it before changing it.
     ``surgery_depth``: the last visual blocks with the CLIP Surgery path.
-    ``keep_ratio``, ``prompt``, ``vxl_norm``, ``clip_input_norm``: shared by every preset, from
-    ``utils.defaults.SAMPLER_DEFAULTS``; train.py's and the tools' flags default to that dict whatever the
-    preset, so a preset must not change them (tests/test_presets.py checks it).
+    ``keep_ratio``, ``prompt``, ``vxl_norm``, ``clip_input_norm`` (:data:`SAMPLER_OPTIONS`, train.py's
+    flags of those names): the defaults of the flags left unset (:func:`sampler_options`), and of
+    ``VxLSampler``'s keywords. The released code's choices: keep 30% of the patches, the bare class name
+    as prompt, CLIP Surgery features L2-normalised over the token axis, and CLIP fed the encoder's
+    0.5/0.5-normalised photo.
     """
     clip_model: str = CLIP_MODEL_NAME
     random_clip: Optional[dict] = field(default=None, hash=False)  # a dict: left out of the hash
     surgery_depth: int = 6
-    keep_ratio: float = SAMPLER_DEFAULTS["keep_ratio"]
-    prompt: str = SAMPLER_DEFAULTS["prompt"]
-    vxl_norm: str = SAMPLER_DEFAULTS["vxl_norm"]
-    clip_input_norm: str = SAMPLER_DEFAULTS["clip_input_norm"]
+    keep_ratio: float = 0.3
+    prompt: str = "{}"
+    vxl_norm: str = "token"  # "token" | "channel"
+    clip_input_norm: str = "encoder"  # "encoder" | "clip"
+
+
+SAMPLER_OPTIONS = ("keep_ratio", "prompt", "vxl_norm", "clip_input_norm")
+"""The sampler settings that are also flags of train.py and the mask tools (same names)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,14 @@ def default_arch(synthetic: bool) -> str:
     """The preset when ``--arch`` is not given: ``tiny`` on the synthetic benchmark (no ``--data_path``;
     CPU-friendly), else ``b16``, the paper's."""
     return "tiny" if synthetic else "b16"
+
+
+def sampler_options(args, arch: str) -> dict:
+    """:data:`SAMPLER_OPTIONS` for a run: each from ``args`` (a namespace or a dict, e.g. a checkpoint's saved
+    args) where set and not None, else from preset ``arch``'s :class:`SamplerConfig`."""
+    sampler = get_preset(arch).sampler
+    get = args.get if isinstance(args, dict) else (lambda name: getattr(args, name, None))
+    return {name: getattr(sampler, name) if get(name) is None else get(name) for name in SAMPLER_OPTIONS}
 
 
 def preset_values(get: Callable[[Preset], object]) -> str:
