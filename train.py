@@ -327,12 +327,24 @@ def build_loaders(data: dict, args, *, rank: int, world: int, device: torch.devi
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop stops after the current step and a checkpoint is written."""
+    """Set by SIGINT/SIGTERM: the loop stops after the current step and a checkpoint is written. A job
+    scheduler's own stop signal does the same through :meth:`request` (tools.submit)."""
+
+    requested: str | None = None  # request()'s reason, for the run training (or starting) in this process
 
     def __init__(self):
         self.signal = None
 
+    @classmethod
+    def request(cls, reason: str) -> None:
+        """Stop the run training in this process, or about to, after its current step, as a first SIGTERM
+        does. Safe in a signal handler; a SIGTERM that follows is taken as the first signal, not a second."""
+        cls.requested = cls.requested or reason
+
     def __call__(self) -> bool:
+        if self.signal is None and StopFlag.requested:  # taken at the next poll, after a step
+            self.signal = StopFlag.requested
+            log.warning("%s received: finishing this step, then saving a checkpoint.", self.signal)
         return self.signal is not None
 
     @property
@@ -342,7 +354,7 @@ class StopFlag:
 
     def install(self):
         def handler(signum, frame):
-            if self.signal is not None:  # a second Ctrl-C: stop at once
+            if self.signal is not None and self.signal != StopFlag.requested:  # a second Ctrl-C: stop at once
                 raise KeyboardInterrupt
             self.signal = signal.Signals(signum).name
             log.warning("%s received: finishing this step, then saving a checkpoint.", self.signal)

@@ -47,14 +47,9 @@ def _run_files(output_dir: Path) -> list[Path]:
     return names + sorted(output_dir.glob(".*.pth.*.tmp"))  # half-written checkpoints of a killed save
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``output_dir``; refuse to reuse one that holds a previous run unless asked to.
-
-    A folder "holds a run" when it has ``args.json``, ``log.txt`` or a checkpoint. ``--resume``
-    continues it; ``--overwrite`` deletes the previous run's files (``RUN_FILES``, ``tb/``) and
-    nothing else; anything else is an error, so an existing experiment is never overwritten by
-    accident.
-    """
+def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """:func:`prepare_output_dir`'s refusals, creating and moving nothing (``tools.submit`` checks them before it
+    queues a job); returns whether ``output_dir`` holds a run."""
     markers = ["args.json", "log.txt", "checkpoint.pth", "best.pth"]
     if output_dir.exists() and not output_dir.is_dir():
         raise ExperimentError(f"{output_dir} is a file, not an experiment folder: choose another --exp or "
@@ -68,8 +63,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
             hint = (" That run stopped before it saved its first checkpoint: start it again with --overwrite."
                     if never_saved else " Start the run without --resume (or check --exp / --output_dir).")
             raise ExperimentError(f"--resume: no checkpoint at {output_dir / 'checkpoint.pth'}.{hint}")
-        return
-    if has_run and not overwrite:
+    elif has_run and not overwrite:
         if never_saved:
             kept = (f" The run it replaced is still in {output_dir / OVERWRITTEN}: move its files back to restore it."
                     if (output_dir / OVERWRITTEN).is_dir() else "")
@@ -80,6 +74,20 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
             f"experiment folder {output_dir} already holds a run. Use --resume to continue it, "
             f"--overwrite to replace it, or choose another --exp."
         )
+    return has_run
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create ``output_dir``; refuse to reuse one that holds a previous run unless asked to.
+
+    A folder "holds a run" when it has ``args.json``, ``log.txt`` or a checkpoint. ``--resume``
+    continues it; ``--overwrite`` deletes the previous run's files (``RUN_FILES``, ``tb/``) and
+    nothing else; anything else is an error, so an existing experiment is never overwritten by
+    accident.
+    """
+    has_run = check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        return
     if has_run and overwrite:
         RunLock(output_dir).check_free()
         previous = output_dir / OVERWRITTEN
