@@ -1,13 +1,16 @@
 # The two commands of the README. Both create the virtual environment .venv when it is missing.
 #   make run    train PuXIM (tiny preset) on the built-in synthetic benchmark, then evaluate it
 #   make test   run the test suite (CPU, offline)
+#   make demo   serve the draw-a-sketch page (tools.demo) with the make-run checkpoint, trained first if missing
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXP    ?= synthetic_demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test venv clean-venv
+DEMO_ARGS ?=
+
+.PHONY: run test demo venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -23,6 +26,10 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+demo: venv
+	test -f results/$(EXP)/best.pth || $(MAKE) run EXP=$(EXP)
+	$(PY) -m tools.demo --checkpoint results/$(EXP)/best.pth $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

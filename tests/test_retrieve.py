@@ -284,3 +284,20 @@ def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, case):
     assert expect in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_faiss_index_gives_the_exact_ranking_and_is_cached_beside_the_embeddings(setup, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    exact = _run(setup, tmp_path, "--topk", "6", "--out", str(tmp_path / "e.png"), "--index", "exact", cache=cache)
+    with caplog.at_level("INFO"):
+        faiss = _run(setup, tmp_path, "--topk", "6", "--out", str(tmp_path / "f.png"), "--index", "faiss",
+                     cache=cache)
+    assert "building a FAISS IVF-Flat index (1 cells) over 8 vectors" in caplog.text  # 8 photos: one cell, exact
+    assert [p for p, _ in faiss] == [p for p, _ in exact]
+    np.testing.assert_allclose([s for _, s in faiss], [s for _, s in exact], atol=1e-5)
+    (embeddings,) = cache.glob("gallery-*[0-9a-f].npz")
+    assert (cache / (embeddings.stem + "-faiss.npz")).is_file()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _run(setup, tmp_path, "--topk", "6", "--out", str(tmp_path / "f.png"), "--index", "faiss", cache=cache)
+    assert "using the cached FAISS index" in caplog.text and "building" not in caplog.text
