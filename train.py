@@ -152,6 +152,10 @@ def _add_loss_flags(g) -> None:
     g.add_argument("--w_cls", type=float, default=None,
                    help="weight of a cross-entropy over the seen classes on the CLS embeddings, not the paper's "
                         f"({preset_values(lambda p: p.recipe.w_cls)}; 0 = none)")
+    g.add_argument("--w_inst", type=float, default=None,
+                   help="weight of an instance loss between each positive photo's outlines drawn as a sketch and "
+                        "the photo (InfoNCE over the batch), not the paper's "
+                        f"({preset_values(lambda p: p.recipe.w_inst)}; 0 = none)")
 
 
 def _add_optimisation_flags(g) -> None:
@@ -225,6 +229,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--keep_ratio must be in (0, 1), got {args.keep_ratio}")
     if args.w_cls < 0:
         raise UserError(f"--w_cls must be >= 0 (0 turns the seen-class loss off), got {args.w_cls}")
+    if args.w_inst < 0:
+        raise UserError(f"--w_inst must be >= 0 (0 turns the instance loss off), got {args.w_inst}")
     if args.ln_eps is not None and not args.ln_eps > 0:
         raise UserError(f"--ln_eps must be positive, got {args.ln_eps}")
     return args
@@ -260,7 +266,7 @@ def schedule_warning(args, updates: int):
 RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "datasetLen", "testall", "eval_per_class",
                       "image_size", "arch", "variant", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm",
                       "int_memory", "separate_encoders", "stem_norm", "dropout", "clip_weights", "margin", "w_tri",
-                      "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls")
+                      "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls", "w_inst")
 # Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
 RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
                    "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
@@ -270,8 +276,9 @@ RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_bac
 def check_resume_args(args, saved: dict, source: Path) -> None:
     """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
     # Checkpoints from before a flag existed were trained with: the preset's eps, the variant's triplet
-    # distance, no seen-class loss.
-    saved = {"ln_eps": None, "tri_distance": default_distance(saved.get("variant", "puxim")), "w_cls": 0.0, **saved}
+    # distance, no seen-class loss, no instance loss.
+    saved = {"ln_eps": None, "tri_distance": default_distance(saved.get("variant", "puxim")), "w_cls": 0.0,
+             "w_inst": 0.0, **saved}
 
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .filelist import DatasetError
-from .transforms import load_image, preprocess_photo, preprocess_sketch
+from .transforms import load_image, preprocess_photo, preprocess_pseudo_sketch, preprocess_sketch
 
 __all__ = ["TripletDataset", "TripletIndexSampler", "ImageListDataset", "subsample_per_class"]
 
@@ -41,11 +41,13 @@ class TripletDataset(Dataset):
         mask_lookup: optional ``photo path -> keep-mask [N]`` (e.g. ``MaskCache.lookup(root)`` of
             ``models.vxl_cache``); items then carry ``positive_mask`` / ``negative_mask`` (float
             ``[N]``) and the model needs no CLIP.
+        pseudo_sketch: items also carry ``pseudo_sketch``, the positive photo's outlines drawn as a sketch
+            (``transforms.preprocess_pseudo_sketch``), for the tiny preset's instance loss (``--w_inst``).
     """
 
     def __init__(self, *, sketches: dict[str, list[Path]], photos: dict[str, list[Path]],
                  length: int, image_size: int, seed: int = 0,
-                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None):
+                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None, pseudo_sketch: bool = False):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if seed < 0:
@@ -54,6 +56,7 @@ class TripletDataset(Dataset):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.mask_lookup = mask_lookup
+        self.pseudo_sketch = bool(pseudo_sketch)
         # Sorted class order and str paths: the draw depends only on the data, not on dict order.
         self.photos = {c: [os.fspath(p) for p in v] for c, v in sorted(photos.items()) if v}
         self.sketches = {c: [os.fspath(p) for p in v] for c, v in sorted(sketches.items()) if v}
@@ -99,7 +102,10 @@ class TripletDataset(Dataset):
         item = self.describe(k)
         size = self.image_size
         item["sketch"] = preprocess_sketch(load_image(item["sketch_path"]), size)  # [3, S, S]
-        item["positive"] = preprocess_photo(load_image(item["positive_path"]), size)  # [3, S, S]
+        positive = load_image(item["positive_path"])
+        item["positive"] = preprocess_photo(positive, size)  # [3, S, S]
+        if self.pseudo_sketch:
+            item["pseudo_sketch"] = preprocess_pseudo_sketch(positive, size)  # [3, S, S]
         item["negative"] = preprocess_photo(load_image(item["negative_path"]), size)  # [3, S, S]
         if self.mask_lookup is not None:
             item["positive_mask"] = self.mask_lookup(item["positive_path"]).float()  # [N]

@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "PuXIMCriterion", "build_criterion",
+__all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "InstanceLoss", "PuXIMCriterion", "build_criterion",
            "cosine_distance", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
 
 DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}  # the paper's
-# Not the paper's: a cross-entropy over the seen classes (models.SeenClassHead), weighted when present.
-OPTIONAL_TERMS = ("loss_cls",)
+# Not the paper's (the tiny preset's): a cross-entropy over the seen classes (models.SeenClassHead) and an
+# instance loss between pseudo-sketches and their photos (InstanceLoss), each weighted when present.
+OPTIONAL_TERMS = ("loss_cls", "loss_inst")
+INSTANCE_TEMPERATURE = 0.1
 TRIPLET_DISTANCES = ("euclidean", "cosine")
 DEFAULT_MARGINS = {"euclidean": 1.0, "cosine": 0.2}  # PuXIM's; the released non-mask ablation's
 
@@ -74,13 +76,36 @@ class MatchingLoss(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
+class InstanceLoss(nn.Module):
+    """Symmetric InfoNCE between the pseudo-sketches (a photo's outlines drawn as a sketch) and their photos.
+
+    Row i of ``sketch_emb`` ``[B, D]`` belongs to row i of ``photo_emb`` ``[B, D]``; every other row of the
+    batch is a negative. Both are L2-normalised; logits are cosines over ``temperature``. The value is the mean
+    of the sketch-to-photo and photo-to-sketch cross-entropies. Unlike the class-level losses, it asks the
+    encoder to match shapes whatever their class, which is what must carry over to unseen classes.
+    """
+
+    def __init__(self, temperature: float = INSTANCE_TEMPERATURE):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, sketch_emb: torch.Tensor, photo_emb: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(sketch_emb, dim=-1) @ F.normalize(photo_emb, dim=-1).T / self.temperature  # [B, B]
+        targets = torch.arange(logits.shape[0], device=logits.device)  # [B]
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
 class PuXIMCriterion(nn.Module):
     """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper) [``+ w_cls L_cls``].
 
     ``forward(outputs)`` takes ``PuXIM.forward``'s dict and returns ``loss_tri``, ``loss_rec``,
     ``loss_int`` and ``loss``. Without reconstruction (``non-mask``) ``loss_rec`` is a detached
     zero that adds nothing. When ``weight_dict`` has ``loss_cls`` (the ``tiny`` preset), ``L_cls`` is
-    the cross-entropy of ``outputs["class_logits"]`` against ``outputs["class_labels"]``.
+    the cross-entropy of ``outputs["class_logits"]`` against ``outputs["class_labels"]``; when it has
+    ``loss_inst``, ``L_inst`` is :class:`InstanceLoss` of ``outputs["pseudo_sketch_emb"]`` and
+    ``outputs["positive_emb"]``.
     """
 
     def __init__(self, *, weight_dict: Optional[Dict[str, float]] = None, margin: float = 1.0,
@@ -95,6 +120,7 @@ class PuXIMCriterion(nn.Module):
         self.triplet = TripletLoss(margin=margin, distance=distance)
         self.reconstruction = ReconstructionLoss()
         self.matching = MatchingLoss()
+        self.instance = InstanceLoss()
 
     def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         losses = {
@@ -110,6 +136,11 @@ class PuXIMCriterion(nn.Module):
                 raise ValueError("the seen-class loss (w_cls > 0) needs outputs['class_logits']: build the model "
                                  "with a class head (models.build_model with w_cls and num_seen_classes)")
             losses["loss_cls"] = F.cross_entropy(outputs["class_logits"], outputs["class_labels"])
+        if "loss_inst" in self.weight_dict:
+            if "pseudo_sketch_emb" not in outputs:
+                raise ValueError("the instance loss (w_inst > 0) needs outputs['pseudo_sketch_emb']: give the model "
+                                 "batch['pseudo_sketch'] (TripletDataset(pseudo_sketch=True))")
+            losses["loss_inst"] = self.instance(outputs["pseudo_sketch_emb"], outputs["positive_emb"])
         losses["loss"] = sum(self.weight_dict[k] * losses[k] for k in self.weight_dict)
         return losses
 
@@ -124,7 +155,7 @@ def build_criterion(args) -> PuXIMCriterion:
     """Criterion from parsed arguments, every field optional: ``variant`` ("puxim" | "non-mask"),
     ``tri_distance`` (None: euclidean for puxim, cosine for non-mask), ``margin`` (None: 1.0 for
     euclidean, 0.2 for cosine), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1), ``w_cls`` (None or 0:
-    no seen-class loss)."""
+    no seen-class loss), ``w_inst`` (None or 0: no instance loss)."""
     variant = getattr(args, "variant", None) or "puxim"
     if variant not in ("puxim", "non-mask"):
         raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
@@ -143,4 +174,6 @@ def build_criterion(args) -> PuXIMCriterion:
     weights = {k: DEFAULT_WEIGHTS[k] if v is None else float(v) for k, v in weights.items()}
     if getattr(args, "w_cls", None):
         weights["loss_cls"] = float(args.w_cls)
+    if getattr(args, "w_inst", None):
+        weights["loss_inst"] = float(args.w_inst)
     return PuXIMCriterion(weight_dict=weights, margin=margin, distance=distance, use_reconstruction=masked)

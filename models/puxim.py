@@ -97,7 +97,12 @@ class PuXIM(nn.Module):
                              f"{negative.shape[0]}")
         photos = torch.cat([positive, negative])  # [2B, 3, H, W]
 
-        sketch_tokens = self.encoder(sketch, "sketch")  # [B, 1 + N, D]
+        pseudo = batch.get("pseudo_sketch")  # the positive photos' outlines, for the instance loss
+        if pseudo is not None:  # one call: the sketch BatchNorm statistics see real and pseudo-sketches alike
+            both = self.encoder(torch.cat([sketch, pseudo]), "sketch")  # [2B, 1 + N, D]
+            sketch_tokens, pseudo_tokens = both[:b], both[b:]
+        else:
+            sketch_tokens = self.encoder(sketch, "sketch")  # [B, 1 + N, D]
         photo_tokens = self.encoder(photos, "photo")  # [2B, 1 + N, D]
         patch_tokens = photo_tokens[:, 1:]  # [2B, N, D]
         mask = self._photo_mask(batch, photos, photo_tokens.dtype)  # [2B, N]
@@ -122,6 +127,8 @@ class PuXIM(nn.Module):
             "match_logits": match_logits,  # [2B, 2]
             "match_labels": match_labels,  # [2B]
         }
+        if pseudo is not None:
+            outputs["pseudo_sketch_emb"] = pseudo_tokens[:, 0]  # [B, D]
         if self.class_head is not None:
             if batch.get("positive_label") is None or batch.get("negative_label") is None:
                 raise ValueError("PuXIM with a class head needs batch['positive_label'] and batch['negative_label'] "

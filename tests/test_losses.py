@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from losses import MatchingLoss, PuXIMCriterion, ReconstructionLoss, TripletLoss, build_criterion
+from losses import InstanceLoss, MatchingLoss, PuXIMCriterion, ReconstructionLoss, TripletLoss, build_criterion
 
 
 def test_triplet_euclidean_by_hand():
@@ -129,3 +129,26 @@ def test_seen_class_term_by_hand():
         build_criterion(SimpleNamespace(tri_distance="manhattan"))
     with pytest.raises(ValueError, match="may have"):
         PuXIMCriterion(weight_dict={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0, "loss_typo": 1.0})
+
+
+def test_instance_term_by_hand():
+    # sketches (1, 0), (1, 1) against photos (1, 0), (0, 1): cosines [[1, 0], [1/sqrt2, 1/sqrt2]], over 0.1.
+    sketch, photo = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    rows = (math.log1p(math.exp(-10)) + math.log(2)) / 2  # sketch -> photo: the second row is a tie
+    d = 10 - 10 / math.sqrt(2)
+    cols = (math.log1p(math.exp(-d)) + math.log1p(math.exp(-10 / math.sqrt(2)))) / 2  # photo -> sketch
+    assert InstanceLoss()(sketch, photo).item() == pytest.approx((rows + cols) / 2, abs=1e-6)  # 0.186529
+    with pytest.raises(ValueError, match="temperature"):
+        InstanceLoss(temperature=0.0)
+
+    out = dict(_outputs(), positive_emb=photo, pseudo_sketch_emb=sketch, sketch_emb=torch.zeros(2, 2),
+               negative_emb=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    crit = build_criterion(SimpleNamespace(w_inst=0.5, tri_distance="cosine"))
+    assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_inst": 0.5}
+    losses = crit(out)
+    assert losses["loss_inst"].item() == pytest.approx((rows + cols) / 2, abs=1e-6)
+    others = sum(crit.weight_dict[k] * losses[k] for k in ("loss_tri", "loss_rec", "loss_int"))
+    assert losses["loss"].item() == pytest.approx(others.item() + 0.5 * losses["loss_inst"].item(), abs=1e-6)
+    assert "loss_inst" not in build_criterion(SimpleNamespace(w_inst=0.0))(out)
+    with pytest.raises(ValueError, match="pseudo_sketch"):
+        crit(_outputs())

@@ -27,9 +27,9 @@ def test_the_presets_hold_the_values_the_tables_had():
     }
     assert train.ARCH_DEFAULTS == {
         "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000, image_size=224,
-                    tri_distance=None, w_cls=0.0, vit_weights="vit_base_patch16_224.orig_in21k"),
+                    tri_distance=None, w_cls=0.0, w_inst=0.0, vit_weights="vit_base_patch16_224.orig_in21k"),
         "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, datasetLen=1600, image_size=64,
-                     tri_distance="cosine", w_cls=1.0, vit_weights=None),
+                     tri_distance="cosine", w_cls=1.0, w_inst=0.0, vit_weights=None),
     }
     assert train.RELEASED_RECIPE == dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000)
     assert CLIP_MODEL_NAME == "ViT-B-16-quickgelu" == PRESETS["b16"].sampler.clip_model
@@ -121,3 +121,11 @@ def test_visualize_masks_takes_train_py_default_arch():
     assert arch("--data_path", "/data") == default_arch(synthetic=False) == "b16"
     assert arch("--clip_weights", "ViT-B-16.pt") == "b16"  # its own photos with OpenAI's CLIP (module doc)
     assert arch("--arch", "tiny", "--data_path", "/data") == "tiny"
+
+
+def test_instance_loss_flag_is_resolved_and_checked():
+    assert parse_train_args([]).w_inst == PRESETS["tiny"].recipe.w_inst
+    assert parse_train_args(["--data_path", "/data"]).w_inst == 0.0  # b16: the paper's loss
+    assert parse_train_args(["--w_inst", "0.5"]).w_inst == 0.5
+    with pytest.raises(train.UserError, match="--w_inst must be >= 0"):
+        parse_train_args(["--w_inst", "-1"])

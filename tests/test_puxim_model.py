@@ -285,3 +285,22 @@ def test_class_head_outputs_and_loss():
     with pytest.raises(ValueError, match="class_logits"):
         crit(headless(batch))
     assert build_model(SimpleNamespace(arch="tiny", w_cls=0.0), with_sampler=False).class_head is None
+
+
+def test_pseudo_sketches_are_encoded_as_sketches_and_trained_by_the_instance_loss():
+    torch.manual_seed(0)
+    args = SimpleNamespace(arch="tiny", variant="non-mask", w_inst=1.0)
+    model = build_model(args, with_sampler=False).eval()
+    batch = _batch()
+    pseudo = _batch(seed=1)["sketch"]  # [B, 3, 64, 64]
+    with torch.no_grad():
+        plain, out = model(batch), model(dict(batch, pseudo_sketch=pseudo))
+        alone = model.encoder(pseudo, "sketch")[:, 0]  # [B, D]
+    assert "pseudo_sketch_emb" not in plain
+    torch.testing.assert_close(out["pseudo_sketch_emb"], alone)  # the sketch path (eval: batch-independent)
+    torch.testing.assert_close(out["sketch_emb"], plain["sketch_emb"])
+    model.train()
+    losses = build_criterion(args)(model(dict(batch, pseudo_sketch=pseudo)))
+    assert losses["loss_inst"] > 0
+    losses["loss_inst"].backward()
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

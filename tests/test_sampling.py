@@ -233,3 +233,15 @@ def test_subsample_per_class():
     assert subsample_per_class(items, None) == items
     with pytest.raises(ValueError):
         subsample_per_class(items, 0)
+
+
+def test_pseudo_sketch_items_draw_the_positive_photo(image_dataset):
+    from datasets.transforms import preprocess_pseudo_sketch
+
+    assert "pseudo_sketch" not in image_dataset[3]  # off by default: the paper's items
+    with_pseudo = TripletDataset(sketches=image_dataset.sketches, photos=image_dataset.photos, length=8,
+                                 image_size=16, seed=11, pseudo_sketch=True)
+    item = with_pseudo[3]
+    assert item["positive_path"] == image_dataset.describe(3)["positive_path"]  # the same triplet stream
+    assert torch.equal(item["pseudo_sketch"], preprocess_pseudo_sketch(load_image(item["positive_path"]), 16))
+    assert item["pseudo_sketch"].shape == (3, 16, 16)

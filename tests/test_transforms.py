@@ -244,3 +244,27 @@ def test_folder_symlink_loop_and_unreadable_file_get_their_own_reason(tmp_path):
     os.symlink(loop, loop)
     with pytest.raises(ImageLoadError, match=r"loop\.png: a symbolic link that loops"):
         load_image(loop)
+
+
+def test_photo_edges_draw_the_outline_and_not_the_frame_or_the_noise():
+    from datasets.transforms import photo_edges, preprocess_pseudo_sketch
+
+    rng = np.random.default_rng(0)
+    photo = np.full((40, 40, 3), (200, 180, 60), np.uint8)  # a flat background...
+    photo[10:30, 12:28] = (20, 40, 160)  # ...with a dark rectangle
+    noisy = np.clip(photo + rng.integers(-12, 13, photo.shape), 0, 255).astype(np.uint8)  # pixel noise
+    edges = np.asarray(photo_edges(Image.fromarray(noisy), 20).convert("L"))  # [40, 40]: twice the size 20
+    assert edges.shape == (40, 40) and set(np.unique(edges)) <= {0, 255}
+    ink = edges == 0
+    # the rectangle's border (rows 10 and 29, columns 12 and 27 at this scale) is drawn...
+    assert ink[8:13, 14:26].any(axis=0).all() and ink[27:32, 14:26].any(axis=0).all()
+    assert ink[12:28, 10:15].any(axis=1).all() and ink[12:28, 25:30].any(axis=1).all()
+    # ...the photo's frame is not; the noise leaves only isolated specks (the median filter takes most of it)
+    assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any())
+    outside = np.ones_like(ink)
+    outside[8:32, 10:30] = False
+    assert ink[outside].mean() < 0.01 and ink[13:27, 15:25].mean() < 0.03
+    flat = preprocess_pseudo_sketch(Image.fromarray(np.full((30, 50, 3), 90, np.uint8)), 16)
+    assert flat.shape == (3, 16, 16) and torch.all(flat == 1.0)  # no outline: a blank (white) sketch
+    sketch = preprocess_pseudo_sketch(Image.fromarray(noisy), 16)
+    assert sketch.shape == (3, 16, 16) and (sketch < 0).any()  # ink, cropped and padded as a sketch

@@ -86,6 +86,7 @@ class RecipeConfig:
     image_size: int
     tri_distance: Optional[str] = None  # None: by --variant (losses.default_distance)
     w_cls: float = 0.0  # weight of the seen-class cross-entropy; 0: none (the paper's)
+    w_inst: float = 0.0  # weight of the pseudo-sketch instance loss (losses.InstanceLoss); 0: none (the paper's)
     vit_weights: Optional[str] = None  # pretrained ViT (a timm tag or a file); None: from scratch
 
 
