@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import distributed as dist_utils
+
 __all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "InstanceLoss", "PuXIMCriterion", "build_criterion",
            "cosine_distance", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
 
@@ -81,7 +83,9 @@ class InstanceLoss(nn.Module):
 
     Row i of ``sketch_emb`` ``[B, D]`` belongs to row i of ``photo_emb`` ``[B, D]``; every other row of the
     batch is a negative. Both are L2-normalised; logits are cosines over ``temperature``. The value is the mean
-    of the sketch-to-photo and photo-to-sketch cross-entropies. Unlike the class-level losses, it asks the
+    of the sketch-to-photo and photo-to-sketch cross-entropies: open_clip's ``ClipLoss``, which under
+    torch.distributed gathers every process's rows with their gradients, so that the negatives are the whole
+    global batch and several processes train exactly as one. Unlike the class-level losses, it asks the
     encoder to match shapes whatever their class, which is what must carry over to unseen classes.
     """
 
@@ -92,9 +96,12 @@ class InstanceLoss(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, sketch_emb: torch.Tensor, photo_emb: torch.Tensor) -> torch.Tensor:
-        logits = F.normalize(sketch_emb, dim=-1) @ F.normalize(photo_emb, dim=-1).T / self.temperature  # [B, B]
-        targets = torch.arange(logits.shape[0], device=logits.device)  # [B]
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        from open_clip.loss import ClipLoss  # here: importing open_clip takes seconds, and only this term needs it
+
+        world_size = dist_utils.get_world_size()
+        clip_loss = ClipLoss(gather_with_grad=world_size > 1, rank=dist_utils.get_rank(), world_size=world_size)
+        sketches, photos = F.normalize(sketch_emb, dim=-1), F.normalize(photo_emb, dim=-1)  # [B, D] each
+        return clip_loss(sketches, photos, 1.0 / self.temperature)  # logits [B_global, B_global]
 
 
 class PuXIMCriterion(nn.Module):

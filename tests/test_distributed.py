@@ -32,7 +32,8 @@ def test_two_gloo_processes_match_one_process(bench, tmp_path):
     assert len(single) == len(ddp) == 2
     for a, b in zip(single, ddp):
         assert a["step"] == b["step"] == (a["epoch"] + 1) * 4
-        for key in ("train_loss", "train_loss_tri", "train_loss_rec", "train_loss_int"):
+        # the instance loss's negatives are the global batch in both (gathered with their gradients)
+        for key in ("train_loss", "train_loss_tri", "train_loss_rec", "train_loss_int", "train_loss_inst"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), key
         # evaluation is split across the ranks and gathered: the same metrics
         assert b["test_mAP@all"] == pytest.approx(a["test_mAP@all"], abs=1e-4)

@@ -32,7 +32,7 @@ def trained(synthetic_root, tmp_path_factory):
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("results")
     result = train.main(train_args(synthetic_root, out, "run", "--epoch", "3", "--datasetLen", "192", "--batch_size",
-                                   "16", "--seed", "1", "--collapse_patience", "12", "--log_every", "3", **TB_IMAGES))
+                                   "16", "--seed", "1", "--collapse_patience", "24", "--log_every", "3", **TB_IMAGES))
     return out / "run", result
 
 
@@ -51,8 +51,9 @@ def test_training_lowers_loss_and_stays_above_chance(trained):
     assert final["chance_mAP"] == pytest.approx(1 / 8)  # 8 unseen classes, 16 photos each
     assert final["mAP@all"] > final["chance_mAP"], final
     assert result["global_step"] == 3 * math.ceil(192 / 16)
-    # A run that beats chance raises no collapse alarm (checked every 3 steps, 12-step patience), and
-    # logs its health figures (test_health.py forces a collapse and checks the alarm).
+    # A run that beats chance raises no collapse alarm (checked every 3 steps, 24-step patience: from scratch
+    # the cosine triplet loss sits at its margin for the first ~12 steps while the class and instance losses
+    # move the encoder), and logs its health figures (test_health.py forces a collapse and checks the alarm).
     assert "COLLAPSED" not in (folder / "train.log").read_text()
     assert 0 <= lines[-1]["train_triplet_acc"] <= 1 and lines[-1]["train_emb_spread"] > 0.02, lines[-1]
 
