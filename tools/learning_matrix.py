@@ -1,6 +1,6 @@
 """Does a preset learn beyond the benchmark it was tuned on? Train it on the procedural family and tabulate.
 
-    python -m tools.learning_matrix                            # 8 benchmarks x 2 seeds, the tiny preset
+    python -m tools.learning_matrix                            # the 9 benchmarks x 2 seeds, the tiny preset
     python -m tools.learning_matrix --benchmarks issue_flat_noisy --seeds 0 --train_args "--epoch 2"
 
 Every cell draws one benchmark of ``datasets.family`` (cached under ``--data_dir``), trains
