@@ -137,7 +137,9 @@ class HealthMonitor:
         log.warning(
             "training has COLLAPSED since step %d (now step %d): embedding spread %.4f (0 = all embeddings "
             "equal), triplet loss %.4f against the margin %.4g, triplet accuracy %.3f (0.5 = chance), active "
-            "triplets %.2f. The unseen-class mAP will stay near chance. Try: a lower --lr; pretrained "
+            "triplets %.2f. Unless the run leaves this state by itself (a from-scratch start can sit here for "
+            "~100 steps: watch health/emb_spread in TensorBoard), the unseen-class mAP stays near chance. "
+            "Try: a lower --lr; pretrained "
             "--vit_weights for b16; for a model trained from scratch, the tiny preset's settings (--stem_norm "
             "batch, --dropout 0) and a longer run; check that sketches and photos of a class match "
             "(python -m datasets.prepare --check ROOT ... --verify_images). %s",
