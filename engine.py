@@ -83,6 +83,18 @@ def train_step(
     return losses, outputs
 
 
+def linear_warmup(base_lr: float, warmup_steps: int) -> Callable[[int], float]:
+    """The learning rate of optimizer step ``step`` (counted from 1): ``base_lr * step / warmup_steps`` during the
+    first ``warmup_steps`` steps, ``base_lr`` after them (and always, for ``warmup_steps`` 0).
+
+    A function of the step alone, set before every step (as MAE's ``lr_sched``) rather than a scheduler's
+    state: a resumed run continues the same schedule, with the ``--lr`` it is resumed with.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    return lambda step: base_lr * min(1.0, step / warmup_steps) if warmup_steps else base_lr
+
+
 def _account_bad_files(batch: dict, bad_file_log, device: torch.device) -> None:
     """Take the batch's unreadable files (``bad_files``) and its number of draws (``draws``) out of ``batch``
     into ``bad_file_log`` (when there is one).
@@ -124,6 +136,7 @@ def train_one_epoch(
     progress: bool = True,
     carry: dict | None = None,
     health=None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> dict:
     """Train for one pass over ``loader``, one :func:`train_step` per batch; return averaged loss terms and
     throughput.
@@ -140,6 +153,9 @@ def train_one_epoch(
     ``health`` (a :class:`utils.health.HealthMonitor`) gets every step's triplet accuracy, active
     fraction and embedding spread; when it asks to stop (a collapse with ``--on_collapse stop``) the
     epoch ends after that step, ``interrupted`` and ``collapsed`` set.
+
+    ``lr_at(step)`` (e.g. :func:`linear_warmup`) sets the learning rate of every parameter group before each
+    optimizer step (counted from 1 over the run); None leaves the optimizer's own.
     """
     model.train()
     criterion.train()
@@ -150,6 +166,9 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
     for batch in bar:
         _account_bad_files(batch, bad_file_log, device)
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step + 1)
         losses, outputs = train_step(model, criterion, batch, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                                      device=device, step=global_step + 1)
         steps += 1

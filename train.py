@@ -27,6 +27,7 @@ from utils.checkpoint import CheckpointError, strip_wrappers
 from utils.experiment import (ExperimentError, RunLock, check_experiment_name, discard_overwritten,
                               prepare_output_dir, write_args_json)
 from datasets.robust import BadFileLog
+from datasets.transforms import AUGMENTATIONS
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from losses import TRIPLET_DISTANCES, default_distance
@@ -93,6 +94,10 @@ def _add_data_flags(g) -> None:
     g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
     g.add_argument("--image_size", type=int, default=None,
                    help=f"input size ({preset_values(lambda p: p.recipe.image_size)})")
+    g.add_argument("--augment", default=None, choices=AUGMENTATIONS,
+                   help="training images: none (the paper's) or crop_flip (each image of a triplet its own random "
+                        f"square crop of 60-100%% of its area and a left-right flip half the time; "
+                        f"{preset_values(lambda p: p.recipe.augment)})")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="unreadable training images are skipped and listed in bad_files.txt; stop when "
@@ -168,6 +173,9 @@ def _add_optimisation_flags(g) -> None:
                    help=f"Adam learning rate ({preset_values(lambda p: p.recipe.lr)})")
     g.add_argument("--weight_decay", type=float, default=None,
                    help=f"Adam weight decay ({preset_values(lambda p: p.recipe.weight_decay)})")
+    g.add_argument("--warmup_steps", type=int, default=None,
+                   help="linear learning-rate warm-up from lr/N to lr over the first N optimizer steps, then "
+                        f"constant ({preset_values(lambda p: p.recipe.warmup_steps)}; 0 = constant, the paper's)")
 
 
 def _add_runtime_flags(g) -> None:
@@ -223,6 +231,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("epoch", "batch_size", "datasetLen", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.warmup_steps < 0:
+        raise UserError(f"--warmup_steps must be >= 0 (0: a constant learning rate), got {args.warmup_steps}")
+    if args.vxl_cache and args.augment != "none":
+        raise UserError(f"--vxl_cache holds VxL masks of whole photos and --augment {args.augment} crops the photos, "
+                        "so the masks would not fit them: pass --augment none, or drop --vxl_cache.")
     if args.vxl_cache and args.variant == "non-mask":
         raise UserError("--vxl_cache holds VxL masks, which the non-mask variant does not use; drop one of them.")
     if not 0.0 < args.keep_ratio < 1.0:
@@ -266,9 +279,10 @@ def schedule_warning(args, updates: int):
 RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "datasetLen", "testall", "eval_per_class",
                       "image_size", "arch", "variant", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm",
                       "int_memory", "separate_encoders", "stem_norm", "dropout", "clip_weights", "margin", "w_tri",
-                      "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls", "w_inst")
+                      "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls", "w_inst",
+                      "augment")
 # Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
-RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
+RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "warmup_steps", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
                    "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
                    "collapse_patience")
 
@@ -276,9 +290,9 @@ RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "amp", "compile", "compile_bac
 def check_resume_args(args, saved: dict, source: Path) -> None:
     """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
     # Checkpoints from before a flag existed were trained with: the preset's eps, the variant's triplet
-    # distance, no seen-class loss, no instance loss.
+    # distance, no seen-class loss, no instance loss, no augmentation.
     saved = {"ln_eps": None, "tri_distance": default_distance(saved.get("variant", "puxim")), "w_cls": 0.0,
-             "w_inst": 0.0, **saved}
+             "w_inst": 0.0, "augment": "none", **saved}
 
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)
@@ -541,8 +555,9 @@ def prepare_model(model, args, device, world: int) -> tuple[torch.nn.Module, tor
 
 def log_schedule(args, triplets: int, world: int) -> None:
     updates = planned_updates(triplets, args.batch_size, args.epoch, world)
-    log.info("schedule: %d epochs x %d steps (batch %d, %d triplets per epoch) = %d optimizer updates",
-             args.epoch, updates // args.epoch, args.batch_size, triplets, updates)
+    log.info("schedule: %d epochs x %d steps (batch %d, %d triplets per epoch) = %d optimizer updates; Adam lr %g%s",
+             args.epoch, updates // args.epoch, args.batch_size, triplets, updates, args.lr,
+             f" after a linear warm-up over the first {args.warmup_steps} steps" if args.warmup_steps else ", constant")
     warning = schedule_warning(args, updates)
     if warning:
         log.warning("%s", warning)
@@ -595,7 +610,7 @@ def train_epoch(ctx: RunContext, epoch: int) -> dict:
         ctx.ddp_model, ctx.criterion, ctx.loaders["train"], state.optimizer, device=ctx.device, epoch=epoch,
         global_step=state.global_step, amp_dtype=ctx.amp_dtype, scaler=state.scaler, exp_logger=ctx.exp_logger,
         log_every=args.log_every, should_stop=ctx.stop, bad_file_log=state.bad_files, progress=ctx.progress,
-        carry=state.partial_epoch, health=state.health,
+        carry=state.partial_epoch, health=state.health, lr_at=engine.linear_warmup(args.lr, args.warmup_steps),
     )
     state.global_step, state.partial_epoch = stats["global_step"], stats.pop("partial")
     if stats["interrupted"]:  # a signal, or a collapse with --on_collapse stop

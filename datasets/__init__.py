@@ -72,7 +72,8 @@ def build_datasets(args, mask_cache=None) -> dict:
         mask_lookup = mask_cache.lookup(split.root)
     train = TripletDataset(sketches=split.train_sketches, photos=split.train_photos,
                            length=getattr(args, "datasetLen", 5000), image_size=image_size,
-                           seed=seed, mask_lookup=mask_lookup, pseudo_sketch=(getattr(args, "w_inst", 0.0) or 0) > 0)
+                           seed=seed, mask_lookup=mask_lookup, pseudo_sketch=(getattr(args, "w_inst", 0.0) or 0) > 0,
+                           augment=getattr(args, "augment", "none") == "crop_flip")
 
     queries, gallery = split.test_sketches, split.test_photos
     if not getattr(args, "testall", True) and split.spec is not None:

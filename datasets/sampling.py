@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .filelist import DatasetError
-from .transforms import load_image, preprocess_photo, preprocess_pseudo_sketch, preprocess_sketch
+from .transforms import load_image, preprocess_photo, preprocess_pseudo_sketch, preprocess_sketch, random_crop_flip
 
 __all__ = ["TripletDataset", "TripletIndexSampler", "ImageListDataset", "subsample_per_class"]
 
@@ -43,11 +43,16 @@ class TripletDataset(Dataset):
             ``[N]``) and the model needs no CLIP.
         pseudo_sketch: items also carry ``pseudo_sketch``, the positive photo's outlines drawn as a sketch
             (``transforms.preprocess_pseudo_sketch``), for the tiny preset's instance loss (``--w_inst``).
+        augment: each image of a triplet (sketch, positive, pseudo-sketch, negative) gets its own random crop
+            and flip (``transforms.random_crop_flip``), drawn from ``np.random.default_rng([seed, k, 1])``: the
+            triplet's files (``describe``) are the same with and without it. Not with ``mask_lookup``: the
+            cached masks are of the whole photo.
     """
 
     def __init__(self, *, sketches: dict[str, list[Path]], photos: dict[str, list[Path]],
                  length: int, image_size: int, seed: int = 0,
-                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None, pseudo_sketch: bool = False):
+                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None, pseudo_sketch: bool = False,
+                 augment: bool = False):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if seed < 0:
@@ -57,6 +62,9 @@ class TripletDataset(Dataset):
         self.seed = int(seed)
         self.mask_lookup = mask_lookup
         self.pseudo_sketch = bool(pseudo_sketch)
+        self.augment = bool(augment)
+        if self.augment and mask_lookup is not None:
+            raise ValueError("augment crops the photos, mask_lookup holds masks of whole photos: use one of them")
         # Sorted class order and str paths: the draw depends only on the data, not on dict order.
         self.photos = {c: [os.fspath(p) for p in v] for c, v in sorted(photos.items()) if v}
         self.sketches = {c: [os.fspath(p) for p in v] for c, v in sorted(sketches.items()) if v}
@@ -107,6 +115,11 @@ class TripletDataset(Dataset):
         if self.pseudo_sketch:
             item["pseudo_sketch"] = preprocess_pseudo_sketch(positive, size)  # [3, S, S]
         item["negative"] = preprocess_photo(load_image(item["negative_path"]), size)  # [3, S, S]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, int(k), 1])
+            for key in ("sketch", "positive", "pseudo_sketch", "negative"):
+                if key in item:
+                    item[key] = random_crop_flip(item[key], rng)  # [3, S, S]
         if self.mask_lookup is not None:
             item["positive_mask"] = self.mask_lookup(item["positive_path"]).float()  # [N]
             item["negative_mask"] = self.mask_lookup(item["negative_path"]).float()  # [N]

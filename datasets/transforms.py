@@ -23,7 +23,8 @@ Resampling: bilinear (``RESAMPLE``) for both sketches and photos. PIL's bilinear
 widens its support when downscaling (antialiasing); the released code used OpenCV's
 ``INTER_LINEAR`` (no antialiasing) for sketches and Pillow's default filter (bicubic for
 RGB) for photos, so pixel values differ slightly from the released pipeline's.
-No augmentation, as in the reference.
+No augmentation, as in the reference; the tiny preset's ``--augment crop_flip`` (:func:`random_crop_flip`)
+is applied to training triplets only, after this preprocessing.
 
 Image modes: every PIL mode is converted to RGB by :func:`to_rgb`; transparent pixels are
 composited onto **white** (a transparent-background sketch must not become black ink), and
@@ -38,8 +39,11 @@ import errno
 import os
 import warnings
 
+import math
+
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 
 from utils.normalization import ENCODER_MEAN, ENCODER_STD
@@ -50,7 +54,7 @@ __all__ = [
     "ENCODER_MEAN", "ENCODER_STD", "INK_THRESHOLD", "CROP_MARGIN", "RESAMPLE",
     "ImageLoadError", "load_image", "to_rgb", "ink_bbox", "crop_sketch",
     "resize_keep_ratio", "pad_to_square", "preprocess_sketch", "preprocess_photo", "to_tensor",
-    "photo_edges", "preprocess_pseudo_sketch",
+    "photo_edges", "preprocess_pseudo_sketch", "AUGMENTATIONS", "CROP_MIN_AREA", "random_crop_flip",
 ]
 
 INK_THRESHOLD = 300  # a pixel is ink when R + G + B <= 300
@@ -247,3 +251,22 @@ def preprocess_pseudo_sketch(img: Image.Image, size: int = 224) -> torch.Tensor:
     """Photo → its pseudo-sketch ``[3, size, size]``: :func:`photo_edges`, then the sketch preprocessing."""
     return preprocess_sketch(photo_edges(img, size), size)
 
+
+
+AUGMENTATIONS = ("none", "crop_flip")  # train.py --augment
+CROP_MIN_AREA = 0.6  # random_crop_flip keeps at least this fraction of the image's area
+
+
+def random_crop_flip(image: torch.Tensor, rng: np.random.Generator, *, min_area: float = CROP_MIN_AREA) -> torch.Tensor:
+    """A preprocessed image ``[C, S, S]`` seen slightly differently: a random square crop of ``min_area`` to all
+    of its area, resized back to ``S x S`` (bilinear, antialiased), mirrored left-right half the time.
+
+    The draws come from ``rng`` (the triplet's own generator: the same for any worker count). Squares, not
+    other aspect ratios, and no rotation: a rotated square is another benchmark's diamond.
+    """
+    size = image.shape[-1]
+    side = max(1, min(size, int(round(size * math.sqrt(rng.uniform(min_area, 1.0))))))
+    top, left = int(rng.integers(size - side + 1)), int(rng.integers(size - side + 1))
+    if side < size:
+        image = TF.resized_crop(image, top, left, side, side, [size, size], antialias=True)  # [C, S, S]
+    return TF.horizontal_flip(image) if rng.random() < 0.5 else image

@@ -27,9 +27,11 @@ def test_the_presets_hold_the_values_the_tables_had():
     }
     assert train.ARCH_DEFAULTS == {
         "b16": dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000, image_size=224,
-                    tri_distance=None, w_cls=0.0, w_inst=0.0, vit_weights="vit_base_patch16_224.orig_in21k"),
+                    tri_distance=None, w_cls=0.0, w_inst=0.0, warmup_steps=0, augment="none",
+                    vit_weights="vit_base_patch16_224.orig_in21k"),
         "tiny": dict(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, datasetLen=1600, image_size=64,
-                     tri_distance="cosine", w_cls=1.0, w_inst=1.0, vit_weights=None),
+                     tri_distance="cosine", w_cls=1.0, w_inst=1.0, warmup_steps=50, augment="crop_flip",
+                     vit_weights=None),
     }
     assert train.RELEASED_RECIPE == dict(lr=1e-5, weight_decay=1e-3, batch_size=2, epoch=50, datasetLen=5000)
     assert CLIP_MODEL_NAME == "ViT-B-16-quickgelu" == PRESETS["b16"].sampler.clip_model
