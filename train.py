@@ -234,7 +234,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.warmup_steps < 0:
         raise UserError(f"--warmup_steps must be >= 0 (0: a constant learning rate), got {args.warmup_steps}")
     if args.vxl_cache and args.augment != "none":
-        raise UserError(f"--vxl_cache holds VxL masks of whole photos and --augment {args.augment} crops the photos, "
+        raise UserError(f"--vxl_cache {args.vxl_cache} holds VxL masks of whole photos and --augment {args.augment} crops "
+                        "the photos, "
                         "so the masks would not fit them: pass --augment none, or drop --vxl_cache.")
     if args.vxl_cache and args.variant == "non-mask":
         raise UserError("--vxl_cache holds VxL masks, which the non-mask variant does not use; drop one of them.")

@@ -245,3 +245,21 @@ def test_pseudo_sketch_items_draw_the_positive_photo(image_dataset):
     assert item["positive_path"] == image_dataset.describe(3)["positive_path"]  # the same triplet stream
     assert torch.equal(item["pseudo_sketch"], preprocess_pseudo_sketch(load_image(item["positive_path"]), 16))
     assert item["pseudo_sketch"].shape == (3, 16, 16)
+
+
+def test_augmented_items_crop_every_image_on_their_own_and_keep_the_triplet(image_dataset):
+    from datasets.transforms import random_crop_flip
+
+    kw = dict(sketches=image_dataset.sketches, photos=image_dataset.photos, length=8, image_size=16, seed=11,
+              pseudo_sketch=True)
+    plain, augmented = TripletDataset(**kw), TripletDataset(**kw, augment=True)
+    for k in (0, 3, 20):
+        a, p = augmented[k], plain[k]
+        assert {key: a[key] for key in plain.describe(k)} == plain.describe(k)  # the same files
+        rng = np.random.default_rng([11, k, 1])  # the documented stream, in the documented order
+        for key in ("sketch", "positive", "pseudo_sketch", "negative"):
+            assert torch.equal(a[key], random_crop_flip(p[key], rng)), (k, key)
+        assert torch.equal(augmented[k]["positive"], a["positive"])  # the same on every call (any worker)
+    assert any(not torch.equal(augmented[k]["negative"], plain[k]["negative"]) for k in range(8))
+    with pytest.raises(ValueError, match="masks of whole photos"):
+        TripletDataset(**kw, augment=True, mask_lookup=lambda path: torch.ones(4))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import engine
 import train
 from conftest import parse_train_args  # tests/ is on sys.path
 from datasets.sampling import TripletIndexSampler
@@ -72,3 +73,59 @@ def test_resume_treats_a_checkpoint_without_ln_eps_as_the_default(tmp_path, capl
                                 tmp_path / "checkpoint.pth")
     train.check_resume_args(parse_train_args(["--data_path", "/data", "--ln_eps", "1e-5"]), dict(old, ln_eps=1e-5),
                             tmp_path / "checkpoint.pth")
+
+
+def test_linear_warmup_rates():
+    lr_at = engine.linear_warmup(5e-4, 50)
+    assert [lr_at(s) for s in (1, 25, 50, 51, 500)] == pytest.approx([1e-5, 2.5e-4, 5e-4, 5e-4, 5e-4], rel=1e-12)
+    assert engine.linear_warmup(1e-5, 0)(1) == 1e-5  # b16: the released constant rate
+    with pytest.raises(ValueError):
+        engine.linear_warmup(1e-3, -1)
+
+
+def test_train_one_epoch_sets_the_rate_of_each_step_from_the_run_step():
+    """The rate of each step is lr_at(global step), also when the optimizer holds another rate (a resumed run's
+    checkpoint with a changed --lr): SGD without momentum shows the rate in each update."""
+    class Weight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch):
+            seen.append(float(self.weight.detach()))
+            return {"w": self.weight * 1.0}
+
+    class Sum(torch.nn.Module):
+        def forward(self, outputs):
+            return {"loss": outputs["w"].sum()}  # gradient 1: each step moves the weight by -lr
+
+    seen, model = [], Weight()
+    weight, criterion = model.weight, Sum()
+    optimizer = torch.optim.SGD([weight], lr=123.0)
+
+    batches = [{"sketch": torch.zeros(2, 1)} for _ in range(4)]
+    engine.train_one_epoch(model, criterion, batches, optimizer, device=torch.device("cpu"), epoch=0,
+                           global_step=1, progress=False, lr_at=engine.linear_warmup(0.4, 4))
+    steps = [b - a for a, b in zip(seen, seen[1:] + [float(weight.detach())])]
+    assert steps == pytest.approx([-0.2, -0.3, -0.4, -0.4])  # steps 2, 3, 4, 5 of the run
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4)
+
+
+def test_warmup_and_augment_flags():
+    args = parse_train_args([])  # the synthetic benchmark: the tiny preset
+    assert (args.warmup_steps, args.augment) == (50, "crop_flip")
+    args = parse_train_args(["--data_path", "/data"])  # b16: the released recipe
+    assert (args.warmup_steps, args.augment) == (0, "none")
+    with pytest.raises(train.UserError, match="--warmup_steps must be >= 0"):
+        parse_train_args(["--warmup_steps", "-1"])
+    with pytest.raises(train.UserError, match="--augment none"):
+        parse_train_args(["--vxl_cache", "/masks", "--augment", "crop_flip"])
+    assert "augment" in train.RUN_DEFINING_FLAGS and "warmup_steps" in train.RESUMABLE_FLAGS
+
+
+def test_resume_treats_a_checkpoint_without_augment_as_unaugmented(tmp_path):
+    # saved before --augment existed (and after --tri_distance, --w_cls and --w_inst did)
+    old = {"arch": "tiny", "batch_size": 32, "seed": 0, "tri_distance": "cosine", "w_cls": 1.0, "w_inst": 1.0}
+    train.check_resume_args(parse_train_args(["--augment", "none"]), dict(old), tmp_path / "checkpoint.pth")
+    with pytest.raises(train.UserError, match=r"--augment 'crop_flip' \(the run has 'none'\)"):
+        train.check_resume_args(parse_train_args([]), dict(old), tmp_path / "checkpoint.pth")

@@ -112,7 +112,8 @@ def test_wait_exits_with_the_status_of_a_failing_job(bench, tmp_path, capsys):
     """The flags pass every check before submission, but the training refuses the mask cache at its start."""
     cache = tmp_path / "masks.pt"
     cache.write_text("not a mask cache")
-    status = submit.main(["--wait", *job_argv(bench, tmp_path, "bad", "--vxl_cache", str(cache), tasks=1)])
+    status = submit.main(["--wait", *job_argv(bench, tmp_path, "bad", "--vxl_cache", str(cache), "--augment", "none",
+                                         tasks=1)])
     assert status == 2
     text = capsys.readouterr().out
     assert "train.py exited with status 2" in text and "masks.pt" in text, text
@@ -200,7 +201,8 @@ def test_slurm_without_slurm_is_refused(monkeypatch, capsys, tmp_path):
     (["--batch_size", "9"], "not divisible by the job's 2 tasks"),
     (["--device", "cuda"], "--device cuda in train.py's flags, but the job asks for no GPUs"),
     (["--amp", "bf16"], "--amp bf16 in train.py's flags, but the job asks for no GPUs"),
-    (["--vxl_cache", "/no/such/masks.pt"], "--vxl_cache /no/such/masks.pt: no such file"),
+    (["--vxl_cache", "/no/such/masks.pt", "--augment", "none"], "--vxl_cache /no/such/masks.pt: no such file"),
+    (["--vxl_cache", "/no/such/masks.pt"], "--vxl_cache /no/such/masks.pt holds VxL masks of whole photos"),
 ])
 def test_train_flags_train_py_would_refuse_are_refused(bench, flags, message, capsys, tmp_path):
     argv = ["--cluster", "local", "--tasks_per_node", "2", "--", *train_args(bench, tmp_path, "x"), *flags]

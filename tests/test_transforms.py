@@ -268,3 +268,35 @@ def test_photo_edges_draw_the_outline_and_not_the_frame_or_the_noise():
     assert flat.shape == (3, 16, 16) and torch.all(flat == 1.0)  # no outline: a blank (white) sketch
     sketch = preprocess_pseudo_sketch(Image.fromarray(noisy), 16)
     assert sketch.shape == (3, 16, 16) and (sketch < 0).any()  # ink, cropped and padded as a sketch
+
+
+def test_random_crop_flip_keeps_60_to_100_percent_of_the_area_and_flips_half_the_time():
+    from datasets.transforms import CROP_MIN_AREA, random_crop_flip
+
+    size = 64
+    columns = torch.arange(size, dtype=torch.float32).expand(3, size, size)  # value = column index
+    flips, spans = 0, []
+    for seed in range(200):
+        out = random_crop_flip(columns, np.random.default_rng(seed))
+        assert out.shape == (3, size, size)
+        assert torch.equal(out[:, :1].expand_as(out), out)  # every row the same: no vertical mixing of columns
+        row = out[0, 0]
+        steps = row[1:] - row[:-1]
+        assert (steps >= -1e-4).all() or (steps <= 1e-4).all()  # a crop keeps the order, a flip reverses it
+        flips += bool(steps.sum() < 0)
+        spans.append(float(row.max() - row.min()))  # ≈ the crop's side - 1 (resized to size)
+    assert 70 <= flips <= 130
+    side_min = size * CROP_MIN_AREA ** 0.5
+    assert min(spans) >= side_min - 2 and max(spans) <= size - 1 + 1e-4
+    assert min(spans) < side_min + 4 and max(spans) > size - 4  # the whole range of crops is drawn
+    same = random_crop_flip(columns, np.random.default_rng(5)), random_crop_flip(columns, np.random.default_rng(5))
+    assert torch.equal(*same)  # the draw is the generator's
+
+
+def test_random_crop_flip_of_the_whole_image_is_the_image_or_its_mirror():
+    from datasets.transforms import random_crop_flip
+
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    outs = [random_crop_flip(image, np.random.default_rng(seed), min_area=1.0) for seed in range(20)]
+    assert all(torch.equal(o, image) or torch.equal(o, image.flip(-1)) for o in outs)
+    assert any(torch.equal(o, image) for o in outs) and any(torch.equal(o, image.flip(-1)) for o in outs)

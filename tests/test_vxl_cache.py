@@ -213,7 +213,7 @@ def test_unreadable_photo_saves_progress_and_says_how_to_go_on(tree, tmp_path, c
 # ----------------------------------------------------------------------------- training equivalence
 def test_forward_with_cached_masks_equals_online_sampler(tree):
     """The key equivalence: the same batch gives the same losses and gradients with or without CLIP."""
-    args = parse_train_args(train_args(tree.root))
+    args = parse_train_args(train_args(tree.root, augment="none"))  # cached masks are of whole photos
     online_data = build_datasets(args)
     cached_data = build_datasets(args, mask_cache=load_mask_cache_for_training(tree.out, args))
     items = [cached_data["train"][k] for k in range(4)]
