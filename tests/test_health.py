@@ -61,9 +61,11 @@ def test_monitor_alarms_once_after_patience(caplog):
         assert not m.alarmed
         _feed(m, 200, loss_tri=1.0, acc=0.5, spread=0.3, start=41)
     assert m.alarmed and not m.stop_requested
-    alarms = [r for r in caplog.records if "COLLAPSED" in r.getMessage()]
+    alarms = [r.getMessage() for r in caplog.records if "since step" in r.getMessage()]
     assert len(alarms) == 1
-    assert "since step 1 (now step 50)" in alarms[0].getMessage()
+    # the embeddings are apart (spread 0.3): not a collapse, the triplets are just not learnt
+    assert alarms[0].startswith("training is NOT LEARNING") and "since step 1 (now step 50)" in alarms[0]
+    assert health_module.alarm_in(alarms[0]) == "not learning"
 
 
 def test_monitor_no_alarm_for_a_start_above_the_margin_or_a_learning_run():
@@ -120,6 +122,7 @@ def test_forced_collapse_stops_with_checkpoint(bench, tmp_path, monkeypatch, cap
     assert exc.value.code == 2
     alarm = [r.getMessage() for r in caplog.records if "COLLAPSED" in r.getMessage()]
     assert len(alarm) == 1 and "embedding spread 0.0000" in alarm[0]
+    assert health_module.alarm_in(alarm[0]) == "collapsed" and "NOT LEARNING" not in alarm[0]
     folder = tmp_path / "collapse"
     assert "COLLAPSED" in (folder / "train.log").read_text()
     ckpt = torch.load(folder / "checkpoint.pth", weights_only=True)

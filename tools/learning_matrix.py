@@ -36,6 +36,7 @@ from pathlib import Path
 
 from datasets.family import FAMILY, make_family_benchmark
 from datasets.synthetic import default_cache_dir
+from utils.health import alarm_in
 
 TARGET_MIN, TARGET_MEDIAN = 1.5, 2.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +140,7 @@ def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> 
                  "mAP_x": last["test_mAP@all"] / chance, "P100_x": last["test_P@100"] / chance,
                  "P100_x_max": p100_best / chance,
                  "triplet_acc": last.get("train_triplet_acc"), "emb_spread": last.get("train_emb_spread"),
-                 "collapse_warning": "COLLAPSED" in train_log})
+                 "health_alarm": alarm_in(train_log)})
     ref_path = reference_path(out, name, seed)
     if ref_path.is_file():
         ref = json.loads(ref_path.read_text())
@@ -149,7 +150,7 @@ def read_cell(out: Path, name: str, seed: int, seconds: float | None = None) -> 
 
 def format_table(cells: list[dict]) -> str:
     lines = ["| benchmark | seed | unseen mAP@all (x chance) | P@100 (x chance; best possible) | chance | "
-             "train triplet acc | train emb spread | collapse warning | minutes | small-CNN reference mAP@all |",
+             "train triplet acc | train emb spread | health alarm | minutes | small-CNN reference mAP@all |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
@@ -162,7 +163,7 @@ def format_table(cells: list[dict]) -> str:
         spread = "" if c.get("emb_spread") is None else f"{c['emb_spread']:.3f}"
         lines.append(f"| {c['benchmark']} | {c['seed']} | {c['mAP@all']:.3f} ({c['mAP_x']:.2f}x) | "
                      f"{c['P@100']:.3f} ({c['P100_x']:.2f}x; {c['P100_x_max']:.2f}x) | {c['chance']:.3f} | {acc} | "
-                     f"{spread} | {'yes' if c.get('collapse_warning') else 'no'} | {c['seconds'] / 60:.1f} | {ref_text} |")
+                     f"{spread} | {c.get('health_alarm') or 'no'} | {c['seconds'] / 60:.1f} | {ref_text} |")
     return "\n".join(lines)
 
 

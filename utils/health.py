@@ -2,7 +2,9 @@
 
 A triplet-loss run can fail quietly: every embedding moves to (nearly) the same point, the loss sits
 at the margin, and the unseen-class mAP stays at chance while the log looks calm. ``HealthMonitor``
-watches three figures of every training batch and says so, once, when that happens:
+watches three figures of every training batch and says so, once, when that happens (or when the
+embeddings stay apart but the triplets are not learnt: the same rule, its second half; the alarm then
+says NOT LEARNING instead of COLLAPSED):
 
 * ``triplet_acc`` — fraction of triplets with d(s, p) < d(s, n) (0.5 is a coin toss);
 * ``active_frac`` — fraction of triplets with a non-zero loss (d(s, p) - d(s, n) + margin > 0);
@@ -22,9 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HealthMonitor", "CollapseRule", "triplet_health", "embedding_spread", "ON_COLLAPSE"]
+__all__ = ["HealthMonitor", "CollapseRule", "triplet_health", "embedding_spread", "ON_COLLAPSE", "ALARM_COLLAPSED",
+           "ALARM_NOT_LEARNING", "alarm_in"]
 
 ON_COLLAPSE = ("warn", "stop")
+# The alarm's words for its two cases (tools.learning_matrix reads train.log for them).
+ALARM_COLLAPSED = "COLLAPSED"
+ALARM_NOT_LEARNING = "NOT LEARNING"
 log = logging.getLogger("train")
 
 
@@ -63,6 +69,15 @@ class CollapseRule:
         pinned = (abs(w["loss_tri"] - self.margin) <= self.margin_tol * self.margin
                   and abs(w["triplet_acc"] - 0.5) <= self.acc_tol)
         return w["emb_spread"] < self.min_spread or pinned
+
+
+def alarm_in(text: str) -> str | None:
+    """Which alarm a train.log's ``text`` holds: ``"collapsed"``, ``"not learning"``, or None."""
+    if f"has {ALARM_COLLAPSED}" in text:
+        return "collapsed"
+    if f"is {ALARM_NOT_LEARNING}" in text:
+        return "not learning"
+    return None
 
 
 class HealthMonitor:
@@ -134,16 +149,22 @@ class HealthMonitor:
             self.stop_requested = self.on_collapse == "stop"
 
     def _alarm(self, step: int, w: dict) -> None:
+        # Two failures share the rule and the remedies; the message names the one this window shows.
+        if w["emb_spread"] < self.rule.min_spread:
+            what = f"training has {ALARM_COLLAPSED} (every embedding at nearly one point)"
+        else:
+            what = (f"training is {ALARM_NOT_LEARNING} (the embeddings differ, but not by what the triplets ask: "
+                    f"the triplet loss sits at the margin and its accuracy at chance)")
         log.warning(
-            "training has COLLAPSED since step %d (now step %d): embedding spread %.4f (0 = all embeddings "
+            "%s since step %d (now step %d): embedding spread %.4f (0 = all embeddings "
             "equal), triplet loss %.4f against the margin %.4g, triplet accuracy %.3f (0.5 = chance), active "
-            "triplets %.2f. Unless the run leaves this state by itself (a from-scratch start can sit here for "
-            "~100 steps: watch health/emb_spread in TensorBoard), the unseen-class mAP stays near chance. "
+            "triplets %.2f. Unless the run leaves this state by itself (watch health/triplet_acc and "
+            "health/emb_spread in TensorBoard), the unseen-class mAP stays near chance. "
             "Try: a lower --lr; pretrained "
             "--vit_weights for b16; for a model trained from scratch, the tiny preset's settings (--stem_norm "
-            "batch, --dropout 0) and a longer run; check that sketches and photos of a class match "
-            "(python -m datasets.prepare --check ROOT ... --verify_images). %s",
-            self.collapsed_since, step, w["emb_spread"], w["loss_tri"], self.rule.margin, w["triplet_acc"],
+            "batch, --dropout 0, --warmup_steps 50) and a longer run; check that sketches and photos of a class "
+            "match (python -m datasets.prepare --check ROOT ... --verify_images). %s",
+            what, self.collapsed_since, step, w["emb_spread"], w["loss_tri"], self.rule.margin, w["triplet_acc"],
             w["active_frac"],
             "--on_collapse stop: saving a checkpoint and stopping." if self.on_collapse == "stop"
             else "Training goes on (--on_collapse stop ends such a run).")
