@@ -234,9 +234,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.warmup_steps < 0:
         raise UserError(f"--warmup_steps must be >= 0 (0: a constant learning rate), got {args.warmup_steps}")
     if args.vxl_cache and args.augment != "none":
-        raise UserError(f"--vxl_cache {args.vxl_cache} holds VxL masks of whole photos and --augment {args.augment} crops "
-                        "the photos, "
-                        "so the masks would not fit them: pass --augment none, or drop --vxl_cache.")
+        raise UserError(f"--vxl_cache {args.vxl_cache} holds VxL masks of whole photos and --augment {args.augment} "
+                        "crops the photos, so the masks would not fit them: pass --augment none, or drop --vxl_cache.")
     if args.vxl_cache and args.variant == "non-mask":
         raise UserError("--vxl_cache holds VxL masks, which the non-mask variant does not use; drop one of them.")
     if not 0.0 < args.keep_ratio < 1.0:
@@ -283,8 +282,8 @@ RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "dat
                       "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls", "w_inst",
                       "augment")
 # Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
-RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "warmup_steps", "amp", "compile", "compile_backend", "compile_mode", "eval_every",
-                   "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
+RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "warmup_steps", "amp", "compile", "compile_backend", "compile_mode",
+                   "eval_every", "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
                    "collapse_patience")
 
 

@@ -36,10 +36,9 @@ all values lie in [0, 1] and as 0..255 otherwise (clipped). Colour profiles are 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import warnings
-
-import math
 
 import numpy as np
 import torch
@@ -252,12 +251,12 @@ def preprocess_pseudo_sketch(img: Image.Image, size: int = 224) -> torch.Tensor:
     return preprocess_sketch(photo_edges(img, size), size)
 
 
-
 AUGMENTATIONS = ("none", "crop_flip")  # train.py --augment
 CROP_MIN_AREA = 0.6  # random_crop_flip keeps at least this fraction of the image's area
 
 
-def random_crop_flip(image: torch.Tensor, rng: np.random.Generator, *, min_area: float = CROP_MIN_AREA) -> torch.Tensor:
+def random_crop_flip(image: torch.Tensor, rng: np.random.Generator, *,
+                     min_area: float = CROP_MIN_AREA) -> torch.Tensor:
     """A preprocessed image ``[C, S, S]`` seen slightly differently: a random square crop of ``min_area`` to all
     of its area, resized back to ``S x S`` (bilinear, antialiased), mirrored left-right half the time.
 
