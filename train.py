@@ -31,7 +31,7 @@ from datasets.transforms import AUGMENTATIONS
 from utils.health import ON_COLLAPSE, HealthMonitor
 from utils.logger import ExperimentLogger, setup_logging
 from losses import TRIPLET_DISTANCES, default_distance
-from utils.presets import PRESETS, default_arch, get_preset, preset_values, sampler_options
+from utils.presets import INPUT_NORMS, PRESETS, default_arch, get_preset, preset_values, sampler_options
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.train_state import TrainState
 from utils.visualize import mask_summary, retrieval_summary, select_items
@@ -140,6 +140,9 @@ def _add_model_flags(g) -> None:
                    help="BatchNorm after each conv of the encoder's stem "
                         f"({preset_values(lambda p: p.encoder.stem_norm)}; none is the paper's, batch keeps the "
                         "from-scratch tiny ViT from collapsing)")
+    g.add_argument("--input_norm", default=None, choices=list(INPUT_NORMS),
+                   help="standardise each photo on its own before the encoder (its channel means removed, divided "
+                        f"by its std) ({preset_values(lambda p: p.encoder.input_norm)}; none is the paper's)")
     g.add_argument("--ln_eps", type=float, default=None,
                    help=f"eps of the encoder's LayerNorms ({preset_values(lambda p: p.encoder.ln_eps)}, timm's; "
                         "1e-5 is the released ViT's, torch's default)")
@@ -220,6 +223,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     for key, value in sampler_options(args, args.arch).items():
         setattr(args, key, value)
+    if args.input_norm is None:  # resolved here, so that args.json and checkpoints name the value used
+        args.input_norm = get_preset(args.arch).encoder.input_norm
     if args.tri_distance is None:  # a preset without one: the variant's
         args.tri_distance = default_distance(args.variant)
     if isinstance(args.vit_weights, str) and args.vit_weights.lower() == "none":
@@ -280,7 +285,7 @@ RUN_DEFINING_FLAGS = ("data_path", "dataset", "test_class", "custom_split", "dat
                       "image_size", "arch", "variant", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm",
                       "int_memory", "separate_encoders", "stem_norm", "dropout", "clip_weights", "margin", "w_tri",
                       "w_rec", "w_int", "seed", "batch_size", "ln_eps", "tri_distance", "w_cls", "w_inst",
-                      "augment")
+                      "augment", "input_norm")
 # Flags that may change on --resume (said in the log): schedule length, speed, logging, hardware.
 RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "warmup_steps", "amp", "compile", "compile_backend", "compile_mode",
                    "eval_every", "eval_batch_size", "log_every", "num_workers", "max_bad_fraction", "on_collapse",
@@ -290,9 +295,9 @@ RESUMABLE_FLAGS = ("epoch", "lr", "weight_decay", "warmup_steps", "amp", "compil
 def check_resume_args(args, saved: dict, source: Path) -> None:
     """Refuse a --resume whose run-defining flags differ from the checkpoint's; log the other changes."""
     # Checkpoints from before a flag existed were trained with: the preset's eps, the variant's triplet
-    # distance, no seen-class loss, no instance loss, no augmentation.
+    # distance, no seen-class loss, no instance loss, no augmentation, no per-photo standardisation.
     saved = {"ln_eps": None, "tri_distance": default_distance(saved.get("variant", "puxim")), "w_cls": 0.0,
-             "w_inst": 0.0, "augment": "none", **saved}
+             "w_inst": 0.0, "augment": "none", "input_norm": "none", **saved}
 
     def same(key):
         ours, theirs = getattr(args, key, None), saved.get(key)

@@ -46,6 +46,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny),
     ``ln_eps`` (None: the preset's 1e-6, timm's; 1e-5 is the released ViT's; checkpoints saved before
     the flag existed have none and rebuild with 1e-6, as they were trained),
+    ``input_norm`` (None: the preset's, "none" for b16 and "photo" for tiny; args without the field, as
+    checkpoints saved before it existed carry, rebuild with "none", as they were trained),
     ``w_cls`` (None or 0: no class head; > 0: a ``SeenClassHead`` over ``num_seen_classes`` classes,
     which train.py sets from the training data and checkpoints keep in their args; without
     ``num_seen_classes`` no head is built: enough for embeddings and masks, and the criterion then
@@ -74,7 +76,8 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
                             dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None),
-                            ln_eps=_arg(args, "ln_eps", None))
+                            ln_eps=_arg(args, "ln_eps", None),
+                            input_norm=_arg(args, "input_norm", None) if hasattr(args, "input_norm") else "none")
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)

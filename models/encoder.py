@@ -27,16 +27,18 @@ from torch import nn
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.presets import PRESETS
+from utils.presets import INPUT_NORMS, PRESETS
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENCODER_PRESETS",
     "ConvStemPatchEmbed",
+    "INPUT_NORMS",
     "SketchPhotoEncoder",
     "build_encoder",
     "load_vit_weights",
+    "standardize_images",
     "WeightLoadError",
     "WeightFileNotFoundError",
     "WeightMismatchError",
@@ -165,6 +167,17 @@ class ConvStemPatchEmbed(PatchEmbed):
         return self.norm(x)
 
 
+def standardize_images(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Each image minus its own per-channel mean, divided by its own standard deviation.
+
+    The result does not change when an image is made brighter or darker, or its contrast is scaled
+    (``a * x + b`` with ``a > 0``, the same for every channel): a low-contrast photo reaches the
+    ViT at the same scale as a vivid one. ``eps`` keeps a flat image (std 0) finite, at zero.
+    """
+    centred = images - images.mean(dim=(-2, -1), keepdim=True)  # [B, C, H, W]
+    return centred / (centred.flatten(1).std(dim=1)[:, None, None, None] + eps)  # [B, C, H, W]
+
+
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
               mlp_ratio: float, dropout: float, stem_channels: Sequence[int],
               stem_norm: str = "none", ln_eps: float = 1e-6) -> VisionTransformer:
@@ -190,13 +203,18 @@ class SketchPhotoEncoder(nn.Module):
     ``embed(images, modality) -> [B, D]`` the CLS token, PuXIM's retrieval embedding.
     With ``separate_photo_encoder=True`` sketches go through ``vit`` and photos through a second,
     untied ``photo_vit`` (the paper's figure draws two encoders; the released code shares one).
+    ``input_norm="photo"`` standardises each photo on its own (:func:`standardize_images`) before
+    the ViT (the ``tiny`` preset; the paper feeds the photo as it is, ``"none"``).
     """
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, separate_photo_encoder: bool = False,
                  stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none",
-                 ln_eps: float = 1e-6):
+                 ln_eps: float = 1e-6, input_norm: str = "none"):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                           stem_channels=stem_channels, stem_norm=stem_norm, ln_eps=ln_eps)
@@ -245,6 +263,8 @@ class SketchPhotoEncoder(nn.Module):
     def forward(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
         vit = self._vit_for(modality)
         vit.patch_embed.set_modality(modality)  # the stem's per-modality BatchNorms (tiny preset)
+        if self.input_norm == "photo" and modality == "photo":
+            images = standardize_images(images)  # [B, 3, H, W]
         return vit.forward_features(images)  # [B, 1 + N, D], after the final norm
 
     def embed(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
@@ -253,10 +273,11 @@ class SketchPhotoEncoder(nn.Module):
 
 def build_encoder(arch: str, separate_photo_encoder: bool = False,
                   dropout: Optional[float] = None, stem_norm: Optional[str] = None,
-                  ln_eps: Optional[float] = None) -> SketchPhotoEncoder:
+                  ln_eps: Optional[float] = None, input_norm: Optional[str] = None) -> SketchPhotoEncoder:
     """Encoder of a preset (``utils.presets.PRESETS``: ``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
 
-    ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) override the preset's value when given.
+    ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) / ``input_norm`` override the preset's
+    value when given.
     """
     if arch not in PRESETS:
         raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(PRESETS)}")
@@ -267,6 +288,8 @@ def build_encoder(arch: str, separate_photo_encoder: bool = False,
         cfg["stem_norm"] = stem_norm
     if ln_eps is not None:
         cfg["ln_eps"] = float(ln_eps)
+    if input_norm is not None:
+        cfg["input_norm"] = input_norm
     return SketchPhotoEncoder(**cfg, separate_photo_encoder=separate_photo_encoder)
 
 

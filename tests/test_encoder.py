@@ -165,7 +165,7 @@ def test_dropout_is_active_in_training():
 
 def test_shared_and_separate_encoders():
     x = torch.randn(2, 3, 64, 64)
-    shared = build_encoder("tiny").eval()
+    shared = build_encoder("tiny", input_norm="none").eval()  # photos fed as they are, like sketches
     torch.testing.assert_close(shared(x, "sketch"), shared(x, "photo"))
     untied = build_encoder("tiny", separate_photo_encoder=True).eval()
     assert untied.photo_vit is not None
@@ -319,3 +319,56 @@ def test_timm_tag_offline_gives_a_clear_error(monkeypatch):
     with pytest.raises(WeightLoadError, match="local"):
         load_vit_weights(build_encoder("tiny"), "vit_tiny_patch16_224.augreg_in21k")
 
+
+
+# ----------------------------------------------------------------------------- per-photo standardisation
+def test_standardize_images_by_hand():
+    from models.encoder import standardize_images
+
+    x = torch.tensor([[[[0.0, 2.0], [4.0, 6.0]]]])  # [1, 1, 2, 2]: mean 3, unbiased std sqrt(20 / 3)
+    std = (20 / 3) ** 0.5
+    expected = torch.tensor([[[[-3.0, -1.0], [1.0, 3.0]]]]) / (std + 1e-3)
+    torch.testing.assert_close(standardize_images(x), expected)
+    # two channels: each loses its own mean; one std over the image, so their relative scale is kept
+    y = torch.stack([torch.tensor([[1.0, 3.0], [1.0, 3.0]]), torch.tensor([[10.0, 10.0], [12.0, 12.0]])])[None]
+    centred = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]], [[-1.0, -1.0], [1.0, 1.0]]])[None]  # std over 8 values
+    torch.testing.assert_close(standardize_images(y), centred / ((8 / 7) ** 0.5 + 1e-3))
+    flat = torch.full((2, 3, 4, 4), 0.7)
+    torch.testing.assert_close(standardize_images(flat), torch.zeros_like(flat), rtol=0, atol=1e-3)  # finite, ~0
+
+
+def test_input_norm_photo_makes_photo_embeddings_ignore_brightness_and_contrast():
+    """tiny standardises each photo: a * photo + b (a > 0) embeds as the photo; sketches are fed as they are."""
+    from models.encoder import standardize_images
+
+    assert ENCODER_PRESETS["tiny"]["input_norm"] == "photo" and ENCODER_PRESETS["b16"]["input_norm"] == "none"
+    torch.manual_seed(0)
+    standardized = build_encoder("tiny").eval()
+    torch.manual_seed(0)
+    plain = build_encoder("tiny", input_norm="none").eval()
+    assert standardized.state_dict().keys() == plain.state_dict().keys()  # no parameters: checkpoints load in both
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [3, 3, 64, 64]
+    faded = 0.2 * x + 0.5  # a low-contrast, brighter copy
+    with torch.no_grad():
+        # the same up to eps (1e-3 against a std of 0.58 and 0.12): |diff| 0.007 here, 4.1 without the norm
+        torch.testing.assert_close(standardized.embed(faded, "photo"), standardized.embed(x, "photo"),
+                                   rtol=0, atol=2e-2)
+        torch.testing.assert_close(standardized.embed(faded, "photo"), plain.embed(standardize_images(faded), "photo"))
+        assert not torch.allclose(plain.embed(faded, "photo"), plain.embed(x, "photo"), atol=1e-2)
+        assert not torch.allclose(standardized.embed(faded, "sketch"), standardized.embed(x, "sketch"), atol=1e-2)
+        torch.testing.assert_close(standardized(x, "sketch"), plain(x, "sketch"))  # sketches untouched
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        build_encoder("tiny", input_norm="sketch")
+
+
+def test_build_model_reads_input_norm_and_old_args_rebuild_without_it():
+    from types import SimpleNamespace
+
+    from models import build_model
+
+    def norm_of(args):
+        return build_model(args, with_sampler=False).encoder.input_norm
+
+    assert norm_of(SimpleNamespace(arch="tiny", input_norm=None)) == "photo"  # train.py's unset flag: the preset's
+    assert norm_of(SimpleNamespace(arch="tiny", input_norm="none")) == "none"
+    assert norm_of(SimpleNamespace(arch="tiny")) == "none"  # a checkpoint's args from before --input_norm

@@ -17,9 +17,9 @@ def test_the_presets_hold_the_values_the_tables_had():
     """The values of the four tables PRESETS replaced, written out: a typo in PRESETS changes a preset."""
     assert ENCODER_PRESETS == {
         "b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, dropout=0.1,
-                    stem_channels=(64, 128, 256), stem_norm="none", ln_eps=1e-6),
+                    stem_channels=(64, 128, 256), stem_norm="none", ln_eps=1e-6, input_norm="none"),
         "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0, dropout=0.0,
-                     stem_channels=(16, 32, 64), stem_norm="batch", ln_eps=1e-6),
+                     stem_channels=(16, 32, 64), stem_norm="batch", ln_eps=1e-6, input_norm="photo"),
     }
     assert INTERACTION_PRESETS == {
         "b16": dict(d_model=768, nhead=4, num_layers=4, dim_feedforward=1024, dropout=0.1),

@@ -126,6 +126,24 @@ def test_warmup_and_augment_flags():
 def test_resume_treats_a_checkpoint_without_augment_as_unaugmented(tmp_path):
     # saved before --augment existed (and after --tri_distance, --w_cls and --w_inst did)
     old = {"arch": "tiny", "batch_size": 32, "seed": 0, "tri_distance": "cosine", "w_cls": 1.0, "w_inst": 1.0}
-    train.check_resume_args(parse_train_args(["--augment", "none"]), dict(old), tmp_path / "checkpoint.pth")
+    before_input_norm = ["--input_norm", "none"]  # nor --input_norm
+    train.check_resume_args(parse_train_args(["--augment", "none", *before_input_norm]), dict(old),
+                            tmp_path / "checkpoint.pth")
     with pytest.raises(train.UserError, match=r"--augment 'crop_flip' \(the run has 'none'\)"):
+        train.check_resume_args(parse_train_args(before_input_norm), dict(old), tmp_path / "checkpoint.pth")
+
+
+def test_input_norm_flag_resolves_to_the_preset_and_defines_the_run(tmp_path):
+    """--input_norm: tiny's photo, b16's none, written into args (so checkpoints name it); a resumed run keeps it."""
+    assert parse_train_args([]).input_norm == "photo"  # no --data_path: tiny
+    assert parse_train_args(["--data_path", "/data"]).input_norm == "none"  # b16, the paper's
+    assert parse_train_args(["--input_norm", "none"]).input_norm == "none"
+    with pytest.raises(SystemExit):
+        parse_train_args(["--input_norm", "sketch"])
+    assert "input_norm" in train.RUN_DEFINING_FLAGS
+    old = {"arch": "tiny", "batch_size": 32, "seed": 0, "tri_distance": "cosine", "w_cls": 1.0, "w_inst": 1.0,
+           "augment": "crop_flip"}  # a tiny checkpoint saved before --input_norm: trained on photos as they are
+    with pytest.raises(train.UserError, match=r"--input_norm 'photo' \(the run has 'none'\)"):
         train.check_resume_args(parse_train_args([]), dict(old), tmp_path / "checkpoint.pth")
+    train.check_resume_args(parse_train_args(["--input_norm", "none"]), dict(old), tmp_path / "checkpoint.pth")
+    train.check_resume_args(parse_train_args([]), dict(old, input_norm="photo"), tmp_path / "checkpoint.pth")

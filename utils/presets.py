@@ -15,11 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
-__all__ = ["CLIP_MODEL_NAME", "EncoderConfig", "InteractionConfig", "SamplerConfig", "RecipeConfig", "Preset",
+__all__ = ["CLIP_MODEL_NAME", "INPUT_NORMS", "EncoderConfig", "InteractionConfig", "SamplerConfig", "RecipeConfig", "Preset",
            "PRESETS", "SAMPLER_OPTIONS", "get_preset", "default_arch", "preset_values", "sampler_options"]
 
 # OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
 CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
+
+# What the encoder standardises per image before its ViT (EncoderConfig.input_norm): nothing (the paper's), or
+# each photo (models.encoder.standardize_images).
+INPUT_NORMS = ("none", "photo")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class EncoderConfig:
     stem_channels: Tuple[int, int, int]
     stem_norm: str  # "none" | "batch"; train.py --stem_norm overrides it
     ln_eps: float = 1e-6  # timm's LayerNorm eps; the released ViT used torch's 1e-5 (train.py --ln_eps)
+    input_norm: str = "none"  # "none" (the paper's) | "photo": each photo standardised on its own (--input_norm)
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,13 @@ PRESETS: Dict[str, Preset] = {
         # trained from scratch, the tiny ViT with the paper's bare stem collapses under the triplet loss (all
         # embeddings equal, triplet accuracy 0.5) within ~40 steps at every learning rate tried. No dropout:
         # a few hundred from-scratch steps underfit, and dropout 0.1 slowed learning about 2x (README).
+        # Each photo standardised on its own (input_norm): the class is in the shape, and the contrast of a
+        # photo's shape against its background varies from photo to photo, which the BatchNorms (statistics
+        # of the whole batch) do not undo; the small CNN with the same input stopped sitting at chance on
+        # low-contrast photos (README, "Does it learn beyond...").
         encoder=EncoderConfig(
             img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
-            dropout=0.0, stem_channels=(16, 32, 64), stem_norm="batch", ln_eps=1e-6,
+            dropout=0.0, stem_channels=(16, 32, 64), stem_norm="batch", ln_eps=1e-6, input_norm="photo",
         ),
         interaction=InteractionConfig(d_model=192, nhead=4, num_layers=2, dim_feedforward=256,
                                       dropout=0.0),  # no dropout: see the encoder
