@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets.benchmarks import load_benchmark
@@ -144,3 +145,37 @@ def test_tiny_preset_learns_a_family_cell(tmp_path):
     assert last["train_emb_spread"] >= 0.3, last  # collapse is near 0
     assert last["test_mAP@all"] >= 1.1 * last["test_chance_mAP"], last
     assert result["final"]["mAP@all"] == pytest.approx(last["test_mAP@all"])
+
+
+def test_cnn_reference_standardises_photos_when_asked(tmp_path, monkeypatch):
+    """tools.cnn_reference --input_norm photo: every photo (training and gallery) standardised, sketches not."""
+    from types import SimpleNamespace
+
+    from datasets import build_datasets
+    from models.encoder import standardize_images
+    from tools import cnn_reference
+
+    spec = small("ref_cell", per_class=4)
+    root = make_family_benchmark(tmp_path / "data", spec)
+    data = build_datasets(SimpleNamespace(data_path=str(root), dataset=spec.dataset, test_class=spec.test_class,
+                                          custom_split=True, image_size=32, seed=0, datasetLen=1, no_progress=True))
+    seen = []
+    real_load_all = cnn_reference._load_all
+
+    def spy(paths, preprocess, size, desc, progress, standardize=False):
+        out = real_load_all(paths, preprocess, size, desc, progress, standardize)
+        seen.append((preprocess.__name__, out, real_load_all(paths, preprocess, size, desc, progress)))
+        return out
+
+    monkeypatch.setattr(cnn_reference, "_load_all", spy)
+    result = cnn_reference.train_reference(data, steps=2, batch_size=4, image_size=32, input_norm="photo")
+    assert result["input_norm"] == "photo" and result["steps"] == 2 and 0 < result["mAP@all"] <= 1
+    photos = [(out, raw) for name, out, raw in seen if name == "preprocess_photo"]
+    sketches = [(out, raw) for name, out, raw in seen if name == "preprocess_sketch"]
+    assert len(photos) == 3 + 1 and len(sketches) == 3 + 1  # 3 seen classes, then the gallery / the queries
+    for out, raw in photos:
+        torch.testing.assert_close(out, standardize_images(raw))
+        torch.testing.assert_close(out.mean(dim=(2, 3)), torch.zeros(out.shape[:2]), rtol=0, atol=1e-5)
+    assert all(torch.equal(out, raw) for out, raw in sketches)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        cnn_reference.train_reference(data, steps=1, input_norm="all")

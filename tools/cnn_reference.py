@@ -13,6 +13,8 @@ shared by sketches and photos; L2-normalised embeddings. The loss is the triplet
 (margin 0.2) plus a cross-entropy over the *seen* classes (a cosine classifier, scale 16) on the sketch
 and both photos. Both choices are what made the yardstick strongest in our measurements: without the
 cross-entropy the CNN does not fit the seen triplets from scratch either (triplet loss near the margin).
+``--input_norm photo`` standardises each photo on its own first (``models.encoder.standardize_images``,
+as the tiny preset does); the default feeds photos as they are, as the learning matrix's column was measured.
 Images are decoded once and kept in memory; triplets are drawn as ``datasets.TripletDataset`` draws
 them (class, positive of that class, negative of another), from a generator seeded by ``--seed``.
 """
@@ -31,7 +33,8 @@ from tqdm import tqdm
 
 from datasets import build_datasets, load_image, preprocess_photo, preprocess_sketch
 from datasets.filelist import DatasetError
-from models.encoder import ModalityBatchNorm2d
+from models.encoder import ModalityBatchNorm2d, standardize_images
+from utils.presets import INPUT_NORMS
 from utils.io import atomic_write
 from utils.metrics import chance_level, retrieval_metrics
 from utils.runtime import run_cli
@@ -57,21 +60,29 @@ class SmallCNN(nn.Module):
         return F.normalize(self.embed(x), dim=1)  # [B, E]
 
 
-def _load_all(paths, preprocess, size: int, desc: str, progress: bool) -> torch.Tensor:
-    return torch.stack([preprocess(load_image(p), size)
-                        for p in tqdm(paths, desc=desc, disable=not progress, leave=False)])  # [N, 3, S, S]
+def _load_all(paths, preprocess, size: int, desc: str, progress: bool, standardize: bool = False) -> torch.Tensor:
+    images = torch.stack([preprocess(load_image(p), size)
+                          for p in tqdm(paths, desc=desc, disable=not progress, leave=False)])  # [N, 3, S, S]
+    return standardize_images(images) if standardize else images
 
 
 def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: float = 1e-3,
-                    image_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
-    """Train ``SmallCNN`` on ``data`` (``datasets.build_datasets``'s dict) and evaluate it on the unseen split."""
+                    image_size: int = 64, seed: int = 0, progress: bool = False, input_norm: str = "none") -> dict:
+    """Train ``SmallCNN`` on ``data`` (``datasets.build_datasets``'s dict) and evaluate it on the unseen split.
+
+    ``input_norm="photo"``: every photo standardised on its own (``models.encoder.standardize_images``).
+    """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    standardize = input_norm == "photo"
     torch.manual_seed(seed)
     split = data["split"]
     classes = sorted(c for c in split.train_photos if split.train_sketches.get(c))
     if len(classes) < 2:
         raise DatasetError("the reference needs at least two seen classes with both sketches and photos")
     sketches = {c: _load_all(split.train_sketches[c], preprocess_sketch, image_size, c, progress) for c in classes}
-    photos = {c: _load_all(split.train_photos[c], preprocess_photo, image_size, c, progress) for c in classes}
+    photos = {c: _load_all(split.train_photos[c], preprocess_photo, image_size, c, progress, standardize)
+              for c in classes}
     model = SmallCNN()
     classifier = nn.Linear(model.embed.out_features, len(classes), bias=False)
     optimizer = torch.optim.Adam([*model.parameters(), *classifier.parameters()], lr=lr, weight_decay=1e-4)
@@ -100,11 +111,13 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
     query, gallery = data["query"], data["gallery"]
     with torch.no_grad():
         q = model(_load_all([p for p, _ in query.items], preprocess_sketch, image_size, "queries", progress), "sketch")
-        g = model(_load_all([p for p, _ in gallery.items], preprocess_photo, image_size, "gallery", progress), "photo")
+        g = model(_load_all([p for p, _ in gallery.items], preprocess_photo, image_size, "gallery", progress,
+                            standardize), "photo")
     metrics = retrieval_metrics(q, query.labels, g, gallery.labels)
     return {"mAP@all": float(metrics["mAP@all"]), "P@100": float(metrics["P@100"]),
             "chance": chance_level(query.labels, gallery.labels), "train_seconds": round(train_seconds, 1),
-            "final_loss_tri": float(loss_tri.detach()), "final_loss_ce": float(loss_ce.detach()), "steps": steps, "seed": seed}
+            "final_loss_tri": float(loss_tri.detach()), "final_loss_ce": float(loss_ce.detach()), "steps": steps, "seed": seed,
+            "input_norm": input_norm}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -119,6 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input_norm", default="none", choices=list(INPUT_NORMS),
+                   help="photo: standardise each photo on its own, as the tiny preset does")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -139,7 +154,8 @@ def _run(args) -> int:
                                 datasetLen=1, no_progress=args.no_progress)
     data = build_datasets(data_args)
     result = train_reference(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             image_size=args.image_size, seed=args.seed, progress=not args.no_progress)
+                             image_size=args.image_size, seed=args.seed, progress=not args.no_progress,
+                             input_norm=args.input_norm)
     ratio = result["mAP@all"] / max(result["chance"], 1e-12)
     print(f"small-CNN reference: unseen mAP@all {result['mAP@all']:.4f} ({ratio:.2f}x chance {result['chance']:.3f}), "
           f"P@100 {result['P@100']:.4f}, {result['train_seconds'] / 60:.1f} min of training")
