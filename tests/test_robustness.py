@@ -383,9 +383,10 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
     data.mkdir()
     saved = {"data_path": str(data), "batch_size": 8, "seed": 0, "lr": 1e-5, "epoch": 10}
     monkeypatch.chdir(tmp_path)
-    # tri_distance / w_cls: what a checkpoint from before the flags was trained with (euclidean, no class loss)
+    # tri_distance / w_cls / ... / input_norm: what a checkpoint from before the flags was trained with
     args = train.argparse.Namespace(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20,  # relative path
-                                    tri_distance="euclidean", w_cls=0.0, w_inst=0.0, augment="none")
+                                    tri_distance="euclidean", w_cls=0.0, w_inst=0.0, augment="none",
+                                    input_norm="none")
     caplog.clear()
     with caplog.at_level("INFO"):
         train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
