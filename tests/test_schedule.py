@@ -1,6 +1,4 @@
 """train.py's b16 defaults are the released recipe; the number of optimizer updates a run makes; --ln_eps."""
-import logging
-
 import pytest
 import torch
 from torch.utils.data import DataLoader

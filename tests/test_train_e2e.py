@@ -88,6 +88,7 @@ def test_test_script_rebuilds_model_from_checkpoint(trained, tmp_path):
                                "--device", "cpu", "--no_progress", "--save_features"])
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["metrics"]["mAP@all"] == pytest.approx(result["best"]["mAP@all"], abs=1e-6)
+    assert report["metrics"]["mAP@all"] == saved["metrics"]["mAP@all"]  # what main returns is what it wrote
     for key in ("mAP@all", "mAP@200", "P@100", "P@200", "mAP@200_sake"):
         assert key in saved["metrics"]
     assert saved["num_queries"] > 0 and saved["num_gallery"] > 0 and saved["precision"] == "fp32"
