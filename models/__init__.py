@@ -77,7 +77,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
                             dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None),
                             ln_eps=_arg(args, "ln_eps", None),
-                            input_norm=_arg(args, "input_norm", None) if hasattr(args, "input_norm") else "none")
+                            input_norm=getattr(args, "input_norm", "none"))
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)

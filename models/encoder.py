@@ -27,7 +27,7 @@ from torch import nn
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.presets import INPUT_NORMS, PRESETS
+from utils.presets import INPUT_NORMS, PRESETS, check_input_norm
 
 _logger = logging.getLogger(__name__)
 
@@ -212,9 +212,7 @@ class SketchPhotoEncoder(nn.Module):
                  stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none",
                  ln_eps: float = 1e-6, input_norm: str = "none"):
         super().__init__()
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-        self.input_norm = input_norm
+        self.input_norm = check_input_norm(input_norm)
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                           stem_channels=stem_channels, stem_norm=stem_norm, ln_eps=ln_eps)

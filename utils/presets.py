@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
-__all__ = ["CLIP_MODEL_NAME", "INPUT_NORMS", "EncoderConfig", "InteractionConfig", "SamplerConfig", "RecipeConfig", "Preset",
+__all__ = ["CLIP_MODEL_NAME", "INPUT_NORMS", "check_input_norm", "EncoderConfig", "InteractionConfig", "SamplerConfig", "RecipeConfig", "Preset",
            "PRESETS", "SAMPLER_OPTIONS", "get_preset", "default_arch", "preset_values", "sampler_options"]
 
 # OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
@@ -24,6 +24,13 @@ CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
 # What the encoder standardises per image before its ViT (EncoderConfig.input_norm): nothing (the paper's), or
 # each photo (models.encoder.standardize_images).
 INPUT_NORMS = ("none", "photo")
+
+
+def check_input_norm(input_norm: str) -> str:
+    """``input_norm`` when it is one of :data:`INPUT_NORMS`; ValueError naming them otherwise."""
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    return input_norm
 
 
 @dataclass(frozen=True)
