@@ -259,7 +259,7 @@ def test_photo_edges_draw_the_outline_and_not_the_frame_or_the_noise():
     # the rectangle's border (rows 10 and 29, columns 12 and 27 at this scale) is drawn...
     assert ink[8:13, 14:26].any(axis=0).all() and ink[27:32, 14:26].any(axis=0).all()
     assert ink[12:28, 10:15].any(axis=1).all() and ink[12:28, 25:30].any(axis=1).all()
-    # ...the photo's frame is not; the noise leaves only isolated specks (the median filter takes most of it)
+    # ...the photo's frame is not; the noise leaves only isolated specks (Canny's smoothing takes most of it)
     assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any())
     outside = np.ones_like(ink)
     outside[8:32, 10:30] = False
@@ -268,6 +268,31 @@ def test_photo_edges_draw_the_outline_and_not_the_frame_or_the_noise():
     assert flat.shape == (3, 16, 16) and torch.all(flat == 1.0)  # no outline: a blank (white) sketch
     sketch = preprocess_pseudo_sketch(Image.fromarray(noisy), 16)
     assert sketch.shape == (3, 16, 16) and (sketch < 0).any()  # ink, cropped and padded as a sketch
+
+
+def test_photo_edges_draw_a_low_contrast_photo_as_a_high_contrast_one():
+    from datasets.transforms import photo_edges
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((48, 48), bool)
+    mask[12:36, 10:30] = True  # a rectangle...
+    mask[20:30, 30:40] = True  # ...with a tab on its right
+    noise = rng.normal(0, 1, (48, 48, 1))
+
+    def photo(contrast):  # grey 120 background, the shape `contrast` levels brighter, noise 1/8 of the contrast
+        img = 120 + contrast * (mask[..., None] + noise / 8)
+        return Image.fromarray(np.clip(img.repeat(3, axis=2), 0, 255).astype(np.uint8))
+
+    faint, strong = (np.asarray(photo_edges(photo(c), 24).convert("L")) == 0 for c in (12, 96))
+    # The thresholds follow the photo's own gradients: 12 grey levels give the strokes 96 levels give...
+    assert faint.sum() > 0 and (faint & strong).sum() >= 0.9 * max(faint.sum(), strong.sum())
+    # ...and they trace the shape's border, not its inside or the background.
+    border = mask ^ np.pad(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:], 1)
+    near = np.zeros_like(border)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            near |= np.roll(np.roll(border, dy, 0), dx, 1)
+    assert near[faint].mean() > 0.9 and faint[border].mean() > 0.6  # most of the border is drawn
 
 
 def test_random_crop_flip_keeps_60_to_100_percent_of_the_area_and_flips_half_the_time():
