@@ -239,10 +239,10 @@ def photo_edges(img: Image.Image, size: int) -> Image.Image:
 
     Canny (``skimage.feature.canny``) on the grey photo at twice the model's input side (thin outlines
     survive the later downscale). The thresholds are quantiles of the photo's own gradient magnitudes, not
-    fixed levels: a fixed threshold (as PIL's ``FIND_EDGES`` and a cut at 30/255 did) drew next to nothing
-    of a low-contrast photo and the pixel noise of a noisy one. The Gaussian smoothing keeps noise from
-    making strokes, and Canny's non-maximum suppression leaves the photo's frame undrawn; the one-pixel lines
-    are then widened to three. A photo without any edge (one flat colour) gives a blank sketch.
+    fixed levels: one fixed level draws next to nothing of a low-contrast photo and the pixel noise of a
+    noisy one. The Gaussian smoothing keeps noise from making strokes, and Canny leaves the photo's frame
+    undrawn (it takes no edge from the border pixels); the one-pixel lines are then widened to three. A photo
+    without any edge (one flat colour) gives a blank sketch.
     """
     side = 2 * size
     gray = np.asarray(to_rgb(img).convert("L").resize((side, side), RESAMPLE), np.float32) / 255.0  # [2S, 2S]
