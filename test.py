@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 import engine
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from utils.config import AMP_MODES, DEVICES, RunConfig, config_from_checkpoint
 from utils.io import atomic_write
 from utils.logger import setup_logging
 from utils.metrics import chance_ratios, metric_conventions
@@ -42,9 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_per_class", type=int, default=None, help="quick check: at most N items per class")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--gpu", default="0")
-    p.add_argument("--amp", default="none", choices=["auto", "none", "bf16", "fp16"],
+    p.add_argument("--amp", default="none", choices=AMP_MODES,
                    help="autocast of the embeddings; none = fp32, the reported numbers' precision (bf16: faster "
                         "on GPUs, mAP may move in the 3rd decimal)")
     p.add_argument("--save_features", action="store_true", help="also write features.npz (embeddings + labels)")
@@ -52,18 +53,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def eval_args_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> argparse.Namespace:
-    """The training arguments saved in the checkpoint, with this command's overrides applied."""
-    saved = argparse.Namespace(**ckpt["args"])
+def eval_config_from_checkpoint(ckpt: dict, args: argparse.Namespace, source: str) -> RunConfig:
+    """The configuration the checkpoint was trained with, with this command's overrides applied."""
+    config = config_from_checkpoint(ckpt, source)
+    overrides = dict(eval_per_class=args.eval_per_class, testall=args.eval_per_class is None,
+                     vit_weights=None)  # embedding needs only the trained encoder: no pretrained ViT, no download
     if args.data_path is not None:
-        saved.data_path, saved.synthetic = args.data_path, False
+        overrides["data_path"] = args.data_path
     if args.synthetic_dir is not None:
-        saved.synthetic_dir = args.synthetic_dir
-    saved.eval_per_class = args.eval_per_class
-    saved.testall = args.eval_per_class is None
-    # Embedding needs only the trained encoder: no pretrained initialisation, no CLIP download.
-    saved.vit_weights = None
-    return saved
+        overrides["synthetic_dir"] = args.synthetic_dir
+    return config.replace(**overrides)
 
 
 def user_errors() -> tuple:
@@ -90,9 +89,8 @@ def run(args) -> dict:
     if out_dir.exists() and not out_dir.is_dir():  # found now, not after the whole evaluation
         raise UserError(f"--out {out_dir} is a file: give a folder for metrics.json and per_class.csv.")
     ckpt = load_checkpoint(ckpt_path)
-    if "args" not in ckpt:
-        raise CheckpointError(f"{ckpt_path} carries no training arguments; it was not written by train.py.")
-    eval_args = eval_args_from_checkpoint(ckpt, args)
+    config = eval_config_from_checkpoint(ckpt, args, str(ckpt_path))
+    eval_args = config.namespace()
     device = select_device(args)
     amp_dtype = select_amp(args, device)
 

@@ -20,7 +20,7 @@ import torch
 from utils.io import atomic_write
 
 # The layout of what train.py saves; raised when a change would stop older code reading it right.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 EXCLUDED_PREFIXES = ("sampler.",)  # frozen CLIP, rebuilt from its own weights
 
 

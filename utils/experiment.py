@@ -177,8 +177,15 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{socket.gethostname()} {os.getpid()}\n")
             self.held = True
+            self._remove_stale_temporaries()
             return self
         raise ExperimentError(f"could not take the lock {self.path}; another process keeps creating it.")
+
+    def _remove_stale_temporaries(self) -> None:
+        """The folder is ours: drop the half-written checkpoints of a run killed while saving one."""
+        for stale in self.path.parent.glob(".*.pth.*.tmp"):
+            log.warning("removing %s, left by a run killed while saving a checkpoint", stale)
+            stale.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
@@ -223,9 +230,11 @@ def environment_info() -> dict:
     }
 
 
-def write_args_json(output_dir: Path, args_dict: dict, name: str = "args.json") -> Path:
+def write_args_json(output_dir: Path, config: dict, name: str = "args.json") -> Path:
+    """The run's resolved configuration (``RunConfig.to_dict()``) and its environment; ``train.py --config`` reads
+    it back."""
     path = Path(output_dir) / name
-    payload = {"args": args_dict, "environment": environment_info()}
+    payload = {"config": config, "environment": environment_info()}
     with atomic_write(path) as f:
         f.write(json.dumps(payload, indent=2, default=str))
     return path

@@ -80,3 +80,17 @@ class ExperimentLogger:
         if self.writer:
             self.writer.close()
             self.writer = None
+
+
+def log_pictures(exp_logger: ExperimentLogger, model, features: dict, data: dict, shown_queries: list,
+                 shown_photos: list, *, image_size: int, device, step: int) -> None:
+    """TensorBoard images: top-5 retrievals of fixed unseen sketches, and VxL masks of fixed photos."""
+    from utils.checkpoint import strip_wrappers
+    from utils.visualize import mask_summary, retrieval_summary
+
+    net = strip_wrappers(model)
+    grid = retrieval_summary(net, shown_queries, features["gallery"], data["gallery"].items,
+                             image_size=image_size, device=device, topk=5)
+    exp_logger.image("test/retrieval", grid, step)
+    if net.sampler is not None:
+        exp_logger.image("train/vxl_masks", mask_summary(net.sampler, shown_photos, image_size=image_size), step)

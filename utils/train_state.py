@@ -3,12 +3,12 @@
 :class:`TrainState` owns the objects a run trains (the model, the optimizer, the GradScaler, the
 bad-file log, the health monitor) and the run's position (``next_epoch``, ``skip_batches``,
 ``global_step``, ``best``, ``partial_epoch``). :meth:`TrainState.save` writes them, with every rank's
-random state and the run's flags, as one checkpoint (atomically, :func:`utils.checkpoint.save_checkpoint`);
+random state and the run's configuration, as one checkpoint (atomically, :func:`utils.checkpoint.save_checkpoint`);
 :meth:`TrainState.restore` reads one back **by name**: each object from the entry of its name through its
 ``load_state_dict``, each value into the attribute of its name (as DINO's ``restart_from_checkpoint``).
 
-The file is the plain dict that train.py has always written (format :data:`CHECKPOINT_FORMAT`), so
-checkpoints of earlier runs still load:
+The file is a plain dict (format :data:`CHECKPOINT_FORMAT`; format 1 had ``args``, the flat flags, where
+format 2 has ``config``: both load, :func:`utils.config.config_from_checkpoint`):
 
 =================  ==========================================================================
 ``model``          the trainable weights (no wrappers, no frozen CLIP sampler)
@@ -20,8 +20,8 @@ checkpoints of earlier runs still load:
 ``best``           ``{"mAP@all", "epoch", ...}`` of the best evaluation (-1 before any)
 ``rng``            rank 0's random state (:func:`utils.checkpoint.rng_state`)
 ``rng_per_rank``   every rank's random state, in rank order
-``args``           the run's flags, ``vars(args)``
-``arch``           ``args.arch``
+``config``         the run's resolved configuration, ``RunConfig.to_dict()``
+``arch``           its preset
 ``format``         :data:`CHECKPOINT_FORMAT`
 ``bad_files``      the bad-file log's counts
 ``partial_epoch``  loss sums of the trained part of ``next_epoch`` (None unless ``skip_batches``)
@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+import logging
 
 from utils import distributed as dist_utils
+from utils.config import ConfigError, RunConfig, config_from_checkpoint, resume_differences
 from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights,
                               model_state_dict, rng_state, save_checkpoint, set_rng_state)
 
 __all__ = ["TrainState"]
+
+log = logging.getLogger("train")
 
 
 class TrainState:
@@ -60,11 +63,11 @@ class TrainState:
     REQUIRED = ("model", "optimizer", "next_epoch", "global_step", "best")
     # The checkpoint's entries, in the order they are written.
     LAYOUT = ("model", "optimizer", "scaler", "next_epoch", "skip_batches", "global_step", "best", "rng",
-              "rng_per_rank", "args", "arch", "format", "bad_files", "partial_epoch", "health")
+              "rng_per_rank", "config", "arch", "format", "bad_files", "partial_epoch", "health")
 
-    def __init__(self, args, *, model, optimizer, scaler=None, bad_files=None, health=None,
+    def __init__(self, config: RunConfig, *, model, optimizer, scaler=None, bad_files=None, health=None,
                  rank: int = 0, world: int = 1):
-        self.args = args
+        self.config = config
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.bad_files, self.health = bad_files, health
         self.rank, self.world = rank, world
@@ -80,8 +83,8 @@ class TrainState:
         entries = {name: None if getattr(self, name) is None else getattr(self, name).state_dict()
                    for name in self.OBJECTS if name != "model"}
         entries.update({name: getattr(self, name) for name in self.VALUES})
-        entries.update(model=model_state_dict(self.model), rng=rngs[0], rng_per_rank=rngs, args=vars(self.args),
-                       arch=self.args.arch, format=CHECKPOINT_FORMAT)
+        entries.update(model=model_state_dict(self.model), rng=rngs[0], rng_per_rank=rngs,
+                       config=self.config.to_dict(), arch=self.config.model.arch, format=CHECKPOINT_FORMAT)
         return {name: entries[name] for name in self.LAYOUT}
 
     def save(self, path: str | os.PathLike, *, all_ranks: bool = True) -> Path | None:
@@ -95,16 +98,14 @@ class TrainState:
             return None
         return save_checkpoint(self.state_dict(rngs), path)
 
-    def restore(self, path: str | os.PathLike, *, check_args: Callable[[dict], None] | None = None) -> None:
+    def restore(self, path: str | os.PathLike) -> None:
         """Continue from the checkpoint at ``path``: objects, values and this rank's random state, by name.
 
-        ``check_args(saved_args)`` is called first, with the checkpoint's flags, to refuse another run's
-        checkpoint before anything is loaded. This rank continues its own random streams; a checkpoint
-        of another world size starts every rank from rank 0's.
+        First :meth:`check_config` refuses another run's checkpoint, before anything is loaded. This rank
+        continues its own random streams; a checkpoint of another world size starts every rank from rank 0's.
         """
         ckpt = load_checkpoint(path)
-        if check_args is not None:
-            check_args(ckpt.get("args", {}))
+        self.check_config(ckpt, path)
         missing = [name for name in self.REQUIRED if name not in ckpt]
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a training checkpoint of "
@@ -120,3 +121,17 @@ class TrainState:
             self.partial_epoch = None
         per_rank = ckpt.get("rng_per_rank") or []
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
+
+    def check_config(self, ckpt: dict, path) -> None:
+        """Refuse a checkpoint whose run-defining settings differ from this run's (ConfigError naming them);
+        log the settings that may change on resume and did."""
+        saved = config_from_checkpoint(ckpt, str(path))
+        defining, resumable = resume_differences(self.config, saved)
+        if defining:
+            raise ConfigError(f"--resume: {path} was trained with other settings; resuming with "
+                              + "; ".join(f"--{k} {ours!r} (the run has {theirs!r})" for k, ours, theirs in defining)
+                              + " would make it another run. Resume with the run's values (see args.json), or "
+                              "start a new --exp.")
+        if resumable:
+            log.info("--resume with changed flags: %s",
+                     "; ".join(f"--{k} {ours!r} (was {theirs!r})" for k, ours, theirs in resumable))
