@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -118,92 +119,135 @@ def _whole_epoch_sums(sums: dict, steps: int, carry: dict | None, device: torch.
     return {k: carry["sums"].get(k, 0.0) + v for k, v in rank_mean_sums.items()}, carry["steps"] + steps
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    criterion: torch.nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    epoch: int,
-    global_step: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    exp_logger=None,
-    log_every: int = 10,
-    should_stop: Callable[[], bool] = lambda: False,
-    bad_file_log=None,
-    progress: bool = True,
-    carry: dict | None = None,
-    health=None,
-    lr_at: Callable[[int], float] | None = None,
-) -> dict:
-    """Train for one pass over ``loader``, one :func:`train_step` per batch; return averaged loss terms and
-    throughput.
+@dataclass
+class TrainLoop:
+    """What every epoch trains with: the same objects from one epoch to the next."""
 
-    ``should_stop`` is polled after every step (a signal handler sets it): the epoch then ends early
-    and the result says ``interrupted``. The returned ``steps`` is the number of optimizer steps taken.
-    ``bad_file_log`` (a :class:`datasets.robust.BadFileLog`) receives the unreadable files that the
-    dataset skipped in each batch.
+    model: torch.nn.Module  # what trains (possibly DDP/compiled)
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    exp_logger: object = None  # utils.logger.ExperimentLogger or None
+    log_every: int = 10
+    should_stop: Callable[[], bool] = lambda: False
+    bad_file_log: object = None  # datasets.robust.BadFileLog or None
+    progress: bool = True
+    health: object = None  # utils.health.HealthMonitor or None
+    lr_at: Callable[[int], float] | None = None
 
-    ``carry`` continues an interrupted epoch: the ``partial`` entry of the result that stopped it
-    (loss sums over its steps, averaged over ranks, and their count), so the epoch's averages are
-    those of an uninterrupted epoch.
 
-    ``health`` (a :class:`utils.health.HealthMonitor`) gets every step's triplet accuracy, active
-    fraction and embedding spread; when it asks to stop (a collapse with ``--on_collapse stop``) the
-    epoch ends after that step, ``interrupted`` and ``collapsed`` set.
+@dataclass
+class EpochResult:
+    """What one :func:`train_one_epoch` call did.
 
-    ``lr_at(step)`` (e.g. :func:`linear_warmup`) sets the learning rate of every parameter group before each
-    optimizer step (counted from 1 over the run); None leaves the optimizer's own.
+    ``stats`` holds only numbers: the epoch's mean loss terms (``loss``, ``loss_tri``, ...), ``lr``,
+    ``epoch_time``, ``samples_per_s``, ``steps`` (the whole epoch's optimizer steps, across an interruption)
+    and, when the epoch was not interrupted, the health monitor's epoch means. ``steps_taken`` counts the
+    steps of this call alone (what a resumed run skips); ``partial`` is the ``carry`` that resumes an
+    interrupted epoch.
     """
-    model.train()
-    criterion.train()
-    sums: dict[str, float] = {}
-    steps = samples = 0
+
+    stats: dict
+    steps_taken: int
+    global_step: int
+    partial: dict
+    interrupted: bool
+    collapsed: bool
+
+
+@dataclass
+class _Tally:
+    """The running totals of one :func:`train_one_epoch` call, on this rank."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+
+
+def _take_step(loop: TrainLoop, batch: dict, step: int) -> tuple[dict, dict]:
+    """Optimizer step ``step`` (counted from 1 over the run) on ``batch``: its unreadable files accounted,
+    the learning rate set from ``loop.lr_at``, then :func:`train_step`."""
+    _account_bad_files(batch, loop.bad_file_log, loop.device)
+    if loop.lr_at is not None:
+        for group in loop.optimizer.param_groups:
+            group["lr"] = loop.lr_at(step)
+    return train_step(loop.model, loop.criterion, batch, loop.optimizer, amp_dtype=loop.amp_dtype,
+                      scaler=loop.scaler, device=loop.device, step=step)
+
+
+def _record_step(loop: TrainLoop, tally: _Tally, bar, batch: dict, losses: dict, outputs: dict, step: int) -> None:
+    """Count step ``step`` (already taken) into ``tally``, the progress bar, ``train_step/`` every
+    ``loop.log_every`` steps, and the health monitor."""
+    tally.steps += 1
+    tally.samples += batch["sketch"].shape[0]
+    for k, v in losses.items():
+        tally.sums[k] = tally.sums.get(k, 0.0) + float(v.detach())
+    if loop.progress:
+        bar.set_postfix(loss=f"{tally.sums['loss'] / tally.steps:.4f}")
+    if loop.exp_logger is not None and step % loop.log_every == 0:
+        loop.exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, step, prefix="train_step/")
+    if loop.health is not None:
+        loop.health.update(step, losses, outputs)
+
+
+def _stop_now(loop: TrainLoop) -> bool:
+    """Whether the epoch ends after this step: a signal, or a collapse that asks to stop, on any rank (ranks
+    see other batches, and every rank must stop at the same step)."""
+    collapsed = loop.health is not None and loop.health.stop_requested
+    return dist_utils.any_rank(loop.should_stop() or collapsed, loop.device)
+
+
+def _epoch_result(loop: TrainLoop, tally: _Tally, *, elapsed: float, global_step: int, carry: dict | None,
+                  interrupted: bool) -> EpochResult:
+    """The epoch's averages over ranks and over its earlier, interrupted part (``carry``), and its throughput."""
+    epoch_sums, epoch_steps = _whole_epoch_sums(tally.sums, tally.steps, carry, loop.device)
+    stats = {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
+    stats.update(
+        steps=epoch_steps,
+        epoch_time=elapsed,
+        samples_per_s=tally.samples * dist_utils.get_world_size() / elapsed if elapsed > 0 else math.nan,
+        lr=loop.optimizer.param_groups[0]["lr"],
+    )
+    collapsed = dist_utils.any_rank(loop.health is not None and loop.health.stop_requested, loop.device)
+    if loop.health is not None and not interrupted:  # an interrupted epoch's sums go into the checkpoint
+        stats.update(loop.health.epoch_means())
+    return EpochResult(stats=stats, steps_taken=tally.steps, global_step=global_step,
+                       partial={"sums": epoch_sums, "steps": epoch_steps}, interrupted=interrupted,
+                       collapsed=collapsed)
+
+
+def train_one_epoch(loop: TrainLoop, loader, *, epoch: int, global_step: int = 0,
+                    carry: dict | None = None) -> EpochResult:
+    """Train for one pass over ``loader``, one :func:`train_step` per batch, from run step ``global_step``.
+
+    ``loop.should_stop`` is polled after every step (a signal handler sets it): the epoch then ends early,
+    ``interrupted`` set. ``loop.bad_file_log`` receives the unreadable files that the dataset skipped in each
+    batch. ``loop.health`` gets every step's triplet accuracy, active fraction and embedding spread; when it
+    asks to stop (a collapse with ``--on_collapse stop``) the epoch ends after that step, ``interrupted`` and
+    ``collapsed`` set. ``loop.lr_at(step)`` (e.g. :func:`linear_warmup`) sets the learning rate of every
+    parameter group before each optimizer step (counted from 1 over the run); None leaves the optimizer's own.
+
+    ``carry`` continues an interrupted epoch: the ``partial`` of the result that stopped it (loss sums over its
+    steps, averaged over ranks, and their count), so the epoch's averages are those of an uninterrupted epoch.
+    """
+    loop.model.train()
+    loop.criterion.train()
+    tally = _Tally()
     interrupted = False
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.progress, dynamic_ncols=True, leave=False)
     for batch in bar:
-        _account_bad_files(batch, bad_file_log, device)
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step + 1)
-        losses, outputs = train_step(model, criterion, batch, optimizer, amp_dtype=amp_dtype, scaler=scaler,
-                                     device=device, step=global_step + 1)
-        steps += 1
+        losses, outputs = _take_step(loop, batch, global_step + 1)
         global_step += 1
-        samples += batch["sketch"].shape[0]
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        if progress:
-            bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
-        if exp_logger is not None and global_step % log_every == 0:
-            exp_logger.scalars({k: float(v.detach()) for k, v in losses.items()}, global_step, prefix="train_step/")
-        if health is not None:
-            health.update(global_step, losses, outputs)
-        collapsed = health is not None and health.stop_requested  # ranks see other batches: any one stops all
-        if dist_utils.any_rank(should_stop() or collapsed, device):  # every rank stops at the same step
+        _record_step(loop, tally, bar, batch, losses, outputs, global_step)
+        if _stop_now(loop):
             interrupted = True
             break
     bar.close()
-    elapsed = time.perf_counter() - start
-    epoch_sums, epoch_steps = _whole_epoch_sums(sums, steps, carry, device)
-    stats = {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
-    stats.update(
-        steps=steps,
-        epoch_steps=epoch_steps,
-        partial={"sums": epoch_sums, "steps": epoch_steps},
-        global_step=global_step,
-        epoch_time=elapsed,
-        samples_per_s=samples * dist_utils.get_world_size() / elapsed if elapsed > 0 else math.nan,
-        lr=optimizer.param_groups[0]["lr"],
-        interrupted=interrupted,
-        collapsed=dist_utils.any_rank(health is not None and health.stop_requested, device),
-    )
-    if health is not None and not interrupted:  # an interrupted epoch's sums go into the checkpoint
-        stats.update(health.epoch_means())
-    return stats
+    return _epoch_result(loop, tally, elapsed=time.perf_counter() - start, global_step=global_step, carry=carry,
+                         interrupted=interrupted)
 
 
 @torch.no_grad()
@@ -254,6 +298,18 @@ def extract_features(
     return feats[order], labels[order], indices[order]
 
 
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` found: ``metrics`` (numbers and the per-class mAP@all), the embeddings when asked
+    for (``features``: ``query [Nq, D]``, ``query_labels [Nq]``, ``gallery [Ng, D]``, ``gallery_labels [Ng]``,
+    on the CPU) and the items left out as unreadable (``unreadable``: ``{"queries": [(path, reason), ...],
+    "gallery": [...]}``)."""
+
+    metrics: dict
+    features: dict | None
+    unreadable: dict
+
+
 def evaluate(
     model: torch.nn.Module,
     query_loader,
@@ -264,11 +320,12 @@ def evaluate(
     class_names: list[str] | None = None,
     progress: bool = True,
     return_features: bool = False,
-) -> dict:
+) -> EvalResult:
     """Zero-shot retrieval on the unseen classes: sketches query, photos are the gallery.
 
-    Returns the metrics of :func:`utils.metrics.retrieval_metrics` (mAP@all, mAP@200, P@100, P@200,
-    the SAKE-convention mAP@200 and per-class mAP@all), plus query/gallery counts.
+    The metrics are those of :func:`utils.metrics.retrieval_metrics` (mAP@all, mAP@200, P@100, P@200,
+    the SAKE-convention mAP@200 and per-class mAP@all), plus query/gallery counts, the counts of unreadable
+    items and the chance level. ``features`` is None unless ``return_features``.
     """
     q_failed, g_failed = [], []
     q_feats, q_labels, _ = extract_features(model, query_loader, device=device, modality="sketch",
@@ -291,12 +348,10 @@ def evaluate(
     metrics["num_gallery"] = int(g_feats.shape[0])
     metrics["num_queries_unreadable"] = len(q_failed)
     metrics["num_gallery_unreadable"] = len(g_failed)
-    metrics["_unreadable"] = {"queries": q_failed, "gallery": g_failed}
     # Chance level: the fraction of the gallery that is relevant, averaged over queries.
     metrics["chance_mAP"] = chance_level(q_labels, g_labels)
-    if return_features:
-        metrics["_features"] = {
-            "query": q_feats.cpu(), "query_labels": q_labels.cpu(),
-            "gallery": g_feats.cpu(), "gallery_labels": g_labels.cpu(),
-        }
-    return metrics
+    features = {
+        "query": q_feats.cpu(), "query_labels": q_labels.cpu(),
+        "gallery": g_feats.cpu(), "gallery_labels": g_labels.cpu(),
+    } if return_features else None
+    return EvalResult(metrics=metrics, features=features, unreadable={"queries": q_failed, "gallery": g_failed})
