@@ -100,15 +100,14 @@ def run(args) -> dict:
     loader_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                      pin_memory=device.type == "cuda", collate_fn=collate_skipping)
     class_names = sorted(data["class_to_idx"], key=data["class_to_idx"].get)
-    metrics = engine.evaluate(
+    result = engine.evaluate(
         model, DataLoader(AccountedImages(data["query"]), **loader_kw),
         DataLoader(AccountedImages(data["gallery"]), **loader_kw),
         device=device, amp_dtype=amp_dtype, class_names=class_names, progress=not args.no_progress,
         return_features=args.save_features,
     )
-    features = metrics.pop("_features", None)
+    metrics, features, unreadable = result.metrics, result.features, result.unreadable
     per_class = metrics.pop("per_class", {})
-    unreadable = metrics.pop("_unreadable")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
