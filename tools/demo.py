@@ -48,7 +48,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tools import ToolError, run_tool
-from tools.search import Hit, SketchSearch, add_search_args, default_cache_dir, open_checkpoint, open_gallery
+from tools.search import (Hit, SketchSearch, add_search_args, checkpoint_settings, default_cache_dir, open_checkpoint,
+                          open_gallery)
 
 log = logging.getLogger("demo")
 
@@ -103,7 +104,7 @@ def start(args, *, quiet: bool = False):
     _import_gradio()  # before the (long) embedding, not after
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks log every request
     ckpt = open_checkpoint(args.checkpoint)
-    gallery = open_gallery(args, ckpt["args"])
+    gallery = open_gallery(args, checkpoint_settings(ckpt, args.checkpoint))
     search = SketchSearch.open(args, ckpt, gallery)
     app = build_app(search, topk=min(args.topk, MAX_TOPK, len(gallery.items)),
                     title=f"{Path(args.checkpoint).name}, {len(gallery.items):,} photos")

@@ -156,16 +156,14 @@ def tiny_setup(folder: Path) -> tuple[Path, Path]:
 
     from datasets.synthetic import draw_photo
     from models import build_model
-    from utils.checkpoint import model_state_dict, save_checkpoint
+    from utils.checkpoint import CHECKPOINT_FORMAT, model_state_dict, save_checkpoint
+    from utils.config import make_config
 
-    args = dict(arch="tiny", image_size=64, vit_weights=None, clip_weights=None, keep_ratio=0.3, prompt="{}",
-                vxl_norm="token", clip_input_norm="encoder", variant="puxim", int_memory="masked",
-                separate_encoders=False, dropout=None, data_path=None, dataset="sketchy_extend",
-                test_class="test_class_sketchy25", custom_split=False, synthetic_dir=None, seed=0)
+    config = make_config("tiny")
     torch.manual_seed(0)
-    model = build_model(argparse.Namespace(**args), with_sampler=False)
-    ckpt = save_checkpoint({"model": model_state_dict(model), "args": args, "arch": "tiny", "format": 1},
-                           folder / "tiny.pth")
+    model = build_model(config.namespace(), with_sampler=False)
+    ckpt = save_checkpoint({"model": model_state_dict(model), "config": config.to_dict(), "arch": "tiny",
+                            "format": CHECKPOINT_FORMAT}, folder / "tiny.pth")
     for cls in ("tent", "kite", "candle"):
         (folder / "gallery" / cls).mkdir(parents=True)
         for i in range(4):

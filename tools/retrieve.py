@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from tools import ToolError, run_tool
-from tools.search import UNKNOWN_CLASS, SketchSearch, add_search_args, open_checkpoint, open_gallery
+from tools.search import (UNKNOWN_CLASS, SketchSearch, add_search_args, checkpoint_settings, open_checkpoint,
+                          open_gallery)
 
 log = logging.getLogger("retrieve")
 
@@ -56,7 +57,7 @@ def run(args) -> list[tuple[str, float]]:
     if args.batch_size < 1:
         raise ToolError(f"--batch_size must be positive, got {args.batch_size}")
     ckpt = open_checkpoint(args.checkpoint)
-    gallery = open_gallery(args, ckpt["args"])
+    gallery = open_gallery(args, checkpoint_settings(ckpt, args.checkpoint))
     items = gallery.items
     if not 1 <= args.topk <= len(items):
         raise ToolError(f"--topk {args.topk} must be between 1 and the gallery size, {len(items)} images.")

@@ -206,13 +206,22 @@ def write_cache(path: Path, key: str, feats: np.ndarray, items: list[tuple[str, 
 
 # ----------------------------------------------------------------------------- model
 def open_checkpoint(path: str) -> dict:
-    """A checkpoint written by train.py (its training arguments are needed to rebuild the model)."""
+    """A checkpoint written by train.py (its configuration is needed to rebuild the model)."""
     from utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("args"), dict):
-        raise ToolError(f"{path} carries no training arguments; it was not written by train.py.")
+    checkpoint_settings(ckpt, path)  # refused now, not after the gallery is embedded
     return ckpt
+
+
+def checkpoint_settings(ckpt: dict, path: str) -> dict:
+    """The flat settings a checkpoint was trained with (any checkpoint format)."""
+    from utils.config import ConfigError, config_from_checkpoint
+
+    try:
+        return config_from_checkpoint(ckpt, str(path)).flat()
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
 
 
 def build_from_checkpoint(ckpt: dict, ckpt_path: str, device: torch.device):
@@ -220,10 +229,12 @@ def build_from_checkpoint(ckpt: dict, ckpt_path: str, device: torch.device):
     from models import build_model
     from utils.checkpoint import load_model_weights
 
-    saved = argparse.Namespace(**ckpt["args"])
-    saved.vit_weights = None  # the checkpoint holds the trained weights: no pretrained initialisation
+    from utils.config import config_from_checkpoint
+
+    # The checkpoint holds the trained weights: no pretrained initialisation.
+    config = config_from_checkpoint(ckpt, ckpt_path).replace(vit_weights=None)
     try:
-        model = build_model(saved, with_sampler=False)
+        model = build_model(config.namespace(), with_sampler=False)
     except ValueError as e:
         raise ToolError(f"{ckpt_path}: cannot rebuild the model from its saved arguments: {e}") from None
     load_model_weights(model, ckpt["model"], source=ckpt_path)
@@ -495,7 +506,7 @@ class SketchSearch:
             import_faiss(required=True)  # before the (long) embedding, not after
         device = select_device(args.device)
         model = build_from_checkpoint(ckpt, args.checkpoint, device)
-        image_size = int(ckpt["args"].get("image_size") or model.encoder.img_size)
+        image_size = checkpoint_settings(ckpt, args.checkpoint)["image_size"]
         feats, key, path = gallery_features(args, model, gallery, image_size, device)  # [G, D]
         feats = l2_normalize(feats, inplace=True)  # ours: read from the cache or just computed
         if kind == "exact":

@@ -6,7 +6,7 @@
     python -m tools.submit --cluster debug -- --exp try                             # in this process
 
 Everything after ``--`` is train.py's command line. It is parsed and checked here first, with train.py's own
-parser and ``resolve_args`` and the experiment folder's rules, so that no job waits in the queue only to fail
+parser and configuration (``utils.config``) and the experiment folder's rules, so that no job waits in the queue only to fail
 on a typo. Each task takes its rank, the world size and the master address and port from the job
 (``submitit.helpers.TorchDistributedEnvironment``) and runs ``train.main(argv)``. submitit's files (the job
 script, the pickled job, one stdout/stderr pair per task) go to ``--folder``, by default
@@ -14,7 +14,7 @@ script, the pickled job, one stdout/stderr pair per task) go to ``--folder``, by
 
 Preemption and time limit: SLURM sends the job SIGUSR2 (``--signal_delay`` seconds before the limit, and on a
 preemption where the cluster is set to). Every task then asks its training to stop after the current step
-(``train.StopFlag.request``, SIGTERM's path), the run saves ``checkpoint.pth`` and ends, and rank 0 hands over
+(``StopFlag.request``, SIGTERM's path), the run saves ``checkpoint.pth`` and ends, and rank 0 hands over
 to submitit, whose handler calls :meth:`TrainingJob.checkpoint`: the job is requeued with ``--resume``, the
 same run step for step, at most ``--max_requeues`` times.
 """
@@ -160,42 +160,45 @@ def _check_this_machine(args) -> None:
         log.warning("%s: SLURM settings, ignored by --cluster %s", ", ".join(ignored), args.cluster)
 
 
-def check_training(args, train_argv: list[str]) -> argparse.Namespace:
-    """train.py's flags, parsed and resolved by train.py itself, then what a task would refuse only at its start
-    on the cluster: the experiment folder (exists, --resume, another run's lock), the global batch against the
-    job's tasks, devices and input paths. Nothing is written."""
+def check_training(args, train_argv: list[str]):
+    """train.py's configuration (``utils.config.RunConfig``) for its flags, read by train.py's own parser, then what
+    a task would refuse only at its start on the cluster: the experiment folder (exists, --resume, another run's
+    lock), the global batch against the job's tasks, devices and input paths. Nothing is written."""
     import train
+    from utils.config import parse_config
     from utils.experiment import ExperimentError, check_output_dir
 
-    targs = train.get_args_parser().parse_args(train_argv)  # a bad flag: argparse's message and exit 2
+    parsed = train.get_args_parser().parse_args(train_argv)  # a bad flag: argparse's message and exit 2
     try:
-        targs = train.resolve_args(targs)
-        check_output_dir(Path(targs.output_dir) / targs.exp, resume=targs.resume, overwrite=targs.overwrite)
-    except ExperimentError as e:  # (resolve_args' UserError goes to run_tool as it is)
+        config = parse_config(parsed)
+        runtime = config.runtime
+        check_output_dir(Path(runtime.output_dir) / runtime.exp, resume=runtime.resume, overwrite=runtime.overwrite)
+    except ExperimentError as e:  # (a ConfigError goes to run_tool as it is)
         raise ToolError(str(e)) from None
     world = args.nodes * args.tasks_per_node
-    if targs.batch_size % world:
-        raise ToolError(f"--batch_size {targs.batch_size} (the global batch) is not divisible by the job's {world} "
-                        f"tasks ({args.nodes} node(s) x {args.tasks_per_node}): use a multiple of {world}.")
-    gpu_only = [f for f, on in (("--device cuda", targs.device == "cuda"),
-                                (f"--amp {targs.amp}", targs.amp in ("bf16", "fp16"))) if on]
+    if config.optim.batch_size % world:
+        raise ToolError(f"--batch_size {config.optim.batch_size} (the global batch) is not divisible by the job's "
+                        f"{world} tasks ({args.nodes} node(s) x {args.tasks_per_node}): use a multiple of {world}.")
+    gpu_only = [f for f, on in (("--device cuda", runtime.device == "cuda"),
+                                (f"--amp {runtime.amp}", runtime.amp in ("bf16", "fp16"))) if on]
     if args.ngpus == 0 and gpu_only:
         raise ToolError(f"{' and '.join(gpu_only)} in train.py's flags, but the job asks for no GPUs: add --ngpus N.")
-    if args.ngpus and targs.device == "cpu":
+    if args.ngpus and runtime.device == "cpu":
         raise ToolError(f"--device cpu with --ngpus {args.ngpus}: the GPUs would sit idle; drop one of them.")
-    missing = _missing_inputs(targs)
+    missing = _missing_inputs(config)
     if missing:
         flag, path = missing[0]
         raise ToolError(f"--{flag} {path}: no such file or folder here (the job's tasks would read the same path).")
-    return targs
+    return config
 
 
-def _missing_inputs(targs) -> list[tuple[str, str]]:
-    wanted = [("data_path", targs.data_path), ("vxl_cache", targs.vxl_cache)]
-    if targs.clip_weights and targs.clip_weights != "openai":
-        wanted.append(("clip_weights", targs.clip_weights))
-    if targs.vit_weights and (targs.vit_weights.endswith(WEIGHT_SUFFIXES) or os.sep in targs.vit_weights):
-        wanted.append(("vit_weights", targs.vit_weights))
+def _missing_inputs(config) -> list[tuple[str, str]]:
+    model = config.model
+    wanted = [("data_path", config.data.data_path), ("vxl_cache", model.vxl_cache)]
+    if model.clip_weights and model.clip_weights != "openai":
+        wanted.append(("clip_weights", model.clip_weights))
+    if model.vit_weights and (model.vit_weights.endswith(WEIGHT_SUFFIXES) or os.sep in model.vit_weights):
+        wanted.append(("vit_weights", model.vit_weights))
     return [(flag, path) for flag, path in wanted if path and not Path(path).expanduser().exists()]
 
 
@@ -203,10 +206,10 @@ def _missing_inputs(targs) -> list[tuple[str, str]]:
 def submit(args, train_argv: list[str]) -> submitit.Job:
     """Check everything, then queue the job; returns submitit's handle on it."""
     resolve_request(args)
-    targs = check_training(args, train_argv)
-    output_dir = Path(targs.output_dir).absolute() / targs.exp
+    runtime = check_training(args, train_argv).runtime
+    output_dir = Path(runtime.output_dir).absolute() / runtime.exp
     folder = Path(args.folder) if args.folder else output_dir / "submitit"
-    executor = make_executor(args, folder, name=f"puxim-{targs.exp}")
+    executor = make_executor(args, folder, name=f"puxim-{runtime.exp}")
     task = TrainingJob(train_argv, output_dir=output_dir, max_requeues=args.max_requeues)
     try:
         with submitit.helpers.clean_env():  # submitted from inside another job: not that job's ranks and ids
@@ -316,6 +319,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self):
         import train
         from utils.logger import setup_logging
+        from utils.signals import StopFlag
 
         env = submitit.JobEnvironment()
         # set_cuda_visible_devices=False: each task sees the node's GPUs and train.py takes LOCAL_RANK's.
@@ -340,17 +344,17 @@ class TrainingJob(submitit.helpers.Checkpointable):
             return self.after_exit(stop, rank=dist.rank, debug=debug, requeue=requeue, error=errors.message)
         finally:
             logging.getLogger().removeHandler(errors)
-            train.StopFlag.requested = None  # a request that came after the run ended goes no further
+            StopFlag.requested = None  # a request that came after the run ended goes no further
             if submitit_handler is not None:
                 signal.signal(sig, submitit_handler)
 
     def on_stop_signal(self, signum, frame) -> None:
         """The scheduler's stop signal: only ask the training to stop after its step (it saves, then ends). The
         requeue follows in after_exit: waiting for the checkpoint here would block the step that writes it."""
-        import train
+        from utils.signals import StopFlag
 
         self.stopped_by = signal.Signals(signum).name
-        train.StopFlag.request(self.stopped_by)
+        StopFlag.request(self.stopped_by)
 
     def after_exit(self, stop: SystemExit, *, rank: int, debug: bool, requeue, error: str | None = None):
         """train.main ended with ``stop``: requeue after the scheduler's signal (rank 0; the other ranks just end),

@@ -72,9 +72,9 @@ def resolve_settings(args) -> dict:
     if args.checkpoint is not None:
         from utils.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(args.checkpoint).get("args")
-        if not isinstance(saved, dict):
-            raise ToolError(f"{args.checkpoint} carries no training arguments; it was not written by train.py.")
+        from tools.search import checkpoint_settings
+
+        saved = checkpoint_settings(load_checkpoint(args.checkpoint), args.checkpoint)
         if saved.get("variant") == "non-mask":
             log.warning("%s was trained without VxL masks (--variant non-mask); showing the masks anyway.",
                         args.checkpoint)
