@@ -102,8 +102,9 @@ def test_train_one_epoch_sets_the_rate_of_each_step_from_the_run_step():
     optimizer = torch.optim.SGD([weight], lr=123.0)
 
     batches = [{"sketch": torch.zeros(2, 1)} for _ in range(4)]
-    engine.train_one_epoch(model, criterion, batches, optimizer, device=torch.device("cpu"), epoch=0,
-                           global_step=1, progress=False, lr_at=engine.linear_warmup(0.4, 4))
+    loop = engine.TrainLoop(model, criterion, optimizer, torch.device("cpu"), progress=False,
+                            lr_at=engine.linear_warmup(0.4, 4))
+    engine.train_one_epoch(loop, batches, epoch=0, global_step=1)
     steps = [b - a for a, b in zip(seen, seen[1:] + [float(weight.detach())])]
     assert steps == pytest.approx([-0.2, -0.3, -0.4, -0.4])  # steps 2, 3, 4, 5 of the run
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4)
