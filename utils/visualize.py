@@ -372,7 +372,7 @@ def retrieval_summary(model: torch.nn.Module, query_items: Sequence[tuple], gall
         query_items: ``(path, class)`` of the sketches to show (the first ``max_queries``); pick
             them once, e.g. ``select_items(query_dataset.items, 4)``, so every epoch shows the same.
         gallery_feats: ``[G, D]`` photo embeddings that evaluation already computed, in the order
-            of ``gallery_items`` (``engine.evaluate(..., return_features=True)``).
+            of ``gallery_items`` (``engine.evaluate(..., return_features=True).features["gallery"]``).
         gallery_items: ``(path, class)`` per gallery photo (the gallery dataset's ``items``).
         image_size: the encoder's input size.
 
