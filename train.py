@@ -27,12 +27,11 @@ from utils import distributed as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig, add_config_flags, parse_config
 from utils.experiment import ExperimentError, RunLock, discard_overwritten, prepare_output_dir, write_args_json
-from utils.logger import ExperimentLogger, log_pictures, setup_logging
+from utils.logger import ExperimentLogger, TrainingPictures, setup_logging
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.schedule import log_schedule
 from utils.signals import StopFlag
 from utils.train_state import TrainState
-from utils.visualize import select_items
 
 log = logging.getLogger("train")
 
@@ -130,8 +129,9 @@ def train(run: Run) -> dict:
         scaler=state.scaler, exp_logger=exp_logger, log_every=run.config.runtime.log_every, should_stop=run.stop,
         bad_file_log=state.bad_files, progress=run.progress, health=state.health,
         lr_at=engine.linear_warmup(run.config.optim.lr, run.config.optim.warmup_steps))
+    pictures = TrainingPictures(data, seed=run.config.runtime.seed, image_size=run.config.data.image_size)
     t = Training(state, loop, loaders, class_names=sorted(data["class_to_idx"], key=data["class_to_idx"].get),
-                 shown=Pictures(data, seed=run.config.runtime.seed) if run.is_main else None)
+                 pictures=pictures if run.is_main and not run.config.runtime.no_tb_images else None)
     metrics: dict = {}
     for epoch in range(state.next_epoch, run.config.optim.epoch):
         result = train_epoch(run, t, epoch)  # an interrupted epoch saves a checkpoint and ends the run
@@ -213,7 +213,7 @@ def restore(state: TrainState, run: Run) -> None:
 
 
 def prepare_model(state: TrainState, run: Run) -> torch.nn.Module:
-    """torch.compile (--compile), SyncBatchNorm and DDP (several processes): what trains and evaluates."""
+    """torch.compile (--compile), then SyncBatchNorm and DDP (several processes): what trains and evaluates."""
     runtime = run.config.runtime
     if runtime.compile:
         from models import compile_model
@@ -221,26 +221,8 @@ def prepare_model(state: TrainState, run: Run) -> torch.nn.Module:
         compile_model(state.model, backend=runtime.compile_backend, mode=runtime.compile_mode)
         log.info("torch.compile (%s) on the encoder and the interaction head: the first steps trace and "
                  "compile, later steps run the compiled code.", runtime.compile_backend)
-    if run.world == 1:
-        return state.model
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in state.model.modules()):
-        if run.device.type == "cuda":  # the tiny preset's stem BatchNorm: statistics over the global batch
-            state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
-        else:  # SyncBatchNorm needs GPUs
-            log.warning("--stem_norm batch with %d CPU processes: BatchNorm statistics are per process (over %d "
-                        "samples), so results differ slightly from one process.", run.world,
-                        run.config.optim.batch_size // run.world)
-    device_ids = [run.device.index] if run.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(state.model, device_ids=device_ids)
-
-
-class Pictures:
-    """A few fixed unseen queries and training photos, pictured in TensorBoard at every evaluation."""
-
-    def __init__(self, data: dict, seed: int):
-        self.data = data
-        self.queries = select_items(data["query"].items, 4, seed=seed)
-        self.photos = select_items([(p, c) for c, ps in data["split"].train_photos.items() for p in ps], 4, seed=seed)
+    state.model, trained = dist_utils.wrap_ddp(state.model, run.device, run.world)
+    return trained
 
 
 @dataclass
@@ -251,7 +233,7 @@ class Training:
     loop: engine.TrainLoop  # the model as it trains (compiled, DDP), the criterion, the logger, the stop flag
     loaders: dict
     class_names: list  # the unseen classes, in label order
-    shown: Pictures | None  # rank 0's pictures
+    pictures: TrainingPictures | None  # rank 0's, unless --no_tb_images
 
 
 def save(run: Run, state: TrainState, name: str = "checkpoint.pth", *, all_ranks: bool = True) -> None:
@@ -302,11 +284,11 @@ def epoch_line(t: Training, epoch: int, result: engine.EpochResult) -> dict:
 
 def evaluate_epoch(run: Run, t: Training, epoch: int, line: dict) -> dict:
     """Evaluate after ``epoch``: metrics into ``line`` and TensorBoard, best.pth when mAP@all improves."""
-    state, shown, exp_logger = t.state, t.shown, t.loop.exp_logger
+    state, exp_logger = t.state, t.loop.exp_logger
     try:
         result = engine.evaluate(t.loop.model, t.loaders["query"], t.loaders["gallery"], device=run.device,
                                  amp_dtype=run.amp_dtype, class_names=t.class_names, progress=run.progress,
-                                 return_features=shown is not None and not run.config.runtime.no_tb_images)
+                                 return_features=t.pictures is not None)
     except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
         save(run, state, all_ranks=False)  # other ranks may not get here: no collective
         log.error("the evaluation after epoch %d failed; the trained epoch is saved in %s", epoch,
@@ -314,8 +296,7 @@ def evaluate_epoch(run: Run, t: Training, epoch: int, line: dict) -> dict:
         raise
     metrics = result.metrics
     if result.features is not None:
-        log_pictures(exp_logger, state.model, result.features, shown.data, shown.queries, shown.photos,
-                     image_size=run.config.data.image_size, device=run.device, step=epoch)
+        t.pictures.log(exp_logger, state.model, result.features, device=run.device, step=epoch)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     exp_logger.scalars(scalars, epoch, prefix="test/")
     line.update({f"test_{k}": v for k, v in scalars.items()})

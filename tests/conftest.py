@@ -260,10 +260,11 @@ def train_args(root=None, out=None, exp=None, *extra, **overrides) -> list[str]:
 
 
 def parse_train_args(argv):
-    """The namespace train.py runs with for ``argv`` (parsed, then the preset's defaults filled in)."""
+    """The configuration (utils.config.RunConfig) train.py runs with for ``argv``."""
     import train
+    from utils.config import parse_config
 
-    return train.resolve_args(train.get_args_parser().parse_args([str(a) for a in argv]))
+    return parse_config(train.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")

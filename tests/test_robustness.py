@@ -303,7 +303,7 @@ def make_bad_checkpoint(kind: str, good: Path, dest: Path, marker: Path) -> Path
         torch.save(state, dest)
     elif kind == "other_arch":  # the same weights, described as a --separate_encoders model
         state = load_checkpoint(good)
-        state["args"]["separate_encoders"] = True
+        state["config"]["model"]["separate_encoders"] = True
         save_checkpoint(state, dest)
     elif kind == "folder":
         dest.mkdir()
@@ -379,40 +379,42 @@ def test_resume_refuses_bad_checkpoint(kind, bench, baseline, tmp_path, caplog):
 
 
 def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_path, caplog, monkeypatch):
+    from utils.config import ConfigError, make_config
+    from utils.train_state import check_resume_config
+
     data = tmp_path / "data"
     data.mkdir()
     saved = {"data_path": str(data), "batch_size": 8, "seed": 0, "lr": 1e-5, "epoch": 10}
     monkeypatch.chdir(tmp_path)
-    # tri_distance / w_cls / ... / input_norm: what a checkpoint from before the flags was trained with
-    args = train.argparse.Namespace(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20,  # relative path
-                                    tri_distance="euclidean", w_cls=0.0, w_inst=0.0, augment="none",
-                                    input_norm="none")
+
+    def check(saved_args, **ours):  # a format-1 checkpoint: tri_distance / w_cls / ... absent, as before the flags
+        settings = {**dict(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20), **ours}  # a relative path
+        check_resume_config(make_config("b16", **settings), {"args": saved_args}, tmp_path / "checkpoint.pth")
+
     caplog.clear()
     with caplog.at_level("INFO"):
-        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+        check(saved)
     assert "--lr 0.0001 (was 1e-05)" in caplog.text and "--epoch 20 (was 10)" in caplog.text
-    args.data_path = str(tmp_path / "other")
-    with pytest.raises(train.UserError, match="--data_path .*other.* would make it another run"):
-        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    with pytest.raises(ConfigError, match="--data_path .*other.* would make it another run"):
+        check(saved, data_path=str(tmp_path / "other"))
     # CLIP weights: the same file moved is the same run; another file is not.
     (tmp_path / "old.pt").write_bytes(b"clip")
     (tmp_path / "moved.pt").write_bytes(b"clip")
     (tmp_path / "other.pt").write_bytes(b"clap")
-    args.data_path, saved["clip_weights"] = "data", str(tmp_path / "old.pt")
-    args.clip_weights = str(tmp_path / "moved.pt")
-    train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
-    args.clip_weights = str(tmp_path / "other.pt")
-    with pytest.raises(train.UserError, match="--clip_weights"):
-        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
+    saved["clip_weights"] = str(tmp_path / "old.pt")
+    check(saved, clip_weights=str(tmp_path / "moved.pt"))
+    with pytest.raises(ConfigError, match="--clip_weights"):
+        check(saved, clip_weights=str(tmp_path / "other.pt"))
     # Today's tiny defaults against a checkpoint from before --tri_distance / --w_cls: refused, naming both.
-    args.clip_weights, args.tri_distance, args.w_cls = str(tmp_path / "moved.pt"), "cosine", 1.0
-    with pytest.raises(train.UserError, match=r"--tri_distance 'cosine' \(the run has 'euclidean'\); "
-                                              r"--w_cls 1.0 \(the run has 0.0\)"):
-        train.check_resume_args(args, saved, tmp_path / "checkpoint.pth")
-    train.check_resume_args(args, {**saved, "tri_distance": "cosine", "w_cls": 1.0}, tmp_path / "checkpoint.pth")
-    args.w_inst = 1.0  # nor an instance loss the checkpoint was not trained with
-    with pytest.raises(train.UserError, match=r"--w_inst 1.0 \(the run has 0.0\)"):
-        train.check_resume_args(args, {**saved, "tri_distance": "cosine", "w_cls": 1.0}, tmp_path / "checkpoint.pth")
+    moved = str(tmp_path / "moved.pt")
+    with pytest.raises(ConfigError) as refused:
+        check(saved, clip_weights=moved, tri_distance="cosine", w_cls=1.0)
+    assert "--tri_distance 'cosine' (the run has 'euclidean')" in str(refused.value)
+    assert "--w_cls 1.0 (the run has 0.0)" in str(refused.value)
+    check({**saved, "tri_distance": "cosine", "w_cls": 1.0}, clip_weights=moved, tri_distance="cosine", w_cls=1.0)
+    with pytest.raises(ConfigError, match=r"--w_inst 1.0 \(the run has 0.0\)"):  # nor an instance loss it lacked
+        check({**saved, "tri_distance": "cosine", "w_cls": 1.0}, clip_weights=moved, tri_distance="cosine",
+              w_cls=1.0, w_inst=1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def test_experiment_folder_contents(trained):
         assert (folder / name).is_file(), name
     assert list((folder / "tb").glob("events.out.tfevents.*"))
     meta = json.loads((folder / "args.json").read_text())
-    assert meta["args"]["arch"] == "tiny" and meta["args"]["lr"] == train.ARCH_DEFAULTS["tiny"]["lr"]
+    from utils.presets import PRESETS
+
+    assert meta["config"]["model"]["arch"] == "tiny" and meta["config"]["optim"]["lr"] == PRESETS["tiny"].optim.lr
     assert "torch" in meta["environment"] and "git_commit" in meta["environment"]
     assert not (folder / ".lock").exists(), "the run lock must be released"
     line = read_log(folder)[-1]

@@ -126,3 +126,19 @@ def all_gather_objects(items: list) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, list(items))
     return [x for part in out for x in part]
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model, what trains)`` for ``world`` processes: with several, BatchNorms made SyncBatchNorm on GPUs (the
+    tiny preset's stem: statistics over the global batch) and the model wrapped in DDP; with one, both are
+    ``model``."""
+    if world == 1:
+        return model, model
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # SyncBatchNorm needs GPUs
+            log.warning("--stem_norm batch with %d CPU processes: BatchNorm statistics are per process, so "
+                        "results differ slightly from one process.", world)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -82,15 +82,26 @@ class ExperimentLogger:
             self.writer = None
 
 
-def log_pictures(exp_logger: ExperimentLogger, model, features: dict, data: dict, shown_queries: list,
-                 shown_photos: list, *, image_size: int, device, step: int) -> None:
-    """TensorBoard images: top-5 retrievals of fixed unseen sketches, and VxL masks of fixed photos."""
-    from utils.checkpoint import strip_wrappers
-    from utils.visualize import mask_summary, retrieval_summary
 
-    net = strip_wrappers(model)
-    grid = retrieval_summary(net, shown_queries, features["gallery"], data["gallery"].items,
-                             image_size=image_size, device=device, topk=5)
-    exp_logger.image("test/retrieval", grid, step)
-    if net.sampler is not None:
-        exp_logger.image("train/vxl_masks", mask_summary(net.sampler, shown_photos, image_size=image_size), step)
+class TrainingPictures:
+    """TensorBoard images at every evaluation: top-5 retrievals of a few fixed unseen sketches, and the VxL masks
+    of a few fixed training photos."""
+
+    def __init__(self, data: dict, *, seed: int, image_size: int):
+        from utils.visualize import select_items
+
+        self.data, self.image_size = data, image_size
+        self.queries = select_items(data["query"].items, 4, seed=seed)
+        self.photos = select_items([(p, c) for c, ps in data["split"].train_photos.items() for p in ps], 4, seed=seed)
+
+    def log(self, exp_logger: ExperimentLogger, model, features: dict, *, device, step: int) -> None:
+        from utils.checkpoint import strip_wrappers
+        from utils.visualize import mask_summary, retrieval_summary
+
+        net = strip_wrappers(model)
+        grid = retrieval_summary(net, self.queries, features["gallery"], self.data["gallery"].items,
+                                 image_size=self.image_size, device=device, topk=5)
+        exp_logger.image("test/retrieval", grid, step)
+        if net.sampler is not None:
+            exp_logger.image("train/vxl_masks", mask_summary(net.sampler, self.photos, image_size=self.image_size),
+                             step)

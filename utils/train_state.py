@@ -40,7 +40,7 @@ from utils.config import ConfigError, RunConfig, config_from_checkpoint, resume_
 from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model_weights,
                               model_state_dict, rng_state, save_checkpoint, set_rng_state)
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "check_resume_config"]
 
 log = logging.getLogger("train")
 
@@ -101,11 +101,11 @@ class TrainState:
     def restore(self, path: str | os.PathLike) -> None:
         """Continue from the checkpoint at ``path``: objects, values and this rank's random state, by name.
 
-        First :meth:`check_config` refuses another run's checkpoint, before anything is loaded. This rank
+        First :func:`check_resume_config` refuses another run's checkpoint, before anything is loaded. This rank
         continues its own random streams; a checkpoint of another world size starts every rank from rank 0's.
         """
         ckpt = load_checkpoint(path)
-        self.check_config(ckpt, path)
+        check_resume_config(self.config, ckpt, path)
         missing = [name for name in self.REQUIRED if name not in ckpt]
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a training checkpoint of "
@@ -122,16 +122,17 @@ class TrainState:
         per_rank = ckpt.get("rng_per_rank") or []
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
 
-    def check_config(self, ckpt: dict, path) -> None:
-        """Refuse a checkpoint whose run-defining settings differ from this run's (ConfigError naming them);
-        log the settings that may change on resume and did."""
-        saved = config_from_checkpoint(ckpt, str(path))
-        defining, resumable = resume_differences(self.config, saved)
-        if defining:
-            raise ConfigError(f"--resume: {path} was trained with other settings; resuming with "
-                              + "; ".join(f"--{k} {ours!r} (the run has {theirs!r})" for k, ours, theirs in defining)
-                              + " would make it another run. Resume with the run's values (see args.json), or "
-                              "start a new --exp.")
-        if resumable:
-            log.info("--resume with changed flags: %s",
-                     "; ".join(f"--{k} {ours!r} (was {theirs!r})" for k, ours, theirs in resumable))
+
+def check_resume_config(config: RunConfig, ckpt: dict, path) -> None:
+    """Refuse a checkpoint whose run-defining settings differ from ``config`` (ConfigError naming them); log the
+    settings that may change on resume and did."""
+    saved = config_from_checkpoint(ckpt, str(path))
+    defining, resumable = resume_differences(config, saved)
+    if defining:
+        raise ConfigError(f"--resume: {path} was trained with other settings; resuming with "
+                          + "; ".join(f"--{k} {ours!r} (the run has {theirs!r})" for k, ours, theirs in defining)
+                          + " would make it another run. Resume with the run's values (see args.json), or start a "
+                          "new --exp.")
+    if resumable:
+        log.info("--resume with changed flags: %s",
+                 "; ".join(f"--{k} {ours!r} (was {theirs!r})" for k, ours, theirs in resumable))
