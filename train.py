@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 import engine
+from datasets.loaders import build_loaders
 from utils import distributed as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig, add_config_flags, parse_config
 from utils.experiment import ExperimentError, RunLock, discard_overwritten, prepare_output_dir, write_args_json
 from utils.logger import ExperimentLogger, TrainingPictures, setup_logging
+from utils.metrics import final_summary
 from utils.runtime import UserError, run_cli, select_amp, select_device
 from utils.schedule import log_schedule
 from utils.signals import StopFlag
@@ -76,10 +78,6 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def progress(self) -> bool:
-        return self.is_main and not self.config.runtime.no_progress
-
 
 def run(args: argparse.Namespace) -> dict:
     config = parse_config(args)
@@ -112,12 +110,13 @@ def train(run: Run) -> dict:
     data, state, criterion = build(run)
     run.config = state.config  # with the seen-class count the data gave
     if run.config.runtime.resume:
-        restore(state, run)
+        state.restore(run.output_dir / "checkpoint.pth")  # refused when the run-defining settings differ
+        if state.next_epoch >= run.config.optim.epoch:
+            log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
+                        "train longer.", state.next_epoch)
     if run.is_main:
         write_args_json(run.output_dir, run.config.to_dict())
     ddp_model = prepare_model(state, run)
-    from datasets.loaders import build_loaders
-
     loaders = build_loaders(data, run.config, rank=run.rank, world=run.world, device=run.device)
     if run.is_main:
         log_schedule(run.config, len(data["train"]), run.world)
@@ -127,7 +126,7 @@ def train(run: Run) -> dict:
     loop = engine.TrainLoop(
         model=ddp_model, criterion=criterion, optimizer=state.optimizer, device=run.device, amp_dtype=run.amp_dtype,
         scaler=state.scaler, exp_logger=exp_logger, log_every=run.config.runtime.log_every, should_stop=run.stop,
-        bad_file_log=state.bad_files, progress=run.progress, health=state.health,
+        bad_file_log=state.bad_files, progress=run.is_main and not run.config.runtime.no_progress, health=state.health,
         lr_at=engine.linear_warmup(run.config.optim.lr, run.config.optim.warmup_steps))
     pictures = TrainingPictures(data, seed=run.config.runtime.seed, image_size=run.config.data.image_size)
     t = Training(state, loop, loaders, class_names=sorted(data["class_to_idx"], key=data["class_to_idx"].get),
@@ -146,7 +145,7 @@ def train(run: Run) -> dict:
         stop_if_signalled(run, t, epoch)
     exp_logger.close()
     if run.is_main and metrics:
-        log_final(metrics, state.best)
+        log.info("%s", final_summary(metrics, state.best))
     return {"final": metrics, "best": state.best, "global_step": state.global_step,
             "output_dir": str(run.output_dir)}
 
@@ -169,12 +168,10 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     """The data, a fresh :class:`TrainState` (the model, its optimizer and fp16 scaler, the bad-file log, the
     health monitor) and the criterion."""
     from datasets import build_datasets
-    from datasets.robust import BadFileLog
     from losses import build_criterion
     from models import build_model, model_summary
-    from utils.health import HealthMonitor
 
-    config, runtime = run.config, run.config.runtime
+    config = run.config
     mask_cache = None
     if config.model.vxl_cache:
         from models.vxl_cache import load_mask_cache_for_training
@@ -188,28 +185,9 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     model = build_model(config.namespace(), with_sampler=mask_cache is None).to(run.device)
     log.info("model: %s", json.dumps(model_summary(model)))
     criterion = build_criterion(config.namespace()).to(run.device)
-    optimizer = torch.optim.Adam(list(model.trainable_parameters()), lr=config.optim.lr,
-                                 weight_decay=config.optim.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if run.amp_dtype == torch.float16 else None
-    bad_files = BadFileLog(run.output_dir / "bad_files.txt" if run.is_main else None,
-                           max_fraction=config.data.max_bad_fraction)
-    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
-                           on_collapse=runtime.on_collapse, log_every=runtime.log_every,
-                           patience=runtime.collapse_patience)
-    state = TrainState(config, model=model, optimizer=optimizer, scaler=scaler, bad_files=bad_files, health=health,
-                       rank=run.rank, world=run.world)
+    state = TrainState.for_training(config, model, criterion, output_dir=run.output_dir, amp_dtype=run.amp_dtype,
+                                    rank=run.rank, world=run.world)
     return data, state, criterion
-
-
-def restore(state: TrainState, run: Run) -> None:
-    """--resume: continue ``state`` from the run's checkpoint.pth (refused when the run-defining settings differ)."""
-    state.restore(run.output_dir / "checkpoint.pth")
-    best = state.best["mAP@all"]
-    log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", state.next_epoch,
-             state.skip_batches, state.global_step, f"{best:.4f}" if best >= 0 else "none yet (not evaluated)")
-    if state.next_epoch >= run.config.optim.epoch:
-        log.warning("the run has already trained its %d epochs: nothing to do. Pass a larger --epoch to "
-                    "train longer.", state.next_epoch)
 
 
 def prepare_model(state: TrainState, run: Run) -> torch.nn.Module:
@@ -287,7 +265,7 @@ def evaluate_epoch(run: Run, t: Training, epoch: int, line: dict) -> dict:
     state, exp_logger = t.state, t.loop.exp_logger
     try:
         result = engine.evaluate(t.loop.model, t.loaders["query"], t.loaders["gallery"], device=run.device,
-                                 amp_dtype=run.amp_dtype, class_names=t.class_names, progress=run.progress,
+                                 amp_dtype=run.amp_dtype, class_names=t.class_names, progress=t.loop.progress,
                                  return_features=t.pictures is not None)
     except Exception:  # keep the epoch just trained: --resume goes on, test.py can evaluate it
         save(run, state, all_ranks=False)  # other ranks may not get here: no collective
@@ -303,9 +281,7 @@ def evaluate_epoch(run: Run, t: Training, epoch: int, line: dict) -> dict:
     log.info("epoch %d: loss %.4f | unseen mAP@all %.4f  P@100 %.4f  mAP@200 %.4f  P@200 %.4f (chance %.4f)",
              epoch, line["train_loss"], metrics["mAP@all"], metrics["P@100"], metrics["mAP@200"], metrics["P@200"],
              metrics["chance_mAP"])
-    if metrics["mAP@all"] > state.best["mAP@all"]:
-        state.best = {"mAP@all": metrics["mAP@all"], "epoch": epoch,
-                      **{k: metrics[k] for k in ("mAP@200", "P@100", "P@200")}}
+    if state.update_best(metrics, epoch):
         save(run, state, "best.pth")
     return metrics
 
@@ -318,14 +294,6 @@ def stop_if_signalled(run: Run, t: Training, epoch: int) -> None:
         t.loop.exp_logger.close()
         raise SystemExit(run.stop.exit_code)
 
-
-def log_final(metrics: dict, best: dict) -> None:
-    from utils.metrics import chance_ratios
-
-    ratios, verdict = chance_ratios(metrics)
-    log.info("final unseen-class mAP@all %.4f (%.1fx chance), P@100 %.4f (%.1fx chance); chance level %.4f: "
-             "%s 2x chance. Best mAP@all %.4f at epoch %d.", metrics["mAP@all"], ratios["mAP@all"],
-             metrics["P@100"], ratios["P@100"], metrics["chance_mAP"], verdict, best["mAP@all"], best["epoch"])
 
 
 if __name__ == "__main__":

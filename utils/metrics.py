@@ -490,3 +490,11 @@ def chance_ratios(metrics: Mapping) -> tuple[dict, str]:
     chance = max(float(metrics["chance_mAP"]), 1e-12)
     ratios = {k: metrics[k] / chance for k in ("mAP@all", "P@100")}
     return ratios, "at least" if min(ratios.values()) >= 2 else "BELOW"
+
+
+def final_summary(metrics: Mapping, best: Mapping) -> str:
+    """The line a training run ends with: the last evaluation against chance, and the best one."""
+    ratios, verdict = chance_ratios(metrics)
+    return (f"final unseen-class mAP@all {metrics['mAP@all']:.4f} ({ratios['mAP@all']:.1f}x chance), P@100 "
+            f"{metrics['P@100']:.4f} ({ratios['P@100']:.1f}x chance); chance level {metrics['chance_mAP']:.4f}: "
+            f"{verdict} 2x chance. Best mAP@all {best['mAP@all']:.4f} at epoch {best['epoch']}.")

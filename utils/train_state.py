@@ -77,6 +77,36 @@ class TrainState:
         self.best = {"mAP@all": -1.0, "epoch": -1}
         self.partial_epoch = None
 
+    @classmethod
+    def for_training(cls, config: RunConfig, model, criterion, *, output_dir: Path, amp_dtype, rank: int = 0,
+                     world: int = 1) -> "TrainState":
+        """A fresh run's state: Adam over the model's trainable parameters, a GradScaler for fp16, the bad-file log
+        (rank 0 writes bad_files.txt) and the health monitor of the criterion's triplet loss."""
+        import torch
+
+        from datasets.robust import BadFileLog
+        from utils.health import HealthMonitor
+
+        optimizer = torch.optim.Adam(list(model.trainable_parameters()), lr=config.optim.lr,
+                                     weight_decay=config.optim.weight_decay)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        bad_files = BadFileLog(Path(output_dir) / "bad_files.txt" if rank == 0 else None,
+                               max_fraction=config.data.max_bad_fraction)
+        runtime = config.runtime
+        health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
+                               on_collapse=runtime.on_collapse, log_every=runtime.log_every,
+                               patience=runtime.collapse_patience)
+        return cls(config, model=model, optimizer=optimizer, scaler=scaler, bad_files=bad_files, health=health,
+                   rank=rank, world=world)
+
+    def update_best(self, metrics: dict, epoch: int) -> bool:
+        """Keep ``metrics`` as the best evaluation when its mAP@all beats it; True when it does."""
+        if metrics["mAP@all"] <= self.best["mAP@all"]:
+            return False
+        self.best = {"mAP@all": metrics["mAP@all"], "epoch": epoch,
+                     **{k: metrics[k] for k in ("mAP@200", "P@100", "P@200")}}
+        return True
+
     def state_dict(self, rngs: list[dict] | None = None) -> dict:
         """The checkpoint's dict; ``rngs``: every rank's :func:`rng_state` (default: this process's alone)."""
         rngs = rngs if rngs is not None else [rng_state()]
@@ -121,6 +151,9 @@ class TrainState:
             self.partial_epoch = None
         per_rank = ckpt.get("rng_per_rank") or []
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
+        best = self.best["mAP@all"]
+        log.info("resumed from epoch %d (after %d batches), step %d, best mAP@all %s", self.next_epoch,
+                 self.skip_batches, self.global_step, f"{best:.4f}" if best >= 0 else "none yet (not evaluated)")
 
 
 def check_resume_config(config: RunConfig, ckpt: dict, path) -> None:
