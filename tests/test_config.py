@@ -174,3 +174,62 @@ def test_a_format1_checkpoint_gives_the_configuration_it_ran_with():
         PRESETS["tiny"].model, num_seen_classes=26)
     with pytest.raises(ConfigError, match="holds no configuration"):
         config_from_checkpoint({"model": {}})
+
+
+# The modules a training run goes through: a setting's default stated in one of them would be a second copy of
+# the configuration's (the tools keep flags of their own, with their own meanings).
+TRAINING_PATH = ["train.py", "test.py", "engine.py", "models", "losses", "datasets/__init__.py",
+                 "datasets/sampling.py", "datasets/loaders.py", "datasets/transforms.py", "datasets/robust.py",
+                 "datasets/benchmarks.py", "utils"]
+
+
+def _restated_defaults(tree, names: set, preset_values: dict) -> list:
+    """Places in ``tree`` that state a setting's value as a default: a parameter named after a setting whose
+    default is one of the presets' values for it, a ``getattr``-or-default of a setting, a flag's default."""
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            positional = a.posonlyargs + a.args
+            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+            pairs += [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            for arg, default in pairs:
+                if (arg.arg in names and isinstance(default, ast.Constant)
+                        and default.value in preset_values[arg.arg]):
+                    found.append(f"line {node.lineno}: def {node.name}(..., {arg.arg}={default.value!r})")
+        elif isinstance(node, ast.Call) and len(node.args) >= 3:
+            key = node.args[1]
+            if isinstance(key, ast.Constant) and key.value in names:  # getattr(args, "lr", 1e-5), _arg(...)
+                found.append(f"line {node.lineno}: a default for {key.value!r}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
+            flag = str(getattr(node.args[0], "value", "")).lstrip("-")
+            if flag in names and any(k.arg == "default" and isinstance(k.value, ast.Constant)
+                                     and k.value.value in preset_values[flag] for k in node.keywords):
+                found.append(f"line {node.lineno}: --{flag}'s default")
+    return found
+
+
+def test_no_default_is_stated_outside_the_configuration():
+    import ast
+
+    names = set(FIELD_GROUP)
+    preset_values = {name: {p.flat()[name] for p in PRESETS.values()} - {None} for name in names}
+    files = [p for entry in TRAINING_PATH for p in ([REPO / entry] if entry.endswith(".py")
+                                                     else sorted((REPO / entry).rglob("*.py")))]
+    files = [p for p in files if p.name not in ("config.py", "presets.py")]
+    assert len(files) > 20
+    found = {p.relative_to(REPO).as_posix(): _restated_defaults(ast.parse(p.read_text()), names, preset_values)
+             for p in files}
+    assert not {k: v for k, v in found.items() if v}
+
+
+def test_the_restated_default_check_finds_the_copies_it_is_for():
+    import ast
+
+    names, values = {"margin", "lr", "dropout"}, {"margin": {1.0, 0.2}, "lr": {1e-5}, "dropout": {0.1, 0.0}}
+    source = ("def triplet(margin=1.0, other=3):\n    return getattr(args, 'lr', 1e-5)\n"
+              "p.add_argument('--dropout', type=float, default=0.1)\n"
+              "def fine(margin):\n    return margin\n")
+    assert len(_restated_defaults(ast.parse(source), names, values)) == 3

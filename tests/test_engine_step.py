@@ -134,7 +134,8 @@ def test_epoch_result_keeps_statistics_apart_from_control_values(model):
     criterion = build_criterion(SimpleNamespace())
     batches = [make_batch(model, seed=s) for s in (6, 7, 8)]
     net = copy.deepcopy(model)
-    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin)
+    health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,
+                           on_collapse="warn", log_every=10, patience=100)
     stop = [True]
     loop = engine.TrainLoop(net, criterion, adam(net), torch.device("cpu"), progress=False, health=health,
                             should_stop=lambda: stop[0])

@@ -51,7 +51,8 @@ def _figures_as_given(monkeypatch, request):
 
 
 def monitor(**kw):
-    return HealthMonitor(distance=TripletLoss().pair_distance, **kw)
+    return HealthMonitor(distance=TripletLoss().pair_distance, **{"on_collapse": "warn", "log_every": 10,
+                                                                  "patience": 100, **kw})
 
 
 def test_monitor_alarms_once_after_patience(caplog):

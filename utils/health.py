@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.config import ON_COLLAPSE
+
 __all__ = ["HealthMonitor", "CollapseRule", "triplet_health", "embedding_spread", "ON_COLLAPSE", "ALARM_COLLAPSED",
            "ALARM_NOT_LEARNING", "alarm_in"]
 
-ON_COLLAPSE = ("warn", "stop")
 # The alarm's words for its two cases (tools.learning_matrix reads train.log for them).
 ALARM_COLLAPSED = "COLLAPSED"
 ALARM_NOT_LEARNING = "NOT LEARNING"
@@ -42,7 +43,7 @@ def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def triplet_health(outputs: dict, distance, margin: float) -> dict[str, torch.Tensor]:
-    """Health figures of one batch from ``PuXIM.forward``'s outputs (0-dim tensors, no host sync).
+    """Health figures of one batch from ``PuXIM.forward``'s outputs, as 0-dim tensors on the outputs' device.
 
     ``distance(x, y) -> [B]`` is the triplet loss's distance (Euclidean or 1 - cos).
     """
@@ -60,10 +61,10 @@ class CollapseRule:
     """When a window of steps counts as collapsed (see the module doc)."""
 
     margin: float
+    patience: int  # optimizer steps
     min_spread: float = 0.02
     margin_tol: float = 0.02
     acc_tol: float = 0.1
-    patience: int = 100  # optimizer steps
 
     def collapsed(self, w: dict) -> bool:
         pinned = (abs(w["loss_tri"] - self.margin) <= self.margin_tol * self.margin
@@ -91,8 +92,8 @@ class HealthMonitor:
     ``epoch_means()`` gives the current epoch's means for log.txt and resets them.
     """
 
-    def __init__(self, *, distance, margin: float, on_collapse: str = "warn", log_every: int = 10,
-                 exp_logger=None, patience: int = 100, min_spread: float = 0.02):
+    def __init__(self, *, distance, margin: float, on_collapse: str, log_every: int, patience: int,
+                 exp_logger=None, min_spread: float = 0.02):
         if on_collapse not in ON_COLLAPSE:
             raise ValueError(f"--on_collapse must be one of {ON_COLLAPSE}, got {on_collapse!r}")
         self.distance = distance  # the triplet loss's distance, [B, D], [B, D] -> [B]
@@ -122,6 +123,7 @@ class HealthMonitor:
         self._epoch, self._epoch_steps = dict(state.get("epoch", {})), int(state.get("epoch_steps", 0))
 
     def update(self, step: int, losses: dict, outputs: dict) -> None:
+        # One host read per step, as the loss logging makes: the figures are summed on the host.
         values = {k: float(v) for k, v in triplet_health(outputs, self.distance, self.rule.margin).items()}
         values["loss_tri"] = float(losses["loss_tri"].detach())
         for store in (self._window, self._epoch):
