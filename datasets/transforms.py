@@ -44,7 +44,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
-from skimage.feature import canny
 
 from utils.normalization import ENCODER_MEAN, ENCODER_STD
 
@@ -244,6 +243,8 @@ def photo_edges(img: Image.Image, size: int) -> Image.Image:
     undrawn (it takes no edge from the border pixels); the one-pixel lines are then widened to three. A photo
     without any edge (one flat colour) gives a blank sketch.
     """
+    from skimage.feature import canny  # here: only the pseudo-sketches need scikit-image, slow to import
+
     side = 2 * size
     gray = np.asarray(to_rgb(img).convert("L").resize((side, side), RESAMPLE), np.float32) / 255.0  # [2S, 2S]
     if np.ptp(gray) == 0:  # flat: no gradient to take quantiles of

@@ -325,3 +325,19 @@ def test_random_crop_flip_of_the_whole_image_is_the_image_or_its_mirror():
     outs = [random_crop_flip(image, np.random.default_rng(seed), min_area=1.0) for seed in range(20)]
     assert all(torch.equal(o, image) or torch.equal(o, image.flip(-1)) for o in outs)
     assert any(torch.equal(o, image) for o in outs) and any(torch.equal(o, image.flip(-1)) for o in outs)
+
+
+def test_scikit_image_is_imported_only_where_pseudo_sketches_are_drawn():
+    """Importing the packages (the paper's path) leaves scikit-image out; drawing a pseudo-sketch brings it in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    check = ("import sys, datasets, datasets.transforms, datasets.sampling, models, losses\n"
+             "assert 'skimage' not in sys.modules, 'imported scikit-image'\n"
+             "from PIL import Image\n"
+             "datasets.transforms.photo_edges(Image.new('RGB', (8, 8)), 8)\n"
+             "assert 'skimage' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
