@@ -33,8 +33,11 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENCODER_PRESETS",
+    "BatchNormStemEncoder",
     "ConvStemPatchEmbed",
     "INPUT_NORMS",
+    "ModalityBatchNorm2d",
+    "PhotoStandardization",
     "SketchPhotoEncoder",
     "build_encoder",
     "load_vit_weights",
@@ -88,8 +91,8 @@ class ModalityBatchNorm2d(nn.Module):
     normalised by its own batch statistics. One shared BatchNorm would then keep *running*
     statistics that average the two (a white sketch's and a photo's are far apart), and evaluation
     would normalise both with that mixture, unlike in training. With one BatchNorm per modality,
-    evaluation uses the statistics each modality was trained with. ``modality`` is set by
-    :meth:`ConvStemPatchEmbed.set_modality` before each call.
+    evaluation uses the statistics each modality was trained with. ``modality`` is set before each
+    call (:meth:`set_modality`; :class:`BatchNormStemEncoder` does it for its stem).
     """
 
     def __init__(self, num_features: int):
@@ -154,10 +157,6 @@ class ConvStemPatchEmbed(PatchEmbed):
         # Without a norm the module indices (stem.0, stem.2, stem.4, stem.6) are the released stem's.
         self.stem = nn.Sequential(*layers)
 
-    def set_modality(self, modality: str) -> None:
-        """Which statistics the stem's BatchNorms use for the next calls (set by the encoder)."""
-        ModalityBatchNorm2d.set_modality(self.stem, modality)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape  # [B, 3, H, W]
         if self.strict_img_size and (h, w) != tuple(self.img_size):
@@ -176,6 +175,25 @@ def standardize_images(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """
     centred = images - images.mean(dim=(-2, -1), keepdim=True)  # [B, C, H, W]
     return centred / (centred.flatten(1).std(dim=1)[:, None, None, None] + eps)  # [B, C, H, W]
+
+
+class PhotoStandardization(nn.Module):
+    """:func:`standardize_images` as a module, for the encoder's photo input (``input_norm="photo"``).
+
+    It has no parameters or buffers: a checkpoint's keys are the same with and without it.
+    """
+
+    def __init__(self, eps: float = 1e-3):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return standardize_images(images, self.eps)  # [B, C, H, W]
+
+
+def make_input_norm(input_norm: str) -> nn.Module:
+    """The module for ``input_norm`` (:data:`INPUT_NORMS`): ``"none"`` is ``nn.Identity``."""
+    return PhotoStandardization() if check_input_norm(input_norm) == "photo" else nn.Identity()
 
 
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
@@ -197,25 +215,29 @@ def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num
 
 
 class SketchPhotoEncoder(nn.Module):
-    """ViT encoder for sketches and photos (shared weights by default).
+    """ViT encoder for sketches and photos (shared weights by default), with the paper's bare conv stem.
 
     ``forward(images, modality) -> [B, 1 + N, D]`` tokens after the final LayerNorm;
     ``embed(images, modality) -> [B, D]`` the CLS token, PuXIM's retrieval embedding.
     With ``separate_photo_encoder=True`` sketches go through ``vit`` and photos through a second,
     untied ``photo_vit`` (the paper's figure draws two encoders; the released code shares one).
-    ``input_norm="photo"`` standardises each photo on its own (:func:`standardize_images`) before
-    the ViT (the ``tiny`` preset; the paper feeds the photo as it is, ``"none"``).
+    Each modality's images pass ``input_norms[modality]`` first: ``nn.Identity`` for both in the paper;
+    ``input_norm="photo"`` makes the photos' a :class:`PhotoStandardization` (the ``tiny`` preset).
+    The stem's norm is the class's (:attr:`stem_norm`): :class:`BatchNormStemEncoder` has BatchNorms.
     """
+
+    stem_norm = "none"  # the paper's stem: convs and ReLUs
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, separate_photo_encoder: bool = False,
-                 stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none",
-                 ln_eps: float = 1e-6, input_norm: str = "none"):
+                 stem_channels: Sequence[int] = (64, 128, 256), ln_eps: float = 1e-6, input_norm: str = "none"):
         super().__init__()
         self.input_norm = check_input_norm(input_norm)
+        # Parameter-free modules: the state-dict keys do not depend on input_norm.
+        self.input_norms = nn.ModuleDict({"photo": make_input_norm(input_norm), "sketch": nn.Identity()})
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                          stem_channels=stem_channels, stem_norm=stem_norm, ln_eps=ln_eps)
+                          stem_channels=stem_channels, stem_norm=self.stem_norm, ln_eps=ln_eps)
         self.vit = _make_vit(**vit_kwargs)  # sketches (and photos unless separate)
         self.photo_vit: Optional[VisionTransformer] = _make_vit(**vit_kwargs) if separate_photo_encoder else None
         self._img_size = img_size
@@ -260,13 +282,28 @@ class SketchPhotoEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
         vit = self._vit_for(modality)
-        vit.patch_embed.set_modality(modality)  # the stem's per-modality BatchNorms (tiny preset)
-        if self.input_norm == "photo" and modality == "photo":
-            images = standardize_images(images)  # [B, 3, H, W]
+        images = self.input_norms[modality](images)  # [B, 3, H, W]
         return vit.forward_features(images)  # [B, 1 + N, D], after the final norm
 
     def embed(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
         return self(images, modality)[:, 0]  # [B, D] CLS token; self(): compiled when compile() was called
+
+
+class BatchNormStemEncoder(SketchPhotoEncoder):
+    """The encoder whose conv stem has a :class:`ModalityBatchNorm2d` after each conv (the ``tiny`` preset).
+
+    Each call first points the stem's BatchNorms at its modality's statistics; the paper's encoder,
+    whose stem has none, does no such step.
+    """
+
+    stem_norm = "batch"
+
+    def forward(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
+        ModalityBatchNorm2d.set_modality(self._vit_for(modality).patch_embed.stem, modality)
+        return super().forward(images, modality)  # [B, 1 + N, D]
+
+
+ENCODERS = {"none": SketchPhotoEncoder, "batch": BatchNormStemEncoder}  # stem_norm -> encoder class
 
 
 def build_encoder(arch: str, separate_photo_encoder: bool = False,
@@ -275,7 +312,7 @@ def build_encoder(arch: str, separate_photo_encoder: bool = False,
     """Encoder of a preset (``utils.presets.PRESETS``: ``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
 
     ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) / ``input_norm`` override the preset's
-    value when given.
+    value when given. ``stem_norm`` picks the class (:data:`ENCODERS`).
     """
     if arch not in PRESETS:
         raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(PRESETS)}")
@@ -288,7 +325,10 @@ def build_encoder(arch: str, separate_photo_encoder: bool = False,
         cfg["ln_eps"] = float(ln_eps)
     if input_norm is not None:
         cfg["input_norm"] = input_norm
-    return SketchPhotoEncoder(**cfg, separate_photo_encoder=separate_photo_encoder)
+    stem_norm = cfg.pop("stem_norm")
+    if stem_norm not in ENCODERS:
+        raise ValueError(f"stem_norm must be one of {STEM_NORMS}, got {stem_norm!r}")
+    return ENCODERS[stem_norm](**cfg, separate_photo_encoder=separate_photo_encoder)
 
 
 # --------------------------------------------------------------------- weights

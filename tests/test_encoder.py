@@ -138,6 +138,30 @@ def test_stem_batch_norm_keeps_statistics_per_modality():
     assert "vit.patch_embed.stem.1.sketch.running_mean" in keys and "vit.patch_embed.stem.1.photo.weight" in keys
 
 
+def test_the_stem_norm_picks_the_encoder_class_and_only_the_batch_norm_one_sets_a_modality(monkeypatch):
+    """The paper's encoder (b16, and any with stem_norm "none") never looks for stem BatchNorms."""
+    from models.encoder import BatchNormStemEncoder, ModalityBatchNorm2d, PhotoStandardization, SketchPhotoEncoder
+
+    with torch.device("meta"):
+        b16 = build_encoder("b16")
+    assert type(b16) is SketchPhotoEncoder and b16.stem_norm == "none"
+    assert all(isinstance(m, torch.nn.Identity) for m in b16.input_norms.values())  # photos fed as they are
+    bare = build_encoder("tiny", stem_norm="none")
+    assert type(bare) is SketchPhotoEncoder and isinstance(bare.input_norms["photo"], PhotoStandardization)
+    tiny = build_encoder("tiny")
+    assert type(tiny) is BatchNormStemEncoder and tiny.stem_norm == "batch"
+    assert isinstance(tiny.input_norms["sketch"], torch.nn.Identity)
+
+    calls = []
+    monkeypatch.setattr(ModalityBatchNorm2d, "set_modality", staticmethod(lambda module, m: calls.append(m)))
+    with torch.no_grad():
+        b16(torch.empty(1, 3, 224, 224, device="meta"), "sketch")
+        bare(torch.zeros(1, 3, 64, 64), "photo")
+        assert calls == []
+        tiny.eval()(torch.zeros(1, 3, 64, 64), "sketch")
+    assert calls == ["sketch"]
+
+
 def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):
     vit = tiny_encoder.vit
     x = torch.randn(2, 3, 64, 64)
@@ -366,8 +390,12 @@ def test_build_model_reads_input_norm_and_old_args_rebuild_without_it():
 
     from models import build_model
 
+    from models.encoder import PhotoStandardization
+
     def norm_of(args):
-        return build_model(args, with_sampler=False).encoder.input_norm
+        encoder = build_model(args, with_sampler=False).encoder
+        assert isinstance(encoder.input_norms["photo"], PhotoStandardization) == (encoder.input_norm == "photo")
+        return encoder.input_norm
 
     assert norm_of(SimpleNamespace(arch="tiny", input_norm=None)) == "photo"  # train.py's unset flag: the preset's
     assert norm_of(SimpleNamespace(arch="tiny", input_norm="none")) == "none"
