@@ -2,10 +2,13 @@
 
 ``PuXIMCriterion`` returns a dict of named terms plus their weighted sum ``loss``; its
 ``weight_dict`` says how each term is weighted (DETR's pattern), so the engine can log every term.
+Terms that are not the paper's (the ``tiny`` preset's :class:`SeenClassLoss` and :class:`InstanceLoss`)
+are plug-ins the criterion is built with (``extra_losses``): each returns its named terms and carries
+their weights.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +16,10 @@ from torch import nn
 
 from utils import distributed as dist_utils
 
-__all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "InstanceLoss", "PuXIMCriterion", "build_criterion",
-           "cosine_distance", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
+__all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "SeenClassLoss", "InstanceLoss", "PuXIMCriterion",
+           "build_criterion", "cosine_distance", "symmetric_infonce", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
 
 DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}  # the paper's
-# Not the paper's (the tiny preset's): a cross-entropy over the seen classes (models.SeenClassHead) and an
-# instance loss between pseudo-sketches and their photos (InstanceLoss), each weighted when present.
-OPTIONAL_TERMS = ("loss_cls", "loss_inst")
 INSTANCE_TEMPERATURE = 0.1
 TRIPLET_DISTANCES = ("euclidean", "cosine")
 DEFAULT_MARGINS = {"euclidean": 1.0, "cosine": 0.2}  # PuXIM's; the released non-mask ablation's
@@ -78,56 +78,101 @@ class MatchingLoss(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-class InstanceLoss(nn.Module):
-    """Symmetric InfoNCE between the pseudo-sketches (a photo's outlines drawn as a sketch) and their photos.
+class SeenClassLoss(nn.Module):
+    """``loss_cls``: cross-entropy of ``outputs["class_logits"]`` against ``outputs["class_labels"]``.
 
-    Row i of ``sketch_emb`` ``[B, D]`` belongs to row i of ``photo_emb`` ``[B, D]``; every other row of the
-    batch is a negative. Both are L2-normalised; logits are cosines over ``temperature``. The value is the mean
-    of the sketch-to-photo and photo-to-sketch cross-entropies: open_clip's ``ClipLoss``, which under
-    torch.distributed gathers every process's rows with their gradients, so that the negatives are the whole
-    global batch and several processes train exactly as one. Unlike the class-level losses, it asks the
-    encoder to match shapes whatever their class, which is what must carry over to unseen classes.
+    A criterion plug-in (``PuXIMCriterion(extra_losses=...)``) for the seen-class head of
+    ``models.training_aids.PuXIMWithSeenClassHead`` (the ``tiny`` preset's; not the paper's).
     """
 
-    def __init__(self, temperature: float = INSTANCE_TEMPERATURE):
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight_dict = {"loss_cls": float(weight)}
+
+    def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if "class_logits" not in outputs:
+            raise ValueError("the seen-class loss (w_cls > 0) needs outputs['class_logits']: build the model "
+                             "with a class head (models.build_model with w_cls and num_seen_classes)")
+        return {"loss_cls": F.cross_entropy(outputs["class_logits"], outputs["class_labels"])}
+
+
+def symmetric_infonce(sketch_emb: torch.Tensor, photo_emb: torch.Tensor,
+                      temperature: float = INSTANCE_TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``sketch_emb`` ``[B, D]`` and ``photo_emb`` ``[B, D]``.
+
+    Row i of one belongs to row i of the other; every other row of the batch is a negative. Both are
+    L2-normalised; logits are cosines over ``temperature``. The value is the mean of the sketch-to-photo
+    and photo-to-sketch cross-entropies: open_clip's ``ClipLoss``, which under torch.distributed gathers
+    every process's rows with their gradients, so that the negatives are the whole global batch and several
+    processes train exactly as one.
+    """
+    from open_clip.loss import ClipLoss  # here: importing open_clip takes seconds, and only this term needs it
+
+    world_size = dist_utils.get_world_size()
+    clip_loss = ClipLoss(gather_with_grad=world_size > 1, rank=dist_utils.get_rank(), world_size=world_size)
+    sketches, photos = F.normalize(sketch_emb, dim=-1), F.normalize(photo_emb, dim=-1)  # [B, D] each
+    return clip_loss(sketches, photos, 1.0 / temperature)  # logits [B_global, B_global]
+
+
+class InstanceLoss(nn.Module):
+    """``loss_inst``: :func:`symmetric_infonce` of ``outputs["pseudo_sketch_emb"]`` and ``outputs["positive_emb"]``.
+
+    A criterion plug-in for ``models.training_aids.PuXIMWithPseudoSketches`` (the ``tiny`` preset's; not
+    the paper's): each positive photo against its own outlines drawn as a sketch. Unlike the class-level
+    losses, it asks the encoder to match shapes whatever their class, which is what must carry over to
+    unseen classes.
+    """
+
+    def __init__(self, weight: float, temperature: float = INSTANCE_TEMPERATURE):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        self.weight_dict = {"loss_inst": float(weight)}
         self.temperature = float(temperature)
 
-    def forward(self, sketch_emb: torch.Tensor, photo_emb: torch.Tensor) -> torch.Tensor:
-        from open_clip.loss import ClipLoss  # here: importing open_clip takes seconds, and only this term needs it
-
-        world_size = dist_utils.get_world_size()
-        clip_loss = ClipLoss(gather_with_grad=world_size > 1, rank=dist_utils.get_rank(), world_size=world_size)
-        sketches, photos = F.normalize(sketch_emb, dim=-1), F.normalize(photo_emb, dim=-1)  # [B, D] each
-        return clip_loss(sketches, photos, 1.0 / self.temperature)  # logits [B_global, B_global]
+    def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if "pseudo_sketch_emb" not in outputs:
+            raise ValueError("the instance loss (w_inst > 0) needs outputs['pseudo_sketch_emb']: build the model "
+                             "with pseudo_sketch (models.build_model) and give it batches with batch['pseudo_sketch'] "
+                             "(datasets.build_datasets with pseudo_sketch)")
+        return {"loss_inst": symmetric_infonce(outputs["pseudo_sketch_emb"], outputs["positive_emb"],
+                                               self.temperature)}
 
 
 class PuXIMCriterion(nn.Module):
-    """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper) [``+ w_cls L_cls``].
+    """``L = w_tri L_tri + w_rec L_rec + w_int L_int`` (1, 0.05, 0.1 in the paper) ``+`` the plug-ins' terms.
 
     ``forward(outputs)`` takes ``PuXIM.forward``'s dict and returns ``loss_tri``, ``loss_rec``,
-    ``loss_int`` and ``loss``. Without reconstruction (``non-mask``) ``loss_rec`` is a detached
-    zero that adds nothing. When ``weight_dict`` has ``loss_cls`` (the ``tiny`` preset), ``L_cls`` is
-    the cross-entropy of ``outputs["class_logits"]`` against ``outputs["class_labels"]``; when it has
-    ``loss_inst``, ``L_inst`` is :class:`InstanceLoss` of ``outputs["pseudo_sketch_emb"]`` and
-    ``outputs["positive_emb"]``.
+    ``loss_int``, every term of the ``extra_losses`` and ``loss``, their weighted sum. Without
+    reconstruction (``non-mask``) ``loss_rec`` is a detached zero that adds nothing.
+
+    Args:
+        triplet: the retrieval term (default: the paper's Euclidean ``TripletLoss(margin=1.0)``).
+        weights: the paper's three weights, ``{"loss_tri", "loss_rec", "loss_int"}`` (default
+            :data:`DEFAULT_WEIGHTS`).
+        use_reconstruction: False for the ``non-mask`` variant.
+        extra_losses: plug-in modules, each with ``forward(outputs) -> {name: term}`` and ``weight_dict``
+            ``{name: weight}`` (e.g. :class:`SeenClassLoss`, :class:`InstanceLoss`).
     """
 
-    def __init__(self, *, weight_dict: Optional[Dict[str, float]] = None, margin: float = 1.0,
-                 distance: str = "euclidean", use_reconstruction: bool = True):
+    def __init__(self, *, triplet: Optional[TripletLoss] = None, weights: Optional[Dict[str, float]] = None,
+                 use_reconstruction: bool = True, extra_losses: Sequence[nn.Module] = ()):
         super().__init__()
-        weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
-        if not set(DEFAULT_WEIGHTS) <= set(weight_dict) <= set(DEFAULT_WEIGHTS) | set(OPTIONAL_TERMS):
-            raise ValueError(f"weight_dict needs the keys {sorted(DEFAULT_WEIGHTS)} and may have {OPTIONAL_TERMS}, "
-                             f"got {sorted(weight_dict)}")
-        self.weight_dict = weight_dict
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        if set(weights) != set(DEFAULT_WEIGHTS):
+            raise ValueError(f"weights needs exactly the keys {sorted(DEFAULT_WEIGHTS)}, got {sorted(weights)}; "
+                             f"other terms come from extra_losses")
+        self.weight_dict = {k: weights[k] for k in DEFAULT_WEIGHTS}
+        for extra in extra_losses:
+            twice = sorted(set(extra.weight_dict) & set(self.weight_dict))
+            if twice:
+                raise ValueError(f"{type(extra).__name__} names terms the criterion already has: {twice}")
+            self.weight_dict.update(extra.weight_dict)
         self.use_reconstruction = use_reconstruction
-        self.triplet = TripletLoss(margin=margin, distance=distance)
+        self.triplet = TripletLoss() if triplet is None else triplet
         self.reconstruction = ReconstructionLoss()
         self.matching = MatchingLoss()
-        self.instance = InstanceLoss()
+        self.extra_losses = nn.ModuleList(extra_losses)
 
     def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         losses = {
@@ -138,16 +183,8 @@ class PuXIMCriterion(nn.Module):
             losses["loss_rec"] = self.reconstruction(outputs["photo_patch_tokens"], outputs["photo_mask"])
         else:
             losses["loss_rec"] = losses["loss_tri"].new_zeros(())  # detached: contributes nothing
-        if "loss_cls" in self.weight_dict:
-            if "class_logits" not in outputs:
-                raise ValueError("the seen-class loss (w_cls > 0) needs outputs['class_logits']: build the model "
-                                 "with a class head (models.build_model with w_cls and num_seen_classes)")
-            losses["loss_cls"] = F.cross_entropy(outputs["class_logits"], outputs["class_labels"])
-        if "loss_inst" in self.weight_dict:
-            if "pseudo_sketch_emb" not in outputs:
-                raise ValueError("the instance loss (w_inst > 0) needs outputs['pseudo_sketch_emb']: give the model "
-                                 "batch['pseudo_sketch'] (TripletDataset(pseudo_sketch=True))")
-            losses["loss_inst"] = self.instance(outputs["pseudo_sketch_emb"], outputs["positive_emb"])
+        for extra in self.extra_losses:
+            losses.update(extra(outputs))
         losses["loss"] = sum(self.weight_dict[k] * losses[k] for k in self.weight_dict)
         return losses
 
@@ -162,11 +199,11 @@ def build_criterion(args) -> PuXIMCriterion:
     """Criterion from parsed arguments, every field optional: ``variant`` ("puxim" | "non-mask"),
     ``tri_distance`` (None: euclidean for puxim, cosine for non-mask), ``margin`` (None: 1.0 for
     euclidean, 0.2 for cosine), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1), ``w_cls`` (None or 0:
-    no seen-class loss), ``w_inst`` (None or 0: no instance loss)."""
+    no seen-class loss; > 0: :class:`SeenClassLoss`), ``w_inst`` (None or 0: no instance loss; > 0:
+    :class:`InstanceLoss`)."""
     variant = getattr(args, "variant", None) or "puxim"
     if variant not in ("puxim", "non-mask"):
         raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
-    masked = variant == "puxim"
     distance = getattr(args, "tri_distance", None) or default_distance(variant)
     if distance not in TRIPLET_DISTANCES:
         raise ValueError(f"unknown --tri_distance {distance!r}; choose one of {TRIPLET_DISTANCES}")
@@ -179,8 +216,17 @@ def build_criterion(args) -> PuXIMCriterion:
         "loss_int": getattr(args, "w_int", None),
     }
     weights = {k: DEFAULT_WEIGHTS[k] if v is None else float(v) for k, v in weights.items()}
-    if getattr(args, "w_cls", None):
-        weights["loss_cls"] = float(args.w_cls)
-    if getattr(args, "w_inst", None):
-        weights["loss_inst"] = float(args.w_inst)
-    return PuXIMCriterion(weight_dict=weights, margin=margin, distance=distance, use_reconstruction=masked)
+    return PuXIMCriterion(triplet=TripletLoss(margin=margin, distance=distance), weights=weights,
+                          use_reconstruction=variant == "puxim", extra_losses=_extra_losses(args))
+
+
+def _extra_losses(args) -> list:
+    """The plug-in terms whose weight (``w_cls``, ``w_inst``) is > 0, in that order."""
+    extra_losses = []
+    for name, plug_in in (("w_cls", SeenClassLoss), ("w_inst", InstanceLoss)):
+        weight = getattr(args, name, None) or 0.0
+        if weight < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: no such term), got {weight}")
+        if weight > 0:
+            extra_losses.append(plug_in(float(weight)))
+    return extra_losses

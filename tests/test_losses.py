@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from losses import InstanceLoss, MatchingLoss, PuXIMCriterion, ReconstructionLoss, TripletLoss, build_criterion
+from losses import (InstanceLoss, MatchingLoss, PuXIMCriterion, ReconstructionLoss, SeenClassLoss, TripletLoss,
+                    build_criterion, symmetric_infonce)
 
 
 def test_triplet_euclidean_by_hand():
@@ -127,8 +128,27 @@ def test_seen_class_term_by_hand():
         crit(_outputs())
     with pytest.raises(ValueError, match="tri_distance"):
         build_criterion(SimpleNamespace(tri_distance="manhattan"))
-    with pytest.raises(ValueError, match="may have"):
-        PuXIMCriterion(weight_dict={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0, "loss_typo": 1.0})
+    with pytest.raises(ValueError, match="exactly the keys"):
+        PuXIMCriterion(weights={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0, "loss_typo": 1.0})
+    with pytest.raises(ValueError, match="w_cls must be >= 0"):
+        build_criterion(SimpleNamespace(w_cls=-1.0))
+
+
+def test_extra_losses_are_plug_ins_with_their_weights():
+    """The criterion is built with its plug-ins; each returns its terms and carries their weights."""
+    out = dict(_outputs(), class_logits=torch.tensor([[2.0, 0.0], [0.0, 0.0]]), class_labels=torch.tensor([0, 1]))
+    seen = SeenClassLoss(0.5)
+    assert seen.weight_dict == {"loss_cls": 0.5} and set(seen(out)) == {"loss_cls"}
+    crit = PuXIMCriterion(triplet=TripletLoss(margin=0.2, distance="cosine"), extra_losses=[seen])
+    assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_cls": 0.5}
+    built = build_criterion(SimpleNamespace(w_cls=0.5, tri_distance="cosine"))(out)
+    assert {k: v.item() for k, v in crit(out).items()} == {k: v.item() for k, v in built.items()}
+    # the paper's criterion has no plug-ins: build_criterion adds one only for a weight > 0
+    assert list(build_criterion(SimpleNamespace()).extra_losses) == []
+    assert [type(m) for m in build_criterion(SimpleNamespace(w_cls=1.0, w_inst=2.0)).extra_losses] == [
+        SeenClassLoss, InstanceLoss]
+    with pytest.raises(ValueError, match="already has"):
+        PuXIMCriterion(extra_losses=[SeenClassLoss(1.0), SeenClassLoss(2.0)])
 
 
 def test_instance_term_by_hand():
@@ -137,9 +157,9 @@ def test_instance_term_by_hand():
     rows = (math.log1p(math.exp(-10)) + math.log(2)) / 2  # sketch -> photo: the second row is a tie
     d = 10 - 10 / math.sqrt(2)
     cols = (math.log1p(math.exp(-d)) + math.log1p(math.exp(-10 / math.sqrt(2)))) / 2  # photo -> sketch
-    assert InstanceLoss()(sketch, photo).item() == pytest.approx((rows + cols) / 2, abs=1e-6)  # 0.186529
+    assert symmetric_infonce(sketch, photo).item() == pytest.approx((rows + cols) / 2, abs=1e-6)  # 0.186529
     with pytest.raises(ValueError, match="temperature"):
-        InstanceLoss(temperature=0.0)
+        InstanceLoss(1.0, temperature=0.0)
 
     out = dict(_outputs(), positive_emb=photo, pseudo_sketch_emb=sketch, sketch_emb=torch.zeros(2, 2),
                negative_emb=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
