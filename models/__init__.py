@@ -13,11 +13,12 @@ from .class_head import SeenClassHead
 from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
+from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
 from .vxl_sampler import VxLSampler, build_vxl_sampler, sampler_keywords
 
 __all__ = [
     "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
-    "SeenClassHead",
+    "SeenClassHead", "PuXIMWithPseudoSketches", "PuXIMWithSeenClassHead", "PuXIMWithTrainingAids",
     "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary", "compile_model",
 ]
 
@@ -48,11 +49,14 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     the flag existed have none and rebuild with 1e-6, as they were trained),
     ``input_norm`` (None: the preset's, "none" for b16 and "photo" for tiny; args without the field, as
     checkpoints saved before it existed carry, rebuild with "none", as they were trained),
+    ``pseudo_sketch`` (None or False: the batches carry no pseudo-sketches; True: they do, and the model
+    encodes them with the sketches, ``models.training_aids.PuXIMWithPseudoSketches``),
     ``w_cls`` (None or 0: no class head; > 0: a ``SeenClassHead`` over ``num_seen_classes`` classes,
     which train.py sets from the training data and checkpoints keep in their args; without
     ``num_seen_classes`` no head is built: enough for embeddings and masks, and the criterion then
     says that the seen-class loss lacks its logits).
 
+    The class is the paper's ``PuXIM`` unless the run has a training aid (``models.training_aids``).
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
     """
@@ -74,6 +78,23 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
             **sampler_keywords(sampler_options(args, arch)),
         )
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
+    encoder = _build_encoder(args, arch)
+    interaction_cfg = asdict(PRESETS[arch].interaction)
+    if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
+        interaction_cfg["dropout"] = float(args.dropout)
+    interaction = InteractionHead(**interaction_cfg)
+    aids = {}
+    num_classes = _arg(args, "num_seen_classes", None)
+    if _arg(args, "w_cls", 0.0) > 0 and num_classes is not None:  # none known: a model for masks or embeddings only
+        aids["class_head"] = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=int(num_classes))
+    model_class = puxim_class(pseudo_sketches=_arg(args, "pseudo_sketch", False),
+                              seen_class_head="class_head" in aids)
+    return model_class(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
+                       mask_memory=int_memory == "masked", **aids)
+
+
+def _build_encoder(args, arch: str) -> SketchPhotoEncoder:
+    """The preset's encoder with ``args``' overrides, and ``args.vit_weights`` loaded when given."""
     encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
                             dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None),
                             ln_eps=_arg(args, "ln_eps", None),
@@ -81,16 +102,7 @@ def build_model(args, with_sampler: bool = True) -> PuXIM:
     vit_weights = _arg(args, "vit_weights", None)
     if vit_weights:
         load_vit_weights(encoder, vit_weights)
-    interaction_cfg = asdict(PRESETS[arch].interaction)
-    if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
-        interaction_cfg["dropout"] = float(args.dropout)
-    interaction = InteractionHead(**interaction_cfg)
-    class_head = None
-    num_classes = _arg(args, "num_seen_classes", None)
-    if _arg(args, "w_cls", 0.0) > 0 and num_classes is not None:  # none known: a model for masks or embeddings only
-        class_head = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=int(num_classes))
-    return PuXIM(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
-                 mask_memory=int_memory == "masked", class_head=class_head)
+    return encoder
 
 
 def model_summary(model: PuXIM) -> dict:

@@ -1,12 +1,11 @@
 """PuXIM: encoder + frozen VxL sampler + interaction head, one training step's forward pass."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .class_head import SeenClassHead
 from .encoder import SketchPhotoEncoder
 from .interaction import InteractionHead
 from .vxl_sampler import VxLSampler
@@ -19,7 +18,8 @@ class PuXIM(nn.Module):
 
     ``forward(batch)`` takes a sketch, a positive and a negative photo per sample and returns what
     the losses need (see ``losses.PuXIMCriterion``); ``encode(images, modality)`` gives the
-    retrieval embedding (CLS token after the final norm) used at test time.
+    retrieval embedding (CLS token after the final norm) used at test time. This is the paper's
+    model; training aids that are not the paper's are subclasses (``models.training_aids``).
 
     Args:
         encoder: the shared (or untied) sketch/photo ViT.
@@ -31,14 +31,10 @@ class PuXIM(nn.Module):
         use_mask: False is the ``non-mask`` ablation: no sampler, masks of ones.
         mask_memory: the interaction head reads the *masked* photo tokens (the paper, Fig. 1e)
             when True; the released code's unmasked tokens when False.
-        class_head: a seen-class classifier on the CLS embeddings (the ``tiny`` preset's; not the
-            paper's); ``forward`` then also returns ``class_logits`` and ``class_labels``, and the batch
-            must carry ``positive_label`` and ``negative_label`` (``TripletDataset`` gives them).
     """
 
     def __init__(self, *, encoder: SketchPhotoEncoder, interaction: InteractionHead,
-                 sampler: Optional[VxLSampler], use_mask: bool = True, mask_memory: bool = True,
-                 class_head: Optional[SeenClassHead] = None):
+                 sampler: Optional[VxLSampler], use_mask: bool = True, mask_memory: bool = True):
         super().__init__()
         if sampler is not None and sampler.num_patches != encoder.num_patches:
             raise ValueError(f"the VxL sampler scores {sampler.num_patches} patches but the encoder has "
@@ -48,13 +44,10 @@ class PuXIM(nn.Module):
         self.sampler = sampler if use_mask else None
         self.use_mask = use_mask
         self.mask_memory = mask_memory
-        self.class_head = class_head
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        """Parameters of the encoder, the interaction head and the class head (never the frozen CLIP)."""
+        """Parameters of the encoder and the interaction head (never the frozen CLIP)."""
         params = list(self.encoder.parameters()) + list(self.interaction.parameters())
-        if self.class_head is not None:
-            params += list(self.class_head.parameters())
         return [p for p in params if p.requires_grad]
 
     def encode(self, images: torch.Tensor, modality: str = "photo") -> torch.Tensor:
@@ -89,6 +82,14 @@ class PuXIM(nn.Module):
         names = list(batch["positive_class"]) + list(batch["negative_class"])
         return self.sampler(photos, names).to(dtype)  # [2B, N], no gradient
 
+    def encode_sketches(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The sketches' tokens ``[B, 1 + N, D]``, and outputs that ``forward`` adds to its own.
+
+        Here the sketches alone and no further outputs; a subclass that encodes more with the sketches
+        (``models.training_aids.PuXIMWithPseudoSketches``) overrides it.
+        """
+        return self.encoder(batch["sketch"], "sketch"), {}
+
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         sketch, positive, negative = batch["sketch"], batch["positive"], batch["negative"]
         b = sketch.shape[0]
@@ -97,12 +98,7 @@ class PuXIM(nn.Module):
                              f"{negative.shape[0]}")
         photos = torch.cat([positive, negative])  # [2B, 3, H, W]
 
-        pseudo = batch.get("pseudo_sketch")  # the positive photos' outlines, for the instance loss
-        if pseudo is not None:  # one call: the sketch BatchNorm statistics see real and pseudo-sketches alike
-            both = self.encoder(torch.cat([sketch, pseudo]), "sketch")  # [2B, 1 + N, D]
-            sketch_tokens, pseudo_tokens = both[:b], both[b:]
-        else:
-            sketch_tokens = self.encoder(sketch, "sketch")  # [B, 1 + N, D]
+        sketch_tokens, extra_outputs = self.encode_sketches(batch)  # [B, 1 + N, D]
         photo_tokens = self.encoder(photos, "photo")  # [2B, 1 + N, D]
         patch_tokens = photo_tokens[:, 1:]  # [2B, N, D]
         mask = self._photo_mask(batch, photos, photo_tokens.dtype)  # [2B, N]
@@ -127,15 +123,5 @@ class PuXIM(nn.Module):
             "match_logits": match_logits,  # [2B, 2]
             "match_labels": match_labels,  # [2B]
         }
-        if pseudo is not None:
-            outputs["pseudo_sketch_emb"] = pseudo_tokens[:, 0]  # [B, D]
-        if self.class_head is not None:
-            if batch.get("positive_label") is None or batch.get("negative_label") is None:
-                raise ValueError("PuXIM with a class head needs batch['positive_label'] and batch['negative_label'] "
-                                 "(the seen-class indices TripletDataset gives)")
-            pos_label = torch.as_tensor(batch["positive_label"], device=sketch.device)  # [B]
-            neg_label = torch.as_tensor(batch["negative_label"], device=sketch.device)  # [B]
-            embeddings = torch.cat([sketch_tokens[:, 0], photo_tokens[:, 0]])  # [3B, D]: sketch, positive, negative
-            outputs["class_logits"] = self.class_head(embeddings)  # [3B, C]
-            outputs["class_labels"] = torch.cat([pos_label, pos_label, neg_label]).long()  # [3B]
+        outputs.update(extra_outputs)
         return outputs

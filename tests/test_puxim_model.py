@@ -281,26 +281,65 @@ def test_class_head_outputs_and_loss():
         model(_batch())
     # No class count (a model built only to embed or to draw masks): no head, and the loss says what is missing.
     headless = build_model(SimpleNamespace(arch="tiny", variant="non-mask", w_cls=1.0), with_sampler=False)
-    assert headless.class_head is None
+    assert type(headless) is PuXIM and not hasattr(headless, "class_head")
     with pytest.raises(ValueError, match="class_logits"):
         crit(headless(batch))
-    assert build_model(SimpleNamespace(arch="tiny", w_cls=0.0), with_sampler=False).class_head is None
+    assert type(build_model(SimpleNamespace(arch="tiny", w_cls=0.0, num_seen_classes=5), with_sampler=False)) is PuXIM
 
 
 def test_pseudo_sketches_are_encoded_as_sketches_and_trained_by_the_instance_loss():
+    from models import PuXIMWithPseudoSketches
+
+    args = SimpleNamespace(arch="tiny", variant="non-mask", w_inst=1.0, pseudo_sketch=True)
     torch.manual_seed(0)
-    args = SimpleNamespace(arch="tiny", variant="non-mask", w_inst=1.0)
     model = build_model(args, with_sampler=False).eval()
+    torch.manual_seed(0)
+    paper = build_model(SimpleNamespace(arch="tiny", variant="non-mask"), with_sampler=False).eval()  # same weights
+    assert type(model) is PuXIMWithPseudoSketches and type(paper) is PuXIM
     batch = _batch()
     pseudo = _batch(seed=1)["sketch"]  # [B, 3, 64, 64]
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[0], args[1])))
+    try:
+        with torch.no_grad():
+            out = model(dict(batch, pseudo_sketch=pseudo))
+    finally:
+        hook.remove()
+    assert calls == [(2 * B, "sketch"), (2 * B, "photo")]  # sketches and pseudo-sketches in one call
     with torch.no_grad():
-        plain, out = model(batch), model(dict(batch, pseudo_sketch=pseudo))
+        plain = paper(dict(batch, pseudo_sketch=pseudo))  # the paper's model encodes the sketches only
         alone = model.encoder(pseudo, "sketch")[:, 0]  # [B, D]
     assert "pseudo_sketch_emb" not in plain
     torch.testing.assert_close(out["pseudo_sketch_emb"], alone)  # the sketch path (eval: batch-independent)
-    torch.testing.assert_close(out["sketch_emb"], plain["sketch_emb"])
+    for key in plain:
+        torch.testing.assert_close(out[key], plain[key])
+    with pytest.raises(ValueError, match=r"batch\['pseudo_sketch'\]"):
+        model(batch)
     model.train()
     losses = build_criterion(args)(model(dict(batch, pseudo_sketch=pseudo)))
     assert losses["loss_inst"] > 0
     losses["loss_inst"].backward()
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pseudo_sketch"):  # the loss without a model that encodes them
+        build_criterion(args)(paper(batch))
+
+
+def test_build_model_picks_the_paper_class_unless_the_run_has_a_training_aid():
+    from models import PuXIMWithSeenClassHead, PuXIMWithTrainingAids
+
+    def model_class(**fields):
+        return type(build_model(SimpleNamespace(arch="tiny", **fields), with_sampler=False))
+
+    assert model_class() is PuXIM and model_class(pseudo_sketch=False) is PuXIM and model_class(pseudo_sketch=None) is PuXIM
+    assert model_class(w_inst=1.0) is PuXIM  # a loss weight alone encodes nothing more
+    assert model_class(w_cls=1.0, num_seen_classes=4) is PuXIMWithSeenClassHead
+    aided = build_model(SimpleNamespace(arch="tiny", pseudo_sketch=True, w_cls=1.0, num_seen_classes=4))
+    assert type(aided) is PuXIMWithTrainingAids and aided.class_head.weight.shape == (4, 192)
+    # Aids without parameters leave the state dict as it is: checkpoints load whichever class reads them.
+    plain = build_model(SimpleNamespace(arch="tiny", w_cls=1.0, num_seen_classes=4))
+    assert list(aided.state_dict()) == list(plain.state_dict())
+    assert {id(p) for p in aided.class_head.parameters()} <= {id(p) for p in aided.trainable_parameters()}
+    batch = dict(_batch(), pseudo_sketch=_batch(seed=1)["sketch"], positive_label=[0, 1], negative_label=[2, 3])
+    with torch.no_grad():
+        out = aided.eval()(batch)
+    assert {"pseudo_sketch_emb", "class_logits", "class_labels"} <= set(out)
