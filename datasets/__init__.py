@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from .benchmarks import DATASETS, BenchmarkSplit, load_benchmark
 from .filelist import DatasetError, read_class_file, read_file_list
-from .sampling import ImageListDataset, TripletDataset, TripletIndexSampler, subsample_per_class
-from .transforms import ImageLoadError, load_image, preprocess_photo, preprocess_sketch
+from .sampling import (ImageListDataset, PseudoSketches, RandomCropFlips, TripletDataset, TripletIndexSampler,
+                       subsample_per_class)
+from .transforms import AUGMENTATIONS, ImageLoadError, load_image, preprocess_photo, preprocess_sketch
 
 __all__ = [
     "build_datasets", "load_split", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
     "ImageLoadError", "read_class_file", "read_file_list", "TripletDataset",
-    "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image",
+    "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image", "PseudoSketches", "RandomCropFlips",
     "preprocess_sketch", "preprocess_photo",
 ]
 
@@ -52,7 +53,8 @@ def build_datasets(args, mask_cache=None) -> dict:
     ``image_size`` (224), ``datasetLen`` (5000, triplets per epoch), ``seed`` (0), ``testall``
     (True: every unseen sketch and photo; False: the released code's quick-evaluation strides),
     ``eval_per_class`` (None: when set, at most that many queries and gallery photos per class,
-    chosen reproducibly).
+    chosen reproducibly), and the training items' extras (:func:`training_extras`): ``pseudo_sketch``
+    (False) and ``augment`` ("none").
 
     ``mask_cache``: precomputed VxL keep-masks (``datasets.mask_cache.MaskCache``, keyed by paths
     relative to ``split.root``); every training photo must be in it (checked here, before
@@ -72,8 +74,7 @@ def build_datasets(args, mask_cache=None) -> dict:
         mask_lookup = mask_cache.lookup(split.root)
     train = TripletDataset(sketches=split.train_sketches, photos=split.train_photos,
                            length=getattr(args, "datasetLen", 5000), image_size=image_size,
-                           seed=seed, mask_lookup=mask_lookup, pseudo_sketch=(getattr(args, "w_inst", 0.0) or 0) > 0,
-                           augment=getattr(args, "augment", "none") == "crop_flip")
+                           seed=seed, mask_lookup=mask_lookup, extras=training_extras(args, image_size, seed))
 
     queries, gallery = split.test_sketches, split.test_photos
     if not getattr(args, "testall", True) and split.spec is not None:
@@ -94,3 +95,21 @@ def build_datasets(args, mask_cache=None) -> dict:
                                     image_size=image_size),
         "class_to_idx": class_to_idx,
     }
+
+
+def training_extras(args, image_size: int, seed: int) -> list:
+    """The training items' extras (``datasets.sampling``) that ``args`` asks for, none in the paper.
+
+    ``pseudo_sketch`` (None or False: none; True: :class:`PseudoSketches`, each positive photo's outlines
+    drawn as a sketch) and ``augment`` (one of ``transforms.AUGMENTATIONS``; None or "none": none;
+    "crop_flip": :class:`RandomCropFlips`, applied after the pseudo-sketch so that it is cropped too).
+    """
+    augment = getattr(args, "augment", None) or "none"
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    extras = []
+    if getattr(args, "pseudo_sketch", None):
+        extras.append(PseudoSketches(image_size))
+    if augment == "crop_flip":
+        extras.append(RandomCropFlips(seed))
+    return extras

@@ -12,13 +12,16 @@ own triplets. Per triplet:
   negative photo uniformly within it.
 
 Every file can be drawn (the released sampler never picks a class's first file).
+
+Training aids that are not the paper's (the ``tiny`` preset's) are *extras* a :class:`TripletDataset` is
+built with, each adding to or changing the item: :class:`PseudoSketches` and :class:`RandomCropFlips`.
 """
 from __future__ import annotations
 
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +30,41 @@ from torch.utils.data import Dataset, Sampler
 from .filelist import DatasetError
 from .transforms import load_image, preprocess_photo, preprocess_pseudo_sketch, preprocess_sketch, random_crop_flip
 
-__all__ = ["TripletDataset", "TripletIndexSampler", "ImageListDataset", "subsample_per_class"]
+__all__ = ["TripletDataset", "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "PseudoSketches",
+           "RandomCropFlips"]
+
+IMAGE_KEYS = ("sketch", "positive", "negative")  # the images of a triplet (item keys, and "<key>_path")
+
+
+class PseudoSketches:
+    """Extra: ``item["pseudo_sketch"]``, the positive photo's outlines drawn as a sketch
+    (``transforms.preprocess_pseudo_sketch``), for the instance loss (``losses.InstanceLoss``)."""
+
+    crops_photos = False
+
+    def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+
+    def __call__(self, item: dict, images: dict) -> None:
+        item["pseudo_sketch"] = preprocess_pseudo_sketch(images["positive"], self.image_size)  # [3, S, S]
+
+
+class RandomCropFlips:
+    """Extra: each image of the item (sketch, positive, pseudo-sketch, negative, in that order) gets its own
+    random crop and flip (``transforms.random_crop_flip``), drawn from ``np.random.default_rng([seed, k, 1])``
+    for triplet ``k``: the same on every call and in any worker, and the triplet's files stay the same."""
+
+    crops_photos = True
+    KEYS = ("sketch", "positive", "pseudo_sketch", "negative")
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def __call__(self, item: dict, images: dict) -> None:
+        rng = np.random.default_rng([self.seed, item["index"], 1])
+        for key in self.KEYS:
+            if key in item:
+                item[key] = random_crop_flip(item[key], rng)  # [3, S, S]
 
 
 class TripletDataset(Dataset):
@@ -41,18 +78,16 @@ class TripletDataset(Dataset):
         mask_lookup: optional ``photo path -> keep-mask [N]`` (e.g. ``MaskCache.lookup(root)`` of
             ``models.vxl_cache``); items then carry ``positive_mask`` / ``negative_mask`` (float
             ``[N]``) and the model needs no CLIP.
-        pseudo_sketch: items also carry ``pseudo_sketch``, the positive photo's outlines drawn as a sketch
-            (``transforms.preprocess_pseudo_sketch``), for the tiny preset's instance loss (``--w_inst``).
-        augment: each image of a triplet (sketch, positive, pseudo-sketch, negative) gets its own random crop
-            and flip (``transforms.random_crop_flip``), drawn from ``np.random.default_rng([seed, k, 1])``: the
-            triplet's files (``describe``) are the same with and without it. Not with ``mask_lookup``: the
-            cached masks are of the whole photo.
+        extras: callables ``extra(item, images)`` applied in order to each preprocessed item, given the
+            triplet's decoded images (``images["sketch" | "positive" | "negative"]``, PIL); each adds to or
+            changes ``item`` in place, e.g. ``[PseudoSketches(size), RandomCropFlips(seed)]``. One whose
+            ``crops_photos`` is true cannot go with ``mask_lookup``: the cached masks are of whole photos.
     """
 
     def __init__(self, *, sketches: dict[str, list[Path]], photos: dict[str, list[Path]],
                  length: int, image_size: int, seed: int = 0,
-                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None, pseudo_sketch: bool = False,
-                 augment: bool = False):
+                 mask_lookup: Optional[Callable[[str], torch.Tensor]] = None,
+                 extras: Sequence[Callable[[dict, dict], None]] = ()):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if seed < 0:
@@ -61,10 +96,11 @@ class TripletDataset(Dataset):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.mask_lookup = mask_lookup
-        self.pseudo_sketch = bool(pseudo_sketch)
-        self.augment = bool(augment)
-        if self.augment and mask_lookup is not None:
-            raise ValueError("augment crops the photos, mask_lookup holds masks of whole photos: use one of them")
+        self.extras = list(extras)
+        cropping = [type(e).__name__ for e in self.extras if getattr(e, "crops_photos", False)]
+        if cropping and mask_lookup is not None:
+            raise ValueError(f"{cropping[0]} crops the photos, mask_lookup holds masks of whole photos: "
+                             f"use one of them")
         # Sorted class order and str paths: the draw depends only on the data, not on dict order.
         self.photos = {c: [os.fspath(p) for p in v] for c, v in sorted(photos.items()) if v}
         self.sketches = {c: [os.fspath(p) for p in v] for c, v in sorted(sketches.items()) if v}
@@ -109,17 +145,12 @@ class TripletDataset(Dataset):
         """Triplet ``k`` as tensors ``[3, S, S]``; an unreadable file raises ImageLoadError."""
         item = self.describe(k)
         size = self.image_size
-        item["sketch"] = preprocess_sketch(load_image(item["sketch_path"]), size)  # [3, S, S]
-        positive = load_image(item["positive_path"])
-        item["positive"] = preprocess_photo(positive, size)  # [3, S, S]
-        if self.pseudo_sketch:
-            item["pseudo_sketch"] = preprocess_pseudo_sketch(positive, size)  # [3, S, S]
-        item["negative"] = preprocess_photo(load_image(item["negative_path"]), size)  # [3, S, S]
-        if self.augment:
-            rng = np.random.default_rng([self.seed, int(k), 1])
-            for key in ("sketch", "positive", "pseudo_sketch", "negative"):
-                if key in item:
-                    item[key] = random_crop_flip(item[key], rng)  # [3, S, S]
+        images = {key: load_image(item[f"{key}_path"]) for key in IMAGE_KEYS}  # PIL, RGB
+        item["sketch"] = preprocess_sketch(images["sketch"], size)  # [3, S, S]
+        item["positive"] = preprocess_photo(images["positive"], size)  # [3, S, S]
+        item["negative"] = preprocess_photo(images["negative"], size)  # [3, S, S]
+        for extra in self.extras:
+            extra(item, images)
         if self.mask_lookup is not None:
             item["positive_mask"] = self.mask_lookup(item["positive_path"]).float()  # [N]
             item["negative_mask"] = self.mask_lookup(item["negative_path"]).float()  # [N]

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from datasets.filelist import DatasetError
 from datasets.sampling import (
-    ImageListDataset, TripletDataset, TripletIndexSampler, subsample_per_class,
+    ImageListDataset, PseudoSketches, RandomCropFlips, TripletDataset, TripletIndexSampler, subsample_per_class,
 )
 from datasets.transforms import ImageLoadError, load_image, preprocess_photo, preprocess_sketch
 
@@ -238,9 +238,9 @@ def test_subsample_per_class():
 def test_pseudo_sketch_items_draw_the_positive_photo(image_dataset):
     from datasets.transforms import preprocess_pseudo_sketch
 
-    assert "pseudo_sketch" not in image_dataset[3]  # off by default: the paper's items
+    assert "pseudo_sketch" not in image_dataset[3]  # no extras by default: the paper's items
     with_pseudo = TripletDataset(sketches=image_dataset.sketches, photos=image_dataset.photos, length=8,
-                                 image_size=16, seed=11, pseudo_sketch=True)
+                                 image_size=16, seed=11, extras=[PseudoSketches(16)])
     item = with_pseudo[3]
     assert item["positive_path"] == image_dataset.describe(3)["positive_path"]  # the same triplet stream
     assert torch.equal(item["pseudo_sketch"], preprocess_pseudo_sketch(load_image(item["positive_path"]), 16))
@@ -250,9 +250,9 @@ def test_pseudo_sketch_items_draw_the_positive_photo(image_dataset):
 def test_augmented_items_crop_every_image_on_their_own_and_keep_the_triplet(image_dataset):
     from datasets.transforms import random_crop_flip
 
-    kw = dict(sketches=image_dataset.sketches, photos=image_dataset.photos, length=8, image_size=16, seed=11,
-              pseudo_sketch=True)
-    plain, augmented = TripletDataset(**kw), TripletDataset(**kw, augment=True)
+    kw = dict(sketches=image_dataset.sketches, photos=image_dataset.photos, length=8, image_size=16, seed=11)
+    plain = TripletDataset(**kw, extras=[PseudoSketches(16)])
+    augmented = TripletDataset(**kw, extras=[PseudoSketches(16), RandomCropFlips(seed=11)])
     for k in (0, 3, 20):
         a, p = augmented[k], plain[k]
         assert {key: a[key] for key in plain.describe(k)} == plain.describe(k)  # the same files
@@ -261,5 +261,26 @@ def test_augmented_items_crop_every_image_on_their_own_and_keep_the_triplet(imag
             assert torch.equal(a[key], random_crop_flip(p[key], rng)), (k, key)
         assert torch.equal(augmented[k]["positive"], a["positive"])  # the same on every call (any worker)
     assert any(not torch.equal(augmented[k]["negative"], plain[k]["negative"]) for k in range(8))
-    with pytest.raises(ValueError, match="masks of whole photos"):
-        TripletDataset(**kw, augment=True, mask_lookup=lambda path: torch.ones(4))
+    with pytest.raises(ValueError, match="RandomCropFlips crops the photos, mask_lookup holds masks of whole photos"):
+        TripletDataset(**kw, extras=[RandomCropFlips(seed=11)], mask_lookup=lambda path: torch.ones(4))
+    TripletDataset(**kw, extras=[PseudoSketches(16)], mask_lookup=lambda path: torch.ones(4))  # no crop: fine
+
+
+def test_build_datasets_reads_the_extras_from_the_data_configuration():
+    """pseudo_sketch and augment choose the training items' extras; loss weights do not."""
+    from types import SimpleNamespace
+
+    from datasets import training_extras
+
+    def kinds(**fields):
+        return [type(e) for e in training_extras(SimpleNamespace(**fields), 16, 3)]
+
+    assert kinds() == [] and kinds(pseudo_sketch=None, augment=None) == []  # the paper's items
+    assert kinds(w_inst=1.0, w_cls=1.0) == []  # a loss weight alone draws no pseudo-sketch
+    assert kinds(pseudo_sketch=True) == [PseudoSketches]
+    # the crop after the pseudo-sketch, so that it is cropped too; the seed is the dataset's
+    extras = training_extras(SimpleNamespace(pseudo_sketch=True, augment="crop_flip"), 16, 3)
+    assert [type(e) for e in extras] == [PseudoSketches, RandomCropFlips] and extras[1].seed == 3
+    assert extras[0].image_size == 16
+    with pytest.raises(ValueError, match="augment must be one of"):
+        training_extras(SimpleNamespace(augment="rotate"), 16, 3)
