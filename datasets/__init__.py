@@ -15,7 +15,7 @@ __all__ = [
     "build_datasets", "load_split", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
     "ImageLoadError", "read_class_file", "read_file_list", "TripletDataset",
     "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image", "PseudoSketches", "RandomCropFlips",
-    "preprocess_sketch", "preprocess_photo",
+    "preprocess_sketch", "preprocess_photo", "training_extras",
 ]
 
 

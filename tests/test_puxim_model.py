@@ -330,7 +330,8 @@ def test_build_model_picks_the_paper_class_unless_the_run_has_a_training_aid():
     def model_class(**fields):
         return type(build_model(SimpleNamespace(arch="tiny", **fields), with_sampler=False))
 
-    assert model_class() is PuXIM and model_class(pseudo_sketch=False) is PuXIM and model_class(pseudo_sketch=None) is PuXIM
+    assert model_class() is PuXIM and model_class(pseudo_sketch=False) is PuXIM
+    assert model_class(pseudo_sketch=None) is PuXIM  # an unset flag
     assert model_class(w_inst=1.0) is PuXIM  # a loss weight alone encodes nothing more
     assert model_class(w_cls=1.0, num_seen_classes=4) is PuXIMWithSeenClassHead
     aided = build_model(SimpleNamespace(arch="tiny", pseudo_sketch=True, w_cls=1.0, num_seen_classes=4))
