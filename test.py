@@ -57,7 +57,7 @@ def eval_config_from_checkpoint(ckpt: dict, args: argparse.Namespace, source: st
     """The configuration the checkpoint was trained with, with this command's overrides applied."""
     config = config_from_checkpoint(ckpt, source)
     overrides = dict(eval_per_class=args.eval_per_class, testall=args.eval_per_class is None,
-                     vit_weights=None)  # embedding needs only the trained encoder: no pretrained ViT, no download
+                     no_progress=args.no_progress, vit_weights=None)  # embedding needs only the trained encoder: no pretrained ViT, no download
     if args.data_path is not None:
         overrides["data_path"] = args.data_path
     if args.synthetic_dir is not None:
@@ -90,12 +90,11 @@ def run(args) -> dict:
         raise UserError(f"--out {out_dir} is a file: give a folder for metrics.json and per_class.csv.")
     ckpt = load_checkpoint(ckpt_path)
     config = eval_config_from_checkpoint(ckpt, args, str(ckpt_path))
-    eval_args = config.namespace()
     device = select_device(args)
     amp_dtype = select_amp(args, device)
 
-    data = build_datasets(eval_args)
-    model = build_model(eval_args, with_sampler=False).to(device)
+    data = build_datasets(config)
+    model = build_model(config, with_sampler=False).to(device)
     load_model_weights(model, ckpt["model"], source=str(ckpt_path))
     loader_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                      pin_memory=device.type == "cuda", collate_fn=collate_skipping)
@@ -116,10 +115,10 @@ def run(args) -> dict:
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
         "checkpoint": str(ckpt_path),
         "checkpoint_epoch": ckpt.get("next_epoch", 0) - 1,
-        "arch": eval_args.arch,
-        "split": {"data_path": eval_args.data_path or "synthetic", "dataset": eval_args.dataset,
-                  "test_class": eval_args.test_class, "unseen_classes": class_names,
-                  "testall": eval_args.testall, "eval_per_class": eval_args.eval_per_class},
+        "arch": config.model.arch,
+        "split": {"data_path": config.data.data_path or "synthetic", "dataset": config.data.dataset,
+                  "test_class": config.data.test_class, "unseen_classes": class_names,
+                  "testall": config.data.testall, "eval_per_class": config.data.eval_per_class},
         "num_queries": metrics["num_queries"],
         "num_gallery": metrics["num_gallery"],
         # Every listed item is accounted for: evaluated, or named here with the reason.

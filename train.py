@@ -176,15 +176,15 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     if config.model.vxl_cache:
         from models.vxl_cache import load_mask_cache_for_training
 
-        mask_cache = load_mask_cache_for_training(config.model.vxl_cache, config.namespace())  # checks settings, no CLIP
+        mask_cache = load_mask_cache_for_training(config.model.vxl_cache, config)  # checks settings, no CLIP
         log.info("VxL masks from %s (%d photos): CLIP is not run during training.", config.model.vxl_cache,
                  len(mask_cache))
-    data = build_datasets(config.namespace(), mask_cache=mask_cache)
+    data = build_datasets(config, mask_cache=mask_cache)
     log.info("data: %s", json.dumps(data["split"].summary()))
     config = config.replace(num_seen_classes=len(data["train"].label_names))  # the class head's size
-    model = build_model(config.namespace(), with_sampler=mask_cache is None).to(run.device)
+    model = build_model(config, with_sampler=mask_cache is None).to(run.device)
     log.info("model: %s", json.dumps(model_summary(model)))
-    criterion = build_criterion(config.namespace()).to(run.device)
+    criterion = build_criterion(config).to(run.device)
     state = TrainState.for_training(config, model, criterion, output_dir=run.output_dir, amp_dtype=run.amp_dtype,
                                     rank=run.rank, world=run.world)
     return data, state, criterion

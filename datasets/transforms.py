@@ -53,7 +53,7 @@ __all__ = [
     "ENCODER_MEAN", "ENCODER_STD", "INK_THRESHOLD", "CROP_MARGIN", "RESAMPLE",
     "ImageLoadError", "load_image", "to_rgb", "ink_bbox", "crop_sketch",
     "resize_keep_ratio", "pad_to_square", "preprocess_sketch", "preprocess_photo", "to_tensor",
-    "photo_edges", "preprocess_pseudo_sketch", "AUGMENTATIONS", "CROP_MIN_AREA", "random_crop_flip",
+    "photo_edges", "preprocess_pseudo_sketch", "CROP_MIN_AREA", "random_crop_flip",
 ]
 
 INK_THRESHOLD = 300  # a pixel is ink when R + G + B <= 300
@@ -261,7 +261,6 @@ def preprocess_pseudo_sketch(img: Image.Image, size: int = 224) -> torch.Tensor:
     return preprocess_sketch(photo_edges(img, size), size)
 
 
-AUGMENTATIONS = ("none", "crop_flip")  # train.py --augment
 CROP_MIN_AREA = 0.6  # random_crop_flip keeps at least this fraction of the image's area
 
 

@@ -8,21 +8,20 @@ their weights.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils import distributed as dist_utils
+from utils.config import RunConfig
 
 __all__ = ["TripletLoss", "ReconstructionLoss", "MatchingLoss", "SeenClassLoss", "InstanceLoss", "PuXIMCriterion",
-           "build_criterion", "cosine_distance", "symmetric_infonce", "DEFAULT_WEIGHTS", "TRIPLET_DISTANCES"]
+           "build_criterion", "cosine_distance", "symmetric_infonce", "PAPER_TERMS"]
 
-DEFAULT_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}  # the paper's
+PAPER_TERMS = ("loss_tri", "loss_rec", "loss_int")  # weighted by the configuration's w_tri, w_rec, w_int
 INSTANCE_TEMPERATURE = 0.1
-TRIPLET_DISTANCES = ("euclidean", "cosine")
-DEFAULT_MARGINS = {"euclidean": 1.0, "cosine": 0.2}  # PuXIM's; the released non-mask ablation's
 
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,7 @@ class TripletLoss(nn.Module):
     ``distance="cosine"``: ``1 - cos`` distance (the released ``non-mask`` ablation, margin 0.2).
     """
 
-    def __init__(self, margin: float = 1.0, distance: str = "euclidean"):
+    def __init__(self, *, margin: float, distance: str):
         super().__init__()
         if distance == "euclidean":
             self.loss = nn.TripletMarginLoss(margin=margin, p=2)
@@ -147,29 +146,27 @@ class PuXIMCriterion(nn.Module):
     reconstruction (``non-mask``) ``loss_rec`` is a detached zero that adds nothing.
 
     Args:
-        triplet: the retrieval term (default: the paper's Euclidean ``TripletLoss(margin=1.0)``).
-        weights: the paper's three weights, ``{"loss_tri", "loss_rec", "loss_int"}`` (default
-            :data:`DEFAULT_WEIGHTS`).
+        triplet: the retrieval term (the paper's: Euclidean, margin 1.0).
+        weights: the paper's three weights, ``{"loss_tri", "loss_rec", "loss_int"}`` (:data:`PAPER_TERMS`).
         use_reconstruction: False for the ``non-mask`` variant.
         extra_losses: plug-in modules, each with ``forward(outputs) -> {name: term}`` and ``weight_dict``
             ``{name: weight}`` (e.g. :class:`SeenClassLoss`, :class:`InstanceLoss`).
     """
 
-    def __init__(self, *, triplet: Optional[TripletLoss] = None, weights: Optional[Dict[str, float]] = None,
-                 use_reconstruction: bool = True, extra_losses: Sequence[nn.Module] = ()):
+    def __init__(self, *, triplet: TripletLoss, weights: Dict[str, float], use_reconstruction: bool = True,
+                 extra_losses: Sequence[nn.Module] = ()):
         super().__init__()
-        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        if set(weights) != set(DEFAULT_WEIGHTS):
-            raise ValueError(f"weights needs exactly the keys {sorted(DEFAULT_WEIGHTS)}, got {sorted(weights)}; "
+        if set(weights) != set(PAPER_TERMS):
+            raise ValueError(f"weights needs exactly the keys {sorted(PAPER_TERMS)}, got {sorted(weights)}; "
                              f"other terms come from extra_losses")
-        self.weight_dict = {k: weights[k] for k in DEFAULT_WEIGHTS}
+        self.weight_dict = {k: float(weights[k]) for k in PAPER_TERMS}
         for extra in extra_losses:
             twice = sorted(set(extra.weight_dict) & set(self.weight_dict))
             if twice:
                 raise ValueError(f"{type(extra).__name__} names terms the criterion already has: {twice}")
             self.weight_dict.update(extra.weight_dict)
         self.use_reconstruction = use_reconstruction
-        self.triplet = TripletLoss() if triplet is None else triplet
+        self.triplet = triplet
         self.reconstruction = ReconstructionLoss()
         self.matching = MatchingLoss()
         self.extra_losses = nn.ModuleList(extra_losses)
@@ -189,44 +186,13 @@ class PuXIMCriterion(nn.Module):
         return losses
 
 
-def default_distance(variant: str) -> str:
-    """The triplet distance of a variant when neither ``--tri_distance`` nor the preset sets one: the paper's
-    euclidean for PuXIM, cosine for the non-mask baseline."""
-    return "euclidean" if variant == "puxim" else "cosine"
-
-
-def build_criterion(args) -> PuXIMCriterion:
-    """Criterion from parsed arguments, every field optional: ``variant`` ("puxim" | "non-mask"),
-    ``tri_distance`` (None: euclidean for puxim, cosine for non-mask), ``margin`` (None: 1.0 for
-    euclidean, 0.2 for cosine), ``w_tri`` / ``w_rec`` / ``w_int`` (1, 0.05, 0.1), ``w_cls`` (None or 0:
-    no seen-class loss; > 0: :class:`SeenClassLoss`), ``w_inst`` (None or 0: no instance loss; > 0:
+def build_criterion(config: RunConfig) -> PuXIMCriterion:
+    """The criterion of ``config.loss`` (and ``model.variant``: the non-mask variant has no reconstruction term),
+    with a plug-in for each extra term whose weight is > 0 (``w_cls``: :class:`SeenClassLoss`, ``w_inst``:
     :class:`InstanceLoss`)."""
-    variant = getattr(args, "variant", None) or "puxim"
-    if variant not in ("puxim", "non-mask"):
-        raise ValueError(f"unknown --variant {variant!r}; choose 'puxim' or 'non-mask'")
-    distance = getattr(args, "tri_distance", None) or default_distance(variant)
-    if distance not in TRIPLET_DISTANCES:
-        raise ValueError(f"unknown --tri_distance {distance!r}; choose one of {TRIPLET_DISTANCES}")
-    margin = getattr(args, "margin", None)
-    if margin is None:
-        margin = DEFAULT_MARGINS[distance]
-    weights = {
-        "loss_tri": getattr(args, "w_tri", None),
-        "loss_rec": getattr(args, "w_rec", None),
-        "loss_int": getattr(args, "w_int", None),
-    }
-    weights = {k: DEFAULT_WEIGHTS[k] if v is None else float(v) for k, v in weights.items()}
-    return PuXIMCriterion(triplet=TripletLoss(margin=margin, distance=distance), weights=weights,
-                          use_reconstruction=variant == "puxim", extra_losses=_extra_losses(args))
-
-
-def _extra_losses(args) -> list:
-    """The plug-in terms whose weight (``w_cls``, ``w_inst``) is > 0, in that order."""
-    extra_losses = []
-    for name, plug_in in (("w_cls", SeenClassLoss), ("w_inst", InstanceLoss)):
-        weight = getattr(args, name, None) or 0.0
-        if weight < 0:
-            raise ValueError(f"--{name} must be >= 0 (0: no such term), got {weight}")
-        if weight > 0:
-            extra_losses.append(plug_in(float(weight)))
-    return extra_losses
+    loss = config.loss
+    extra_losses = [plug_in(weight) for plug_in, weight in ((SeenClassLoss, loss.w_cls), (InstanceLoss, loss.w_inst))
+                    if weight > 0]
+    return PuXIMCriterion(triplet=TripletLoss(margin=loss.margin, distance=loss.tri_distance),
+                          weights={"loss_tri": loss.w_tri, "loss_rec": loss.w_rec, "loss_int": loss.w_int},
+                          use_reconstruction=config.model.variant == "puxim", extra_losses=extra_losses)

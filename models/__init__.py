@@ -1,108 +1,58 @@
 """PuXIM models: the encoder, the VxL sampler, the interaction head and their composition.
 
-``build_model(args)`` is the one place that reads an ``args`` object; the classes take typed
-keyword arguments.
+``build_model(config)`` translates the run configuration; the classes take typed keyword arguments.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from utils.presets import PRESETS, sampler_options
+from utils.config import RunConfig, SAMPLER_SETTINGS
+from utils.presets import get_architecture
 
 from .class_head import SeenClassHead
-from .encoder import ENCODER_PRESETS, SketchPhotoEncoder, build_encoder, load_vit_weights
+from .encoder import SketchPhotoEncoder, build_encoder, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
 from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
-from .vxl_sampler import VxLSampler, build_vxl_sampler, sampler_keywords
+from .vxl_sampler import VxLSampler, build_vxl_sampler
 
 __all__ = [
-    "ENCODER_PRESETS", "INTERACTION_PRESETS", "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead",
-    "SeenClassHead", "PuXIMWithPseudoSketches", "PuXIMWithSeenClassHead", "PuXIMWithTrainingAids",
-    "build_model", "build_encoder", "build_vxl_sampler", "load_vit_weights", "model_summary", "compile_model",
+    "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead", "SeenClassHead", "PuXIMWithPseudoSketches",
+    "PuXIMWithSeenClassHead", "PuXIMWithTrainingAids", "build_model", "build_encoder", "build_vxl_sampler",
+    "load_vit_weights", "model_summary", "compile_model",
 ]
 
-# The PMM-int decoder of each preset (utils.presets.PRESETS: the paper's, b16, and a small CPU version, tiny),
-# as keyword dicts. A snapshot kept for importers; build_model reads PRESETS.
-INTERACTION_PRESETS = {name: asdict(p.interaction) for name, p in PRESETS.items()}
 
-VARIANTS = ("puxim", "non-mask")
+def build_model(config: RunConfig, with_sampler: bool = True) -> PuXIM:
+    """PuXIM as ``config`` describes it (``config.model``; the training aids that ``config.data`` and
+    ``config.loss`` ask for).
 
-
-def _arg(args, name: str, default):
-    """``args.name``, or ``default`` when it is missing or None (argparse's unset value)."""
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
-def build_model(args, with_sampler: bool = True) -> PuXIM:
-    """Build PuXIM from parsed arguments (see train.py), every field optional with its default.
-
-    Fields: ``arch`` (a preset of ``utils.presets.PRESETS``: "b16" | "tiny"), ``vit_weights``,
-    ``clip_weights`` (paths or None), ``keep_ratio``, ``prompt``, ``vxl_norm`` ("token" | "channel"),
-    ``clip_input_norm`` ("encoder" | "clip") (unset: the preset's sampler's), ``separate_encoders`` (False),
-    ``int_memory`` ("masked" | "unmasked"), ``variant`` ("puxim" | "non-mask"),
-    ``dropout`` (None: the preset's, 0.1 for b16 and 0 for tiny; otherwise used by the encoder and
-    the interaction head),
-    ``stem_norm`` (None: the preset's, "none" for b16 and "batch" for tiny),
-    ``ln_eps`` (None: the preset's 1e-6, timm's; 1e-5 is the released ViT's; checkpoints saved before
-    the flag existed have none and rebuild with 1e-6, as they were trained),
-    ``input_norm`` (None: the preset's, "none" for b16 and "photo" for tiny; args without the field, as
-    checkpoints saved before it existed carry, rebuild with "none", as they were trained),
-    ``pseudo_sketch`` (None or False: the batches carry no pseudo-sketches; True: they do, and the model
-    encodes them with the sketches, ``models.training_aids.PuXIMWithPseudoSketches``),
-    ``w_cls`` (None or 0: no class head; > 0: a ``SeenClassHead`` over ``num_seen_classes`` classes,
-    which train.py sets from the training data and checkpoints keep in their args; without
-    ``num_seen_classes`` no head is built: enough for embeddings and masks, and the criterion then
-    says that the seen-class loss lacks its logits).
-
-    The class is the paper's ``PuXIM`` unless the run has a training aid (``models.training_aids``).
+    The class is the paper's ``PuXIM`` unless the run has a training aid (``models.training_aids``): the
+    pseudo-sketches (``data.pseudo_sketch``) and a seen-class head (``loss.w_cls > 0`` with
+    ``model.num_seen_classes``, which train.py sets from the training data; 0: a model for masks or embeddings
+    only, and the criterion then says that the seen-class loss lacks its logits).
     ``with_sampler=False`` skips the VxL sampler (and so needs no CLIP weights): enough for
     ``encode`` at test time, or for training on precomputed ``batch["photo_mask"]``.
     """
-    arch = _arg(args, "arch", "b16")
-    if arch not in PRESETS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(PRESETS)}")
-    variant = _arg(args, "variant", "puxim")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown --variant {variant!r}; choose one of {VARIANTS}")
-    int_memory = _arg(args, "int_memory", "masked")
-    if int_memory not in ("masked", "unmasked"):
-        raise ValueError(f"--int_memory must be 'masked' or 'unmasked', got {int_memory!r}")
-
-    use_mask = variant == "puxim"
+    model = config.model
+    architecture = get_architecture(model.arch)
+    use_mask = model.variant == "puxim"
     sampler = None
     if use_mask and with_sampler:
-        sampler = build_vxl_sampler(
-            arch, _arg(args, "clip_weights", None),
-            **sampler_keywords(sampler_options(args, arch)),
-        )
+        sampler = build_vxl_sampler(model.arch, model.clip_weights,
+                                    **{name: getattr(model, name) for name in SAMPLER_SETTINGS})
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
-    encoder = _build_encoder(args, arch)
-    interaction_cfg = asdict(PRESETS[arch].interaction)
-    if _arg(args, "dropout", None) is not None:  # one knob for every dropout of the trained parts
-        interaction_cfg["dropout"] = float(args.dropout)
-    interaction = InteractionHead(**interaction_cfg)
+    encoder = build_encoder(model.arch, separate_photo_encoder=model.separate_encoders, dropout=model.dropout,
+                            stem_norm=model.stem_norm, ln_eps=model.ln_eps, input_norm=model.input_norm)
+    if model.vit_weights:
+        load_vit_weights(encoder, model.vit_weights)
+    interaction = InteractionHead(**asdict(architecture.interaction), dropout=model.dropout)
     aids = {}
-    num_classes = _arg(args, "num_seen_classes", None)
-    if _arg(args, "w_cls", 0.0) > 0 and num_classes is not None:  # none known: a model for masks or embeddings only
-        aids["class_head"] = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=int(num_classes))
-    model_class = puxim_class(pseudo_sketches=_arg(args, "pseudo_sketch", False),
-                              seen_class_head="class_head" in aids)
+    if config.loss.w_cls > 0 and model.num_seen_classes > 0:
+        aids["class_head"] = SeenClassHead(embed_dim=encoder.embed_dim, num_classes=model.num_seen_classes)
+    model_class = puxim_class(pseudo_sketches=config.data.pseudo_sketch, seen_class_head="class_head" in aids)
     return model_class(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
-                       mask_memory=int_memory == "masked", **aids)
-
-
-def _build_encoder(args, arch: str) -> SketchPhotoEncoder:
-    """The preset's encoder with ``args``' overrides, and ``args.vit_weights`` loaded when given."""
-    encoder = build_encoder(arch, separate_photo_encoder=bool(_arg(args, "separate_encoders", False)),
-                            dropout=_arg(args, "dropout", None), stem_norm=_arg(args, "stem_norm", None),
-                            ln_eps=_arg(args, "ln_eps", None),
-                            input_norm=getattr(args, "input_norm", "none"))
-    vit_weights = _arg(args, "vit_weights", None)
-    if vit_weights:
-        load_vit_weights(encoder, vit_weights)
-    return encoder
+                       mask_memory=model.int_memory == "masked", **aids)
 
 
 def model_summary(model: PuXIM) -> dict:

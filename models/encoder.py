@@ -27,15 +27,14 @@ from torch import nn
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.presets import INPUT_NORMS, PRESETS, check_input_norm
+from utils.config import INPUT_NORMS, STEM_NORMS
+from utils.presets import get_architecture
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ENCODER_PRESETS",
     "BatchNormStemEncoder",
     "ConvStemPatchEmbed",
-    "INPUT_NORMS",
     "ModalityBatchNorm2d",
     "PhotoStandardization",
     "SketchPhotoEncoder",
@@ -46,11 +45,6 @@ __all__ = [
     "WeightFileNotFoundError",
     "WeightMismatchError",
 ]
-
-# The encoder of each preset (utils.presets.PRESETS: the paper's ViT-B/16 and a small CPU preset, built by
-# the very same code), as keyword dicts. A snapshot kept for importers; build_encoder reads PRESETS.
-ENCODER_PRESETS: Dict[str, dict] = {name: asdict(p.encoder) for name, p in PRESETS.items()}
-STEM_NORMS = ("none", "batch")
 
 MODALITIES = ("photo", "sketch")
 
@@ -128,7 +122,7 @@ class ConvStemPatchEmbed(PatchEmbed):
     from-scratch ViT escape the triplet loss's collapse on a CPU budget.
     """
 
-    def __init__(self, *, stem_channels: Sequence[int] = (64, 128, 256), stem_norm: str = "none", **kwargs):
+    def __init__(self, *, stem_channels: Sequence[int], stem_norm: str, **kwargs):
         if kwargs.get("output_fmt") is not None or kwargs.get("dynamic_img_pad", False):
             raise ValueError("ConvStemPatchEmbed supports only the default flattened, fixed-size output")
         super().__init__(**kwargs)
@@ -193,14 +187,16 @@ class PhotoStandardization(nn.Module):
 
 def make_input_norm(input_norm: str) -> nn.Module:
     """The module for ``input_norm`` (:data:`INPUT_NORMS`): ``"none"`` is ``nn.Identity``."""
-    return PhotoStandardization() if check_input_norm(input_norm) == "photo" else nn.Identity()
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    return PhotoStandardization() if input_norm == "photo" else nn.Identity()
 
 
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
               mlp_ratio: float, dropout: float, stem_channels: Sequence[int],
-              stem_norm: str = "none", ln_eps: float = 1e-6) -> VisionTransformer:
-    # Every LayerNorm (blocks' norm1/norm2, the final norm) gets ``ln_eps``: timm's 1e-6 by default,
-    # torch's 1e-5 in the released ViT. Same parameters either way, so any checkpoint loads into both.
+              stem_norm: str, ln_eps: float) -> VisionTransformer:
+    # Every LayerNorm (blocks' norm1/norm2, the final norm) gets ``ln_eps``: timm's 1e-6, or torch's 1e-5 as in
+    # the released ViT. Same parameters either way, so any checkpoint loads into both.
     # Dropout as in the released ViT: 0.1 on the embeddings (pos_drop), on the attention output
     # projection and inside the MLP (both via proj_drop_rate); none on the attention weights.
     # timm's `drop_rate` is only the classifier-head dropout, unused here (no head).
@@ -229,10 +225,10 @@ class SketchPhotoEncoder(nn.Module):
     stem_norm = "none"  # the paper's stem: convs and ReLUs
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, separate_photo_encoder: bool = False,
-                 stem_channels: Sequence[int] = (64, 128, 256), ln_eps: float = 1e-6, input_norm: str = "none"):
+                 mlp_ratio: float, dropout: float, stem_channels: Sequence[int], ln_eps: float, input_norm: str,
+                 separate_photo_encoder: bool = False):
         super().__init__()
-        self.input_norm = check_input_norm(input_norm)
+        self.input_norm = input_norm
         # Parameter-free modules: the state-dict keys do not depend on input_norm.
         self.input_norms = nn.ModuleDict({"photo": make_input_norm(input_norm), "sketch": nn.Identity()})
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -306,29 +302,15 @@ class BatchNormStemEncoder(SketchPhotoEncoder):
 ENCODERS = {"none": SketchPhotoEncoder, "batch": BatchNormStemEncoder}  # stem_norm -> encoder class
 
 
-def build_encoder(arch: str, separate_photo_encoder: bool = False,
-                  dropout: Optional[float] = None, stem_norm: Optional[str] = None,
-                  ln_eps: Optional[float] = None, input_norm: Optional[str] = None) -> SketchPhotoEncoder:
-    """Encoder of a preset (``utils.presets.PRESETS``: ``"b16"`` = the paper's ViT-B/16, ``"tiny"`` for CPU tests).
-
-    ``dropout`` / ``stem_norm`` / ``ln_eps`` (eps of every LayerNorm) / ``input_norm`` override the preset's
-    value when given. ``stem_norm`` picks the class (:data:`ENCODERS`).
-    """
-    if arch not in PRESETS:
-        raise ValueError(f"unknown encoder arch {arch!r}; choose one of {sorted(PRESETS)}")
-    cfg = asdict(PRESETS[arch].encoder)
-    if dropout is not None:
-        cfg["dropout"] = dropout
-    if stem_norm is not None:
-        cfg["stem_norm"] = stem_norm
-    if ln_eps is not None:
-        cfg["ln_eps"] = float(ln_eps)
-    if input_norm is not None:
-        cfg["input_norm"] = input_norm
-    stem_norm = cfg.pop("stem_norm")
+def build_encoder(arch: str, *, separate_photo_encoder: bool, dropout: float, stem_norm: str, ln_eps: float,
+                  input_norm: str) -> SketchPhotoEncoder:
+    """The encoder of preset ``arch`` (its sizes: ``utils.presets.ARCHITECTURES``) with the run's settings;
+    ``stem_norm`` picks the class (:data:`ENCODERS`)."""
     if stem_norm not in ENCODERS:
         raise ValueError(f"stem_norm must be one of {STEM_NORMS}, got {stem_norm!r}")
-    return ENCODERS[stem_norm](**cfg, separate_photo_encoder=separate_photo_encoder)
+    sizes = asdict(get_architecture(arch).encoder)
+    return ENCODERS[stem_norm](**sizes, separate_photo_encoder=separate_photo_encoder, dropout=dropout,
+                               ln_eps=float(ln_eps), input_norm=input_norm)
 
 
 # --------------------------------------------------------------------- weights

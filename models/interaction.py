@@ -17,8 +17,7 @@ class InteractionHead(nn.Module):
     tensors to a sequence-first decoder and so attended across the batch).
     """
 
-    def __init__(self, *, d_model: int = 768, nhead: int = 4, num_layers: int = 4,
-                 dim_feedforward: int = 1024, dropout: float = 0.1):
+    def __init__(self, *, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float):
         super().__init__()
         layer = nn.TransformerDecoderLayer(
             d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,

@@ -33,7 +33,8 @@ import torch
 
 from datasets.mask_cache import (CACHE_FORMAT, MaskCache, MaskCacheError, MaskCacheMissError, RootedMaskLookup,
                                  compare_keys, pack_masks, unpack_masks)
-from utils.presets import PRESETS, sampler_options
+from utils.config import SAMPLER_SETTINGS, RunConfig
+from utils.presets import get_architecture
 
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
@@ -66,16 +67,14 @@ def tensor_sha256(module: torch.nn.Module) -> str:
 
 def clip_identity(arch: str, clip_weights: Optional[str]) -> dict:
     """Identity of the CLIP that ``build_vxl_sampler(arch, clip_weights)`` would load (see module doc)."""
-    from .vxl_sampler import build_random_clip
+    from .vxl_sampler import RANDOM_CLIP_SEED, build_random_clip
 
-    if arch not in PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(PRESETS)}")
-    sampler = PRESETS[arch].sampler
+    sampler = get_architecture(arch).sampler
     model = sampler.clip_model if sampler.random_clip is None else arch  # a random CLIP: named by its preset
     if clip_weights is None:
         if sampler.random_clip is None:
             raise ValueError(f"the {arch} preset needs --clip_weights (OpenAI's ViT-B-16.pt or 'openai')")
-        return {"model": model, "source": "random", "seed": 0,
+        return {"model": model, "source": "random", "seed": RANDOM_CLIP_SEED,
                 "weights_sha256": tensor_sha256(build_random_clip(sampler.random_clip))}
     if os.fspath(clip_weights) == "openai":
         return {"model": model, "source": "open_clip", "pretrained": "openai"}
@@ -109,9 +108,7 @@ def mask_cache_key(sampler, *, image_size: int, clip: dict) -> dict:
 
 def _preset_clip_geometry(arch: str) -> tuple[int, int, int]:
     """``(image_size, patch_size, surgery_depth)`` of the CLIP ``build_vxl_sampler(arch)`` builds."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(PRESETS)}")
-    sampler = PRESETS[arch].sampler  # build_vxl_sampler passes its surgery_depth
+    sampler = get_architecture(arch).sampler  # build_vxl_sampler passes its surgery_depth
     if sampler.random_clip is not None:
         vision = sampler.random_clip["vision_cfg"]
     else:
@@ -121,31 +118,25 @@ def _preset_clip_geometry(arch: str) -> tuple[int, int, int]:
     return int(vision["image_size"]), int(vision["patch_size"]), int(sampler.surgery_depth)
 
 
-def expected_cache_key(args) -> dict:
-    """The key a cache must have for a run with these arguments (train.py's names), without building CLIP.
+def expected_cache_key(config: RunConfig) -> dict:
+    """The key a cache must have for a run of ``config``, without building CLIP (except a random one, to hash it).
 
-    Reads ``arch``, ``clip_weights``, ``keep_ratio``, ``prompt``, ``vxl_norm``, ``clip_input_norm`` (unset: the
-    preset's, ``utils.presets.sampler_options``), ``image_size`` (the preset's CLIP input size).
     ``tools.precompute_masks`` writes this very key and checks it against the sampler it builds,
     so a change in ``build_vxl_sampler`` cannot silently desynchronise the two.
     """
-    def arg(name, default):
-        value = getattr(args, name, None)
-        return default if value is None else value
     from .vxl_sampler import sampler_keywords
 
-    arch = arg("arch", "b16")
-    clip_size, patch, depth = _preset_clip_geometry(arch)
-    image_size = int(arg("image_size", clip_size))
-    return cache_key(clip=clip_identity(arch, arg("clip_weights", None)),
-                     **sampler_keywords(sampler_options(args, arch)), surgery_depth=depth,
-                     image_size=image_size, grid_size=(image_size // patch, image_size // patch))
+    arch, image_size = config.model.arch, config.data.image_size
+    _, patch, depth = _preset_clip_geometry(arch)
+    settings = {name: getattr(config.model, name) for name in SAMPLER_SETTINGS}
+    return cache_key(clip=clip_identity(arch, config.model.clip_weights), **sampler_keywords(settings),
+                     surgery_depth=depth, image_size=image_size, grid_size=(image_size // patch, image_size // patch))
 
 
-def load_mask_cache_for_training(path: str | os.PathLike, args) -> MaskCache:
+def load_mask_cache_for_training(path: str | os.PathLike, config: RunConfig) -> MaskCache:
     """Load the cache at ``path`` and check it against the run's settings (:func:`expected_cache_key`).
 
     No CLIP is built (except the tiny preset's random one, to hash it). Coverage of the training
     photos is checked by ``datasets.build_datasets(args, mask_cache=...)``.
     """
-    return MaskCache.load(path, expected_key=expected_cache_key(args))
+    return MaskCache.load(path, expected_key=expected_cache_key(config))

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undone for CLIP
-from utils.presets import CLIP_MODEL_NAME, PRESETS, SamplerConfig, sampler_options  # CLIP_MODEL_NAME re-exported
+from utils.config import ModelConfig
+from utils.presets import CLIP_MODEL_NAME, SamplerConfig, get_architecture  # CLIP_MODEL_NAME re-exported
 
 from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
@@ -41,10 +42,11 @@ _logger = logging.getLogger(__name__)
 __all__ = ["VxLSampler", "build_vxl_sampler", "sampler_keywords", "build_tiny_clip", "build_random_clip",
            "load_openai_state_dict", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
-# The `tiny` preset's random CLIP (utils.presets.PRESETS["tiny"].sampler: its config and surgery depth),
+# The `tiny` preset's random CLIP (utils.presets.ARCHITECTURES["tiny"].sampler: its config and surgery depth),
 # for CPU tests. Read-only: tiny_clip_cfg() gives a copy.
-TINY_CLIP_CFG = PRESETS["tiny"].sampler.random_clip
-TINY_SURGERY_DEPTH = PRESETS["tiny"].sampler.surgery_depth
+TINY_CLIP_CFG = get_architecture("tiny").sampler.random_clip
+TINY_SURGERY_DEPTH = get_architecture("tiny").sampler.surgery_depth
+RANDOM_CLIP_SEED = 0  # a random CLIP's weights: the same in every run (the mask cache's key names it)
 
 # Entries of OpenAI checkpoints (and TorchScript archives) that are not model weights.
 _OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -65,9 +67,9 @@ class VxLSampler(nn.Module):
         surgery_depth: number of last visual blocks with the surgery path (6 for ViT-B/16).
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = SamplerConfig.keep_ratio,
-                 prompt: str = SamplerConfig.prompt, feature_norm: str = SamplerConfig.vxl_norm,
-                 input_norm: str = SamplerConfig.clip_input_norm, surgery_depth: int = SamplerConfig.surgery_depth):
+    def __init__(self, clip_model: nn.Module, tokenizer, *, keep_ratio: float = ModelConfig.keep_ratio,
+                 prompt: str = ModelConfig.prompt, feature_norm: str = ModelConfig.vxl_norm,
+                 input_norm: str = ModelConfig.clip_input_norm, surgery_depth: int = SamplerConfig.surgery_depth):
         super().__init__()
         import open_clip
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -277,8 +279,9 @@ class VxLSampler(nn.Module):
         return cls(model.float().eval(), open_clip.get_tokenizer(model_name), **kwargs)
 
     @classmethod
-    def tiny(cls, image_size: int = 64, patch_size: int = 8, seed: int = 0, **kwargs) -> "VxLSampler":
-        """Sampler on a tiny, seeded random CLIP (CPU tests, the ``tiny`` preset)."""
+    def tiny(cls, image_size: Optional[int] = None, patch_size: Optional[int] = None, seed: int = RANDOM_CLIP_SEED,
+             **kwargs) -> "VxLSampler":
+        """Sampler on a tiny, seeded random CLIP (CPU tests, the ``tiny`` preset); sizes None: the preset's."""
         import open_clip
         kwargs.setdefault("surgery_depth", TINY_SURGERY_DEPTH)
         return cls(build_tiny_clip(image_size=image_size, patch_size=patch_size, seed=seed),
@@ -290,13 +293,15 @@ def _copy_clip_cfg(cfg: dict) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
 
 
-def tiny_clip_cfg(image_size: int = 64, patch_size: int = 8) -> dict:
+def tiny_clip_cfg(image_size: Optional[int] = None, patch_size: Optional[int] = None) -> dict:
+    """The tiny preset's CLIP config, with another input or patch size where given."""
     cfg = _copy_clip_cfg(TINY_CLIP_CFG)
-    cfg["vision_cfg"].update(image_size=image_size, patch_size=patch_size)
+    cfg["vision_cfg"].update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size))
+                              if v is not None})
     return cfg
 
 
-def build_random_clip(cfg: dict, seed: int = 0) -> nn.Module:
+def build_random_clip(cfg: dict, seed: int = RANDOM_CLIP_SEED) -> nn.Module:
     """An open_clip CLIP of config ``cfg`` with seeded random weights (the global RNG is left untouched)."""
     import open_clip
     with torch.random.fork_rng(devices=[]):
@@ -307,7 +312,8 @@ def build_random_clip(cfg: dict, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def build_tiny_clip(image_size: int = 64, patch_size: int = 8, seed: int = 0) -> nn.Module:
+def build_tiny_clip(image_size: Optional[int] = None, patch_size: Optional[int] = None,
+                    seed: int = RANDOM_CLIP_SEED) -> nn.Module:
     """The tiny preset's CLIP with seeded random weights (the global RNG is left untouched)."""
     return build_random_clip(tiny_clip_cfg(image_size, patch_size), seed)
 
@@ -367,20 +373,21 @@ def _check_quick_gelu(model: nn.Module, source: str) -> None:
                          f"(use open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
 
 
-def sampler_keywords(options: dict) -> dict:
-    """train.py's names of the sampler options (``utils.presets.SAMPLER_OPTIONS``) as ``VxLSampler``'s keywords."""
+def sampler_keywords(settings: dict) -> dict:
+    """The sampler settings (``utils.config.SAMPLER_SETTINGS``, train.py's names) as ``VxLSampler``'s keywords."""
     renamed = {"vxl_norm": "feature_norm", "clip_input_norm": "input_norm"}
-    return {renamed.get(name, name): value for name, value in options.items()}
+    return {renamed.get(name, name): value for name, value in settings.items()}
 
 
-def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, **kwargs) -> VxLSampler:
-    """The sampler of a preset (``utils.presets.PRESETS[arch].sampler``): ``b16`` needs OpenAI's CLIP ViT-B/16,
-    ``tiny`` uses a random tiny CLIP (or ``clip_weights``, a checkpoint of that tiny CLIP). ``kwargs``:
-    ``VxLSampler``'s keywords; those not given are the preset's."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown arch {arch!r} for the VxL sampler; choose one of {sorted(PRESETS)}")
-    cfg = PRESETS[arch].sampler
-    kwargs = {"surgery_depth": cfg.surgery_depth, **sampler_keywords(sampler_options({}, arch)), **kwargs}
+def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, *, keep_ratio: float = ModelConfig.keep_ratio,
+                      prompt: str = ModelConfig.prompt, vxl_norm: str = ModelConfig.vxl_norm,
+                      clip_input_norm: str = ModelConfig.clip_input_norm) -> VxLSampler:
+    """The sampler of preset ``arch`` (``utils.presets.ARCHITECTURES[arch].sampler``) with the run's settings:
+    ``b16`` needs OpenAI's CLIP ViT-B/16, ``tiny`` uses a random tiny CLIP (or ``clip_weights``, a checkpoint of
+    that tiny CLIP)."""
+    cfg = get_architecture(arch).sampler
+    kwargs = dict(surgery_depth=cfg.surgery_depth, **sampler_keywords(
+        dict(keep_ratio=keep_ratio, prompt=prompt, vxl_norm=vxl_norm, clip_input_norm=clip_input_norm)))
     if cfg.random_clip is None:  # pretrained weights only
         if clip_weights is None:
             raise WeightMismatchError(f"the {arch} model needs OpenAI's CLIP ViT-B/16 for its VxL sampler: pass "

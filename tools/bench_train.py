@@ -43,12 +43,12 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from types import SimpleNamespace
 from typing import Callable, Dict, Optional
 
 import torch
 
-from utils.presets import PRESETS, get_preset
+from utils.config import make_config
+from utils.presets import ARCHITECTURES, get_architecture
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, from the vendors' data sheets.
 GPU_BF16_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
@@ -69,7 +69,7 @@ CLASS_NAMES = ["airplane", "alarm clock", "ant", "ape", "apple", "armor", "axe",
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Benchmark PuXIM training steps", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="b16", choices=list(PRESETS))
+    p.add_argument("--arch", default="b16", choices=list(ARCHITECTURES))
     p.add_argument("--batch_size", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="triplets per step; several values are measured in turn (default: the released "
                         "recipe's 2 and a larger 16)")
@@ -92,14 +92,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- set-up
+def bench_config(arch: str, clip_weights: Optional[str] = None):
+    """The preset's configuration with the paper's losses only (the step the released code takes)."""
+    return make_config(arch, clip_weights=clip_weights, vit_weights=None, w_cls=0.0, w_inst=0.0)
+
+
 def build_bench_model(arch: str, clip_weights: Optional[str] = None):
     """PuXIM of the preset with its VxL sampler; b16 without ``clip_weights`` gets a random CLIP ViT-B/16."""
     from models import build_model
 
-    args = SimpleNamespace(arch=arch, clip_weights=clip_weights, vit_weights=None)
-    sampler_cfg = get_preset(arch).sampler
+    config = bench_config(arch, clip_weights)
+    sampler_cfg = get_architecture(arch).sampler
     if sampler_cfg.random_clip is not None or clip_weights is not None:  # the sampler training builds
-        return build_model(args)
+        return build_model(config)
     import open_clip
 
     from models import PuXIM, VxLSampler
@@ -107,7 +112,7 @@ def build_bench_model(arch: str, clip_weights: Optional[str] = None):
     # Random weights in OpenAI's architecture (QuickGELU): the same FLOPs as the real CLIP.
     clip = open_clip.CLIP(**open_clip.get_model_config(sampler_cfg.clip_model)).float().eval()
     sampler = VxLSampler(clip, open_clip.get_tokenizer(sampler_cfg.clip_model), surgery_depth=sampler_cfg.surgery_depth)
-    base = build_model(args, with_sampler=False)
+    base = build_model(config, with_sampler=False)
     return PuXIM(encoder=base.encoder, interaction=base.interaction, sampler=sampler)
 
 
@@ -410,7 +415,7 @@ def main(argv=None) -> dict:
     model = build_bench_model(args.arch, args.clip_weights).to(device).train()
     models = build_step_models(model, args.compile_backend if args.compile else None)
     models["a"].train()
-    criterion = build_criterion(SimpleNamespace()).to(device)
+    criterion = build_criterion(bench_config(args.arch, args.clip_weights)).to(device)
     optimizers = {}  # one Adam per distinct model: (a) has its own when (b) and (c) are compiled
     for c in "abc":
         same = next((optimizers[o] for o in optimizers if models[o] is models[c]), None)

@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from datasets import build_datasets, load_image, preprocess_photo, preprocess_sketch
 from datasets.filelist import DatasetError
 from models.encoder import ModalityBatchNorm2d, standardize_images
-from utils.presets import INPUT_NORMS, check_input_norm
+from utils.config import INPUT_NORMS, make_config
 from utils.io import atomic_write
 from utils.metrics import chance_level, retrieval_metrics
 from utils.runtime import run_cli
@@ -72,7 +71,9 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
 
     ``input_norm="photo"``: every photo standardised on its own (``models.encoder.standardize_images``).
     """
-    standardize = check_input_norm(input_norm) == "photo"
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    standardize = input_norm == "photo"
     torch.manual_seed(seed)
     split = data["split"]
     classes = sorted(c for c in split.train_photos if split.train_sketches.get(c))
@@ -130,7 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input_norm", default="none", choices=list(INPUT_NORMS),
+    p.add_argument("--input_norm", default="none", choices=INPUT_NORMS,
                    help="photo: standardise each photo on its own, as the tiny preset does")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--no_progress", action="store_true")
@@ -147,10 +148,11 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    data_args = SimpleNamespace(data_path=args.data_path, dataset=args.dataset, test_class=args.test_class,
-                                custom_split=args.custom_split, image_size=args.image_size, seed=args.seed,
-                                datasetLen=1, no_progress=args.no_progress)
-    data = build_datasets(data_args)
+    # The PuXIM run's data path (its split and evaluation sets); the triplet stream is not used here.
+    config = make_config("tiny", data_path=args.data_path, dataset=args.dataset, test_class=args.test_class,
+                         custom_split=args.custom_split, image_size=args.image_size, seed=args.seed, datasetLen=1,
+                         no_progress=args.no_progress, w_inst=0.0, augment="none")
+    data = build_datasets(config)
     result = train_reference(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              image_size=args.image_size, seed=args.seed, progress=not args.no_progress,
                              input_norm=args.input_norm)

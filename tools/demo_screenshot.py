@@ -161,7 +161,7 @@ def tiny_setup(folder: Path) -> tuple[Path, Path]:
 
     config = make_config("tiny")
     torch.manual_seed(0)
-    model = build_model(config.namespace(), with_sampler=False)
+    model = build_model(config, with_sampler=False)
     ckpt = save_checkpoint({"model": model_state_dict(model), "config": config.to_dict(), "arch": "tiny",
                             "format": CHECKPOINT_FORMAT}, folder / "tiny.pth")
     for cls in ("tent", "kite", "candle"):

@@ -28,40 +28,24 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tools import ToolError, run_tool, select_device
-from utils.presets import PRESETS, SAMPLER_OPTIONS, default_arch, preset_values, sampler_options
+from utils.config import DEVICES, SAMPLER_SETTINGS, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("precompute_masks")
 
 
+# train.py's settings that decide the masks: the same flags, read into the same configuration.
+MASK_SETTINGS = {"data_path", "dataset", "test_class", "custom_split", "synthetic_dir", "image_size", "arch",
+                 "clip_weights", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm"}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Precompute VxL keep-masks of the training photos", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data (as train.py)")
-    g.add_argument("--data_path", default=None, help="dataset root; omit for the synthetic benchmark")
-    g.add_argument("--dataset", default="sketchy_extend")
-    g.add_argument("--test_class", default="test_class_sketchy25")
-    g.add_argument("--custom_split", action="store_true",
-                   help="take the unseen classes from cname_cid_zero.txt without the canonical check")
-    g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
-    g.add_argument("--image_size", type=int, default=None, help="photo size (default: the preset's)")
-
-    g = p.add_argument_group("VxL sampler (as train.py)")
-    g.add_argument("--arch", default=None, choices=list(PRESETS),
-                   help="preset (default: tiny without --data_path, else b16)")
-    g.add_argument("--clip_weights", default=None,
-                   help="OpenAI-format CLIP ViT-B/16 file, or 'openai'; tiny: a fixed random tiny CLIP when omitted")
-    g.add_argument("--keep_ratio", type=float, default=None, help=preset_values(lambda p: p.sampler.keep_ratio))
-    g.add_argument("--prompt", default=None, help=preset_values(lambda p: repr(p.sampler.prompt)))
-    g.add_argument("--vxl_norm", default=None, choices=["token", "channel"],
-                   help=preset_values(lambda p: p.sampler.vxl_norm))
-    g.add_argument("--clip_input_norm", default=None, choices=["encoder", "clip"],
-                   help=preset_values(lambda p: p.sampler.clip_input_norm))
-
+    p = argparse.ArgumentParser("Precompute VxL keep-masks of the training photos", add_help=True)
+    add_config_flags(p, names=MASK_SETTINGS)  # train.py's flags and defaults (its data and model groups)
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="the cache file (.npz) to write or complete")
-    g.add_argument("--batch_size", type=int, default=64)
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--batch_size", type=int, default=64, help="photos per sampler call")
+    g.add_argument("--num_workers", type=int, default=2, help="data-loading processes")
+    g.add_argument("--device", default=RuntimeConfig.device, choices=DEVICES)
     g.add_argument("--save_every", type=int, default=200, help="save the partial cache every N batches")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
     return p
@@ -83,21 +67,14 @@ class _PhotoSet(Dataset):
         return preprocess_photo(load_image(path), self.image_size), rel, cname  # [3, S, S]
 
 
-def _resolve(args) -> argparse.Namespace:
-    if args.arch is None:
-        args.arch = default_arch(args.data_path is None)  # train.py's rule
-    if args.image_size is None:  # train.py's default: masks of the photos training sees
-        args.image_size = PRESETS[args.arch].recipe.image_size
-    for name, value in sampler_options(args, args.arch).items():  # train.py's rule: the preset's when unset
-        setattr(args, name, value)
-    if isinstance(args.clip_weights, str) and args.clip_weights.lower() == "none":
-        args.clip_weights = None
-    for name in ("batch_size", "save_every", "image_size"):
+def _resolve(args) -> RunConfig:
+    """The configuration train.py would run with for the same flags (the masks' settings among them)."""
+    for name in ("batch_size", "save_every"):
         if getattr(args, name) < 1:
             raise ToolError(f"--{name} must be positive (got {getattr(args, name)})")
     if args.num_workers < 0:
         raise ToolError(f"--num_workers must be >= 0 (got {args.num_workers})")
-    return args
+    return make_config(given={k: v for k, v in vars(args).items() if k in MASK_SETTINGS})
 
 
 def _command(argv) -> str:
@@ -119,26 +96,27 @@ def _open_cache(out: str, key: dict, num_patches: int):
     return cache
 
 
-def _build_sampler(args, key: dict, device: torch.device):
-    """The VxL sampler of ``args`` (models.build_model's builder and keyword mapping), checked against ``key``."""
+def _build_sampler(config: RunConfig, key: dict, device: torch.device):
+    """The VxL sampler of ``config`` (models.build_model's builder), checked against ``key``."""
     from models.vxl_cache import mask_cache_key
-    from models.vxl_sampler import build_vxl_sampler, sampler_keywords
+    from models.vxl_sampler import build_vxl_sampler
 
-    options = {name: getattr(args, name) for name in SAMPLER_OPTIONS}
-    sampler = build_vxl_sampler(args.arch, args.clip_weights, **sampler_keywords(options)).to(device)
-    built_key = mask_cache_key(sampler, image_size=args.image_size, clip=key["clip"])
+    model = config.model
+    sampler = build_vxl_sampler(model.arch, model.clip_weights,
+                                **{name: getattr(model, name) for name in SAMPLER_SETTINGS}).to(device)
+    built_key = mask_cache_key(sampler, image_size=config.data.image_size, clip=key["clip"])
     if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
         raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "
                            f"build_vxl_sampler: {built_key} vs {key}")
     return sampler
 
 
-def _compute(sampler, cache, todo: list, args, device: torch.device, summary: dict) -> None:
+def _compute(sampler, cache, todo: list, args, image_size: int, device: torch.device, summary: dict) -> None:
     """Masks of the ``todo`` photos into ``cache``, saved every ``--save_every`` batches and on a bad photo."""
     from datasets.filelist import DatasetError
     from utils.errors import user_message
 
-    loader = DataLoader(_PhotoSet(todo, args.image_size), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(_PhotoSet(todo, image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
     try:
@@ -163,12 +141,12 @@ def run(args, argv=None) -> dict:
     from datasets import load_split
     from models.vxl_cache import expected_cache_key
 
-    args = _resolve(args)
+    config = _resolve(args)
     try:
-        key = expected_cache_key(args)
+        key = expected_cache_key(config)
     except (FileNotFoundError, ValueError) as e:
         raise ToolError(str(e)) from None
-    split = load_split(args)
+    split = load_split(config.data, progress=not args.no_progress)
     grid = key["grid_size"]
     num_patches = grid[0] * grid[1]
     # Every training photo with the class text training gives CLIP (its class in the split).
@@ -189,10 +167,10 @@ def run(args, argv=None) -> dict:
     import open_clip
 
     device = select_device(args.device)
-    sampler = _build_sampler(args, key, device)
+    sampler = _build_sampler(config, key, device)
     cache.meta.update(device=str(device), complete=False, open_clip=open_clip.__version__)
     start = time.perf_counter()
-    _compute(sampler, cache, todo, args, device, summary)
+    _compute(sampler, cache, todo, args, config.data.image_size, device, summary)
     cache.meta["complete"] = True
     cache.save(args.out)
     elapsed = time.perf_counter() - start

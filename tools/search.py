@@ -139,8 +139,8 @@ def split_gallery(args, saved: dict) -> tuple[list[tuple[str, str]], str]:
     split = load_split(SimpleNamespace(
         data_path=data_path, synthetic_dir=args.synthetic_dir or saved.get("synthetic_dir"),
         dataset=args.dataset or saved.get("dataset"), test_class=args.test_class or saved.get("test_class"),
-        custom_split=args.custom_split if args.custom_split is not None else saved.get("custom_split"),
-        no_progress=args.no_progress))
+        custom_split=args.custom_split if args.custom_split is not None else saved.get("custom_split")),
+        progress=not args.no_progress)
     items = [(str(Path(p).resolve()), c) for p, c in split.test_photos]
     return items, f"{split.name}@{split.root.resolve()}"
 
@@ -234,7 +234,7 @@ def build_from_checkpoint(ckpt: dict, ckpt_path: str, device: torch.device):
     # The checkpoint holds the trained weights: no pretrained initialisation.
     config = config_from_checkpoint(ckpt, ckpt_path).replace(vit_weights=None)
     try:
-        model = build_model(config.namespace(), with_sampler=False)
+        model = build_model(config, with_sampler=False)
     except ValueError as e:
         raise ToolError(f"{ckpt_path}: cannot rebuild the model from its saved arguments: {e}") from None
     load_model_weights(model, ckpt["model"], source=ckpt_path)

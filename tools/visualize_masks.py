@@ -16,48 +16,36 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from tools import ToolError, run_tool, select_device
-from utils.presets import PRESETS, SAMPLER_OPTIONS, default_arch, sampler_options
+from utils.config import DEVICES, SAMPLER_SETTINGS, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("visualize_masks")
 
+# train.py's settings that decide which photos and which masks (its flags, read into its configuration).
+MASK_SETTINGS = {"data_path", "dataset", "test_class", "custom_split", "synthetic_dir", "arch", "clip_weights",
+                 "keep_ratio", "prompt", "vxl_norm", "clip_input_norm"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m tools.visualize_masks", description="PuXIM VxL mask pictures")
-    g = p.add_argument_group("photos: your own files, or a benchmark split (default: the synthetic one)")
+    g = p.add_argument_group("photos: your own files, or a benchmark split (train.py's flags below; default: the "
+                             "synthetic benchmark)")
     g.add_argument("--photos", nargs="+", default=None, help="image files")
     g.add_argument("--classes", nargs="+", default=None, help="one class name per --photos file")
-    g.add_argument("--data_path", default=None, help="benchmark root (as train.py)")
-    g.add_argument("--dataset", default=None, help="as train.py (default sketchy_extend)")
-    g.add_argument("--test_class", default=None, help="as train.py (default test_class_sketchy25)")
-    g.add_argument("--custom_split", action="store_true", default=None, help="as train.py")
-    g.add_argument("--synthetic_dir", default=None, help="cache folder of the synthetic benchmark")
     g.add_argument("--split", default="train", choices=["train", "test"],
                    help="seen-class training photos (default) or unseen-class test photos")
     g.add_argument("--num", type=int, default=8, help="how many photos to draw from the split (default 8)")
     g.add_argument("--seed", type=int, default=0, help="which photos, spread over the classes (default 0)")
-
-    g = p.add_argument_group("sampler (train.py's options; --checkpoint takes them from a training run)")
-    g.add_argument("--checkpoint", default=None, help="take every setting below from this checkpoint's args")
-    g.add_argument("--arch", default=None, choices=list(PRESETS),
-                   help="b16 = OpenAI CLIP ViT-B/16 (needs --clip_weights); tiny = the random tiny CLIP "
-                        "(default: b16 with --clip_weights or --data_path, else tiny)")
-    g.add_argument("--clip_weights", default=None, help="OpenAI-format CLIP file, or 'openai' to download")
-    g.add_argument("--keep_ratio", type=float, default=None, help="fraction of patches kept (default 0.3)")
-    g.add_argument("--prompt", default=None, help="class-name template (default '{}', the bare name)")
-    g.add_argument("--vxl_norm", default=None, choices=["token", "channel"],
-                   help="L2 axis of the CLIP Surgery features (default token, the released code's)")
-    g.add_argument("--clip_input_norm", default=None, choices=["encoder", "clip"],
-                   help="photo normalisation CLIP sees (default encoder, the released code's)")
-
+    g.add_argument("--checkpoint", default=None, help="take the settings not given here from this training run")
     p.add_argument("--batch", type=int, default=8, help="photos per picture (default 8)")
     p.add_argument("--out", default="results/vxl_masks", help="folder for the PNG pictures (default results/vxl_masks)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA if available")
+    p.add_argument("--device", default=RuntimeConfig.device, choices=DEVICES, help="default: CUDA if available")
+    # --arch: b16 = OpenAI CLIP ViT-B/16 (needs --clip_weights); unless given, b16 with --clip_weights or
+    # --data_path, else tiny (the random tiny CLIP)
+    add_config_flags(p, names=MASK_SETTINGS)
     return p
 
 
@@ -66,8 +54,8 @@ def main(argv=None) -> list[Path]:
     return run_tool("tools.visualize_masks", run, get_args_parser().parse_args(argv))
 
 
-def resolve_settings(args) -> dict:
-    """Sampler and data settings: the command line, else the checkpoint's saved args, else train.py's defaults."""
+def resolve_settings(args) -> RunConfig:
+    """The configuration of the masks: the command line, else the checkpoint's, else train.py's preset."""
     saved = {}
     if args.checkpoint is not None:
         from utils.checkpoint import load_checkpoint
@@ -78,26 +66,14 @@ def resolve_settings(args) -> dict:
         if saved.get("variant") == "non-mask":
             log.warning("%s was trained without VxL masks (--variant non-mask); showing the masks anyway.",
                         args.checkpoint)
-
-    def pick(name, default=None):
-        value = getattr(args, name)
-        return value if value is not None else saved.get(name, default)
-
-    s = {"clip_weights": pick("clip_weights")}
-    if isinstance(s["clip_weights"], str) and s["clip_weights"].lower() == "none":
-        s["clip_weights"] = None
-    data_path = pick("data_path")
-    # train.py's rule (utils.presets.default_arch), except that --clip_weights alone also means b16: the tool
-    # draws masks on your own --photos too, and such a file is then OpenAI's ViT-B/16 (this tool's usage).
-    s["arch"] = pick("arch") or default_arch(synthetic=data_path is None and s["clip_weights"] is None)
-    s.update(sampler_options({name: pick(name) for name in SAMPLER_OPTIONS}, s["arch"]))
-    s.update(data_path=data_path, dataset=pick("dataset", "sketchy_extend"),
-             test_class=pick("test_class", "test_class_sketchy25"),
-             custom_split=bool(pick("custom_split", False)), synthetic_dir=pick("synthetic_dir"))
-    return s
+    settings = {**saved, **{k: v for k, v in vars(args).items() if k in MASK_SETTINGS}}
+    # train.py's rule, except that --clip_weights alone also means b16: the tool draws masks on your own --photos
+    # too, and such a file is then OpenAI's ViT-B/16.
+    wants_b16 = settings.get("data_path") is not None or settings.get("clip_weights") is not None
+    return make_config(settings.get("arch") or ("b16" if wants_b16 else "tiny"), given=settings, check=False)
 
 
-def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
+def choose_photos(args, config: RunConfig) -> list[tuple[str, str]]:
     """``(path, class)`` of the photos to draw: ``--photos``/``--classes`` or ``--num`` from a split."""
     from datasets import load_split
     from utils.visualize import select_items
@@ -109,8 +85,7 @@ def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
         return list(zip(args.photos, args.classes))
     if args.num < 1:
         raise ToolError(f"--num must be positive, got {args.num}")
-    split = load_split(SimpleNamespace(**{k: settings[k] for k in ("data_path", "dataset", "test_class", "custom_split",
-                                                                 "synthetic_dir")}, check_files=False))
+    split = load_split(config.data, check_files=False)
     if args.split == "train":
         items = [(str(p), c) for c, paths in split.train_photos.items() for p in paths]
     else:
@@ -118,14 +93,14 @@ def choose_photos(args, settings: dict) -> list[tuple[str, str]]:
     return select_items(items, args.num, seed=args.seed)
 
 
-def build_sampler(settings: dict, device: torch.device):
+def build_sampler(config: RunConfig, device: torch.device):
     """The VxL sampler exactly as ``models.build_model`` builds it for training."""
     from models.vxl_sampler import build_vxl_sampler
 
+    model = config.model
     try:
-        sampler = build_vxl_sampler(
-            settings["arch"], settings["clip_weights"], keep_ratio=settings["keep_ratio"],
-            prompt=settings["prompt"], feature_norm=settings["vxl_norm"], input_norm=settings["clip_input_norm"])
+        sampler = build_vxl_sampler(model.arch, model.clip_weights,
+                                    **{name: getattr(model, name) for name in SAMPLER_SETTINGS})
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise ToolError(str(e)) from None
     return sampler.to(device)
@@ -138,13 +113,13 @@ def run(args) -> list[Path]:
     if args.batch < 1:
         raise ToolError(f"--batch must be positive, got {args.batch}")
     device = select_device(args.device)
-    settings = resolve_settings(args)
-    items = choose_photos(args, settings)
+    config = resolve_settings(args)
+    items = choose_photos(args, config)
     images = [load_image(p) for p, _ in items]  # fail early, naming a bad file
-    sampler = build_sampler(settings, device)
+    sampler = build_sampler(config, device)
     size = sampler.image_size
     log.info("VxL sampler (%s, keep ratio %.2f, prompt %r, %s norm, %s input): %d photos at %dx%d",
-             settings["arch"], sampler.keep_ratio, sampler.prompt, sampler.feature_norm, sampler.input_norm,
+             config.model.arch, sampler.keep_ratio, sampler.prompt, sampler.feature_norm, sampler.input_norm,
              len(items), size, size)
 
     out_dir = Path(args.out)

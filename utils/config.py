@@ -49,6 +49,8 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 # The CUDA-graph modes (reduce-overhead, max-autotune) are left out: evaluation keeps embeddings across calls,
 # which a graph replay overwrites.
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+# The VxL sampler's settings: what the masks depend on besides the CLIP (the mask cache's key, the mask tools).
+SAMPLER_SETTINGS = ("keep_ratio", "prompt", "vxl_norm", "clip_input_norm")
 
 
 class ConfigError(UserError):
@@ -76,9 +78,9 @@ def _test_classes() -> tuple:
 
 
 def _preset_names() -> tuple:
-    from utils.presets import RUN_PRESETS
+    from utils.presets import PRESETS
 
-    return tuple(RUN_PRESETS)
+    return tuple(PRESETS)
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,6 @@ class RunConfig:
         """``{field name: value}`` over all groups (the names are unique)."""
         return {f.name: getattr(getattr(self, group), f.name) for group, f in config_fields()}
 
-    def namespace(self) -> argparse.Namespace:
-        """The flat settings as attributes (TRANSITIONAL: builders still reading flat names)."""
-        return argparse.Namespace(**self.flat(), synthetic=self.synthetic)
-
     def to_dict(self) -> dict:
         """``{group: {field: value}}``: what args.json and checkpoints store."""
         return dataclasses.asdict(self)
@@ -362,7 +360,7 @@ def make_config(arch: Optional[str] = None, *, given: Optional[dict] = None, che
 
     ``make_config("tiny", variant="non-mask")`` is the tiny preset's non-mask ablation.
     """
-    from utils.presets import run_preset
+    from utils.presets import get_preset
 
     settings = {**(given or {}), **flat}
     for name in settings:
@@ -371,7 +369,7 @@ def make_config(arch: Optional[str] = None, *, given: Optional[dict] = None, che
     if arch is None:
         arch = settings.get("arch") or ("tiny" if settings.get("data_path") is None else "b16")
     settings = {name: coerce(name, value, "configuration") for name, value in {**settings, "arch": arch}.items()}
-    config = derive(run_preset(arch).replace(**settings), set(settings))
+    config = derive(get_preset(arch).replace(**settings), set(settings))
     return validate(config) if check else config
 
 
@@ -384,9 +382,9 @@ def _optional_str(value: str) -> Optional[str]:
 
 
 def _preset_values(name: str) -> str:
-    from utils.presets import RUN_PRESETS
+    from utils.presets import PRESETS
 
-    values = {arch: preset.flat()[name] for arch, preset in RUN_PRESETS.items()}
+    values = {arch: preset.flat()[name] for arch, preset in PRESETS.items()}
     if len(set(map(repr, values.values()))) == 1:
         return f"default: {next(iter(values.values()))}"
     return ", ".join(f"{arch}: {value}" for arch, value in values.items())

@@ -25,9 +25,9 @@ def planned_updates(triplets: int, batch_size: int, epochs: int, world: int = 1)
 
 def schedule_warning(config: RunConfig, updates: int):
     """The warning for a ``b16`` run whose schedule is not the released one, else None."""
-    from utils.presets import run_preset
+    from utils.presets import get_preset
 
-    ours, released = config.flat(), run_preset("b16").flat()
+    ours, released = config.flat(), get_preset("b16").flat()
     if config.model.arch != "b16" or all(ours[k] == released[k] for k in SCHEDULE_SETTINGS):
         return None
     released_updates = planned_updates(released["datasetLen"], released["batch_size"], released["epoch"])
