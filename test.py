@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import engine
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from utils.config import AMP_MODES, DEVICES, RunConfig, config_from_checkpoint
+from utils.config import AMP_MODES, DEVICES, DataConfig, RunConfig, RuntimeConfig, config_from_checkpoint
 from utils.io import atomic_write
 from utils.logger import setup_logging
 from utils.metrics import chance_ratios, metric_conventions
@@ -34,17 +34,17 @@ log = logging.getLogger("test")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PuXIM evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--exp", default="puxim", help="experiment name: reads OUTPUT_DIR/EXP/best.pth")
-    p.add_argument("--output_dir", default="results")
+    p.add_argument("--exp", default=RuntimeConfig.exp, help="experiment name: reads OUTPUT_DIR/EXP/best.pth")
+    p.add_argument("--output_dir", default=RuntimeConfig.output_dir)
     p.add_argument("--checkpoint", default=None, help="a checkpoint file (overrides --exp's best.pth)")
     p.add_argument("--out", default=None, help="folder for metrics.json/per_class.csv (default: the experiment's)")
     p.add_argument("--data_path", default=None, help="override the dataset root saved in the checkpoint")
     p.add_argument("--synthetic_dir", default=None, help="override the synthetic benchmark cache folder")
     p.add_argument("--eval_per_class", type=int, default=None, help="quick check: at most N items per class")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--gpu", default="0")
+    p.add_argument("--num_workers", type=int, default=DataConfig.num_workers)
+    p.add_argument("--device", default=RuntimeConfig.device, choices=DEVICES)
+    p.add_argument("--gpu", default=RuntimeConfig.gpu)
     p.add_argument("--amp", default="none", choices=AMP_MODES,
                    help="autocast of the embeddings; none = fp32, the reported numbers' precision (bf16: faster "
                         "on GPUs, mAP may move in the 3rd decimal)")

@@ -85,7 +85,7 @@ class TripletDataset(Dataset):
     """
 
     def __init__(self, *, sketches: dict[str, list[Path]], photos: dict[str, list[Path]],
-                 length: int, image_size: int, seed: int = 0,
+                 length: int, image_size: int, seed: int,
                  mask_lookup: Optional[Callable[[str], torch.Tensor]] = None,
                  extras: Sequence[Callable[[dict, dict], None]] = ()):
         if length < 1:
@@ -162,14 +162,13 @@ class TripletIndexSampler(Sampler[int]):
 
     Rank r of W takes ``i = r, r + W, r + 2W, ...`` below ``(length // W) * W``; when
     ``length`` is not divisible by ``world_size`` the last ``length % W`` ids of each epoch
-    are dropped, so every rank runs the same number of steps. ``shuffle`` permutes the
-    order in which a rank visits its ids (seeded by ``seed`` and the epoch); the triplets
+    are dropped, so every rank runs the same number of steps. ``shuffle_seed`` (None: in order)
+    permutes the order in which a rank visits its ids (seeded by it and the epoch); the triplets
     themselves are already random. ``set_epoch(epoch, skip=n)`` resumes mid-epoch by skipping
     this rank's first n ids.
     """
 
-    def __init__(self, length: int, *, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = False, seed: int = 0):
+    def __init__(self, length: int, *, rank: int = 0, world_size: int = 1, shuffle_seed: Optional[int] = None):
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -177,7 +176,7 @@ class TripletIndexSampler(Sampler[int]):
         if length < world_size:
             raise ValueError(f"length {length} is smaller than world_size {world_size}")
         self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
-        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.shuffle_seed = shuffle_seed
         self.num_per_rank = self.length // self.world_size
         self.epoch, self.skip = 0, 0
 
@@ -189,8 +188,8 @@ class TripletIndexSampler(Sampler[int]):
     def local_ids(self) -> list[int]:
         """This rank's global ids for the current epoch, in visiting order (before ``skip``)."""
         offsets = np.arange(self.rank, self.num_per_rank * self.world_size, self.world_size)
-        if self.shuffle:
-            offsets = np.random.default_rng([self.seed, self.epoch]).permutation(offsets)
+        if self.shuffle_seed is not None:
+            offsets = np.random.default_rng([self.shuffle_seed, self.epoch]).permutation(offsets)
         return [self.epoch * self.length + int(i) for i in offsets]
 
     def __iter__(self):
@@ -230,8 +229,8 @@ class ImageListDataset(Dataset):
         return {"image": image, "label": self.class_to_idx[cname], "index": int(index), "path": path}
 
 
-def subsample_per_class(items: list[tuple[Path, str]], max_per_class: int | None,
-                        seed: int = 0) -> list[tuple[Path, str]]:
+def subsample_per_class(items: list[tuple[Path, str]], max_per_class: int | None, *,
+                        seed: int) -> list[tuple[Path, str]]:
     """Keep at most ``max_per_class`` items of each class, chosen at random but reproducibly.
 
     The choice for a class depends only on ``seed`` and that class's items; the kept items

@@ -291,3 +291,85 @@ def png_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
         chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------------------
+# One training run that learns, shared by the session (learned_run)
+# ------------------------------------------------------------------------------------------------
+# A family cell (datasets.family) the tiny preset was not tuned on: 8 seen / 4 unseen single-shape classes, 30
+# sketches and 30 photos each, flat and noisy photos, clean sketches, 64 px (FamilySpec's fields).
+LEARN_CELL = {"name": "learn_cell", "layout": "sketchy", "seen": 8, "unseen": 4, "per_class": 30,
+              "photo_styles": ("flat", "noisy"), "sketch_styles": ("clean",), "parts": (1, 1), "sketch_size": 64,
+              "photo_size": (64, 64), "seed": 11}
+# A brief schedule of the tiny preset's defaults: 7 epochs of 25 steps of 16 triplets (175 updates), evaluated once,
+# after the last epoch. The run learns between steps 100 and 175 (test_family.py's learning test has the figures);
+# short epochs make the last epoch's training figures those of its last 25 steps.
+LEARN_SCHEDULE = {"epoch": 7, "datasetLen": 400, "batch_size": 16}
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+    """The session's one training run that learns: train.main with the tiny preset's defaults on
+    :data:`LEARN_CELL` for :data:`LEARN_SCHEDULE` (seed 0; TensorBoard pictures on). The longest run of the suite,
+    made once for every test that needs a run that learns: test_family.py's learning bars, test_train_e2e.py's
+    checks of the loop, the experiment folder and test.py.
+
+    A namespace: ``spec`` (the FamilySpec), ``root`` (its data root, ``--data_path``), ``argv`` (train.py's),
+    ``folder`` (the experiment folder), ``result`` (what train.main returned), ``log`` (log.txt's lines). Read the
+    folder, never change it (a test that writes there, such as test.py, copies it first; a change is an error at
+    the end of the session)."""
+    import json
+    from types import SimpleNamespace
+
+    import train
+    from datasets.family import FamilySpec, make_family_benchmark
+
+    spec = FamilySpec(**LEARN_CELL)
+    root = make_family_benchmark(tmp_path_factory.mktemp("learn_cell") / "data", spec)
+    out = tmp_path_factory.mktemp("learned")
+    argv = train_args(root, out, "cell", dataset=spec.dataset, test_class=spec.test_class, eval_every=1000,
+                      no_tb_images=False, **LEARN_SCHEDULE)
+    result = train.main(argv)
+    folder = out / "cell"
+    log = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+    before = _tree_state(folder)
+    yield SimpleNamespace(spec=spec, root=root, argv=argv, folder=folder, result=result, log=log)
+    after = _tree_state(folder)
+    assert after == before, ("a test changed the shared learning run's folder (copy it first): "
+                             f"{sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))}")
+
+
+@pytest.fixture
+def micro_preset(monkeypatch):
+    """Registers "micro", the narrowed tiny preset that tests/fixtures/format1_micro.pth was trained with
+    (tests/fixtures/make_format1_checkpoint.py)."""
+    import dataclasses
+
+    from utils.presets import ARCHITECTURES, PRESETS
+
+    tiny = ARCHITECTURES["tiny"]
+    monkeypatch.setitem(ARCHITECTURES, "micro", dataclasses.replace(
+        tiny, name="micro", encoder=dataclasses.replace(tiny.encoder, embed_dim=32, depth=1, num_heads=1,
+                                                         stem_channels=(4, 8, 16)),
+        interaction=dataclasses.replace(tiny.interaction, d_model=32, nhead=4, num_layers=1, dim_feedforward=32)))
+    monkeypatch.setitem(PRESETS, "micro", PRESETS["tiny"].replace(arch="micro"))
+    return "micro"
+
+
+def preset_encoder(arch: str = "tiny", *, separate_photo_encoder: bool = False, **settings):
+    """``models.build_encoder`` of preset ``arch``'s settings, ``settings`` (dropout, stem_norm, ln_eps, input_norm)
+    changed."""
+    from models.encoder import build_encoder
+    from utils.presets import get_preset
+
+    model = get_preset(arch).replace(**settings).model
+    return build_encoder(arch, separate_photo_encoder=separate_photo_encoder, dropout=model.dropout,
+                         stem_norm=model.stem_norm, ln_eps=model.ln_eps, input_norm=model.input_norm)
+
+
+def tiny_config(**settings):
+    """The tiny preset's sizes on the paper's path: without its training aids (pseudo-sketches, seen-class head,
+    photo standardisation) unless ``settings`` (flat names) adds them."""
+    from utils.config import make_config
+
+    return make_config("tiny", check=False, **{"w_cls": 0.0, "w_inst": 0.0, "input_norm": "none", **settings})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses import build_criterion  # noqa: E402
 from models import build_model  # noqa: E402
+from utils.config import make_config
 
 FIXTURE = Path(__file__).with_name("fixtures") / "b16_pinned.json"
 VARIANTS = {"puxim": 2, "non-mask": 1}  # variant -> triplets in the batch
@@ -42,13 +42,13 @@ def _batch(b: int) -> dict:
 
 def _model(variant: str):
     torch.manual_seed(0)
-    return build_model(SimpleNamespace(arch="b16", variant=variant), with_sampler=False).train()
+    return build_model(make_config("b16", variant=variant, vit_weights=None), with_sampler=False).train()
 
 
 def pinned_values(variant: str, model=None) -> dict:
     """The terms and per-parameter gradient sums of one training step's forward and backward."""
     model = _model(variant) if model is None else model
-    criterion = build_criterion(SimpleNamespace(variant=variant))
+    criterion = build_criterion(make_config("b16", variant=variant))
     torch.manual_seed(7)  # dropout (0.1 in b16) draws from here
     losses = criterion(model(_batch(VARIANTS[variant])))
     losses["loss"].backward()

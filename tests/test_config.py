@@ -59,7 +59,7 @@ def test_a_preset_is_a_complete_value():
 
 
 def test_the_card_command_and_the_derived_defaults():
-    config = parse("--exp run", "--epoch", 3, "--batch_size", 4, "--num_workers", 0, "--gpu", "1")
+    config = parse("--exp", "run", "--epoch", 3, "--batch_size", 4, "--num_workers", 0, "--gpu", "1")
     assert (config.runtime.exp, config.optim.epoch, config.optim.batch_size, config.data.num_workers,
             config.runtime.gpu) == ("run", 3, 4, 0, "1")
     assert config.model.arch == "tiny" and config.optim.lr == 5e-4  # no --data_path: the CPU preset
@@ -160,7 +160,7 @@ def test_the_resume_check_compares_what_defines_the_run():
     assert [d[0] for d in defining] == ["batch_size"] and [r[0] for r in resumable] == ["lr"]
 
 
-def test_a_format1_checkpoint_gives_the_configuration_it_ran_with():
+def test_a_format1_checkpoint_gives_the_configuration_it_ran_with(micro_preset):
     import torch
 
     ckpt = torch.load(REPO / "tests/fixtures/format1_micro.pth", map_location="cpu", weights_only=False)
@@ -170,8 +170,7 @@ def test_a_format1_checkpoint_gives_the_configuration_it_ran_with():
     assert (config.model.dropout, config.model.stem_norm, config.model.ln_eps, config.loss.margin) == (
         0.0, "batch", 1e-6, 0.2)
     assert (config.data.pseudo_sketch, config.model.num_seen_classes, config.optim.batch_size) == (True, 26, 16)
-    assert dataclasses.replace(config.model, arch="tiny") == dataclasses.replace(
-        PRESETS["tiny"].model, num_seen_classes=26)
+    assert config.model == dataclasses.replace(PRESETS["micro"].model, num_seen_classes=26)
     with pytest.raises(ConfigError, match="holds no configuration"):
         config_from_checkpoint({"model": {}})
 

@@ -1,4 +1,5 @@
 """The sketch/photo encoder: presets, the averaged conv-stem patch embedding, dropout, weight loading."""
+import dataclasses
 import logging
 
 import pytest
@@ -7,21 +8,24 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from models.encoder import ENCODER_PRESETS, WeightLoadError, build_encoder, load_vit_weights
+from conftest import preset_encoder  # tests/ is on sys.path
+from models.encoder import WeightLoadError, load_vit_weights
+from utils.config import config_from_saved, make_config
+from utils.presets import ARCHITECTURES, PRESETS
 
-TINY = ENCODER_PRESETS["tiny"]
+TINY = dataclasses.asdict(ARCHITECTURES["tiny"].encoder)
 
 
 @pytest.fixture(scope="module")
 def tiny_encoder():
     torch.manual_seed(0)
-    return build_encoder("tiny").eval()
+    return preset_encoder("tiny").eval()
 
 
 def test_presets_match_the_reference():
-    b16 = ENCODER_PRESETS["b16"]
+    b16 = dataclasses.asdict(ARCHITECTURES["b16"].encoder)
     assert (b16["img_size"], b16["patch_size"], b16["embed_dim"], b16["depth"], b16["num_heads"],
-            b16["mlp_ratio"], b16["dropout"]) == (224, 16, 768, 12, 12, 4.0, 0.1)
+            b16["mlp_ratio"], PRESETS["b16"].model.dropout) == (224, 16, 768, 12, 12, 4.0, 0.1)
     assert tuple(b16["stem_channels"]) == (64, 128, 256)
     assert (TINY["img_size"], TINY["patch_size"], TINY["embed_dim"], TINY["depth"], TINY["num_heads"],
             TINY["mlp_ratio"]) == (64, 8, 192, 4, 3, 4.0)
@@ -30,7 +34,7 @@ def test_presets_match_the_reference():
 def test_b16_stem_layout():
     # Built on the meta device: the layout without paying for ViT-B/16's initialisation.
     with torch.device("meta"):
-        enc = build_encoder("b16")
+        enc = preset_encoder("b16")
     stem = enc.vit.patch_embed.stem
     convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
     got = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0], c.bias) for c in convs]
@@ -49,8 +53,8 @@ def test_b16_stem_layout():
 
 
 def test_dropout_placement():
-    assert ENCODER_PRESETS["tiny"]["dropout"] == 0.0  # the CPU preset trains without dropout
-    vit = build_encoder("tiny", dropout=0.1).vit  # where the paper's 0.1 goes
+    assert PRESETS["tiny"].model.dropout == 0.0  # the CPU preset trains without dropout
+    vit = preset_encoder("tiny", dropout=0.1).vit  # where the paper's 0.1 goes
     assert vit.pos_drop.p == 0.1  # embeddings
     for blk in vit.blocks:
         assert blk.attn.proj_drop.p == 0.1  # attention output
@@ -58,7 +62,7 @@ def test_dropout_placement():
         assert blk.attn.attn_drop.p == 0.0  # no dropout on attention weights
         assert isinstance(blk.drop_path1, torch.nn.Identity)
     assert not isinstance(vit.norm, torch.nn.Identity)  # final LayerNorm
-    custom = build_encoder("tiny", dropout=0.0)
+    custom = preset_encoder("tiny", dropout=0.0)
     assert custom.vit.pos_drop.p == 0.0 and custom.vit.blocks[0].mlp.drop2.p == 0.0
 
 
@@ -74,7 +78,7 @@ def test_tiny_stem_layout_and_shapes(tiny_encoder):
 
 
 def test_patch_embed_is_the_average_of_conv_and_stem():
-    pe = build_encoder("tiny", stem_norm="none").vit.patch_embed  # the paper's stem, tiny sizes
+    pe = preset_encoder("tiny", stem_norm="none").vit.patch_embed  # the paper's stem, tiny sizes
     x = torch.randn(2, 3, 64, 64)
     w = [m.weight for m in pe.stem if isinstance(m, torch.nn.Conv2d)]
     # The stem written out with the functional API.
@@ -89,9 +93,9 @@ def test_patch_embed_is_the_average_of_conv_and_stem():
 
 def test_tiny_stem_batch_norm():
     # The tiny preset's deviation: conv, BatchNorm, ReLU (x3), conv, BatchNorm; b16 keeps the paper's stem.
-    assert ENCODER_PRESETS["tiny"]["stem_norm"] == "batch" and ENCODER_PRESETS["b16"]["stem_norm"] == "none"
+    assert PRESETS["tiny"].model.stem_norm == "batch" and PRESETS["b16"].model.stem_norm == "none"
     torch.manual_seed(0)
-    enc = build_encoder("tiny").train()
+    enc = preset_encoder("tiny").train()
     stem = enc.vit.patch_embed.stem
     assert [type(m).__name__ for m in stem] == (["Conv2d", "ModalityBatchNorm2d", "ReLU"] * 3
                                                 + ["Conv2d", "ModalityBatchNorm2d"])
@@ -110,13 +114,13 @@ def test_tiny_stem_batch_norm():
     out = stem(torch.rand(4, 3, 64, 64) * 0.01 + 0.9)  # [4, 192, 8, 8], nearly blank images
     assert out.mean().abs() < 1e-4 and out.std().item() == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError, match="stem_norm"):
-        build_encoder("tiny", stem_norm="layer")
+        preset_encoder("tiny", stem_norm="layer")
 
 
 def test_stem_batch_norm_keeps_statistics_per_modality():
     """Evaluation normalises sketches with sketch statistics and photos with photo statistics."""
     torch.manual_seed(0)
-    enc = build_encoder("tiny").train()
+    enc = preset_encoder("tiny").train()
     sketches = torch.ones(6, 3, 64, 64)  # blank white sketches with a dark stroke
     sketches[:, :, 30:34, 10:50] = -1
     photos = torch.randn(6, 3, 64, 64) * 0.5
@@ -143,12 +147,12 @@ def test_the_stem_norm_picks_the_encoder_class_and_only_the_batch_norm_one_sets_
     from models.encoder import BatchNormStemEncoder, ModalityBatchNorm2d, PhotoStandardization, SketchPhotoEncoder
 
     with torch.device("meta"):
-        b16 = build_encoder("b16")
+        b16 = preset_encoder("b16")
     assert type(b16) is SketchPhotoEncoder and b16.stem_norm == "none"
     assert all(isinstance(m, torch.nn.Identity) for m in b16.input_norms.values())  # photos fed as they are
-    bare = build_encoder("tiny", stem_norm="none")
+    bare = preset_encoder("tiny", stem_norm="none")
     assert type(bare) is SketchPhotoEncoder and isinstance(bare.input_norms["photo"], PhotoStandardization)
-    tiny = build_encoder("tiny")
+    tiny = preset_encoder("tiny")
     assert type(tiny) is BatchNormStemEncoder and tiny.stem_norm == "batch"
     assert isinstance(tiny.input_norms["sketch"], torch.nn.Identity)
 
@@ -176,7 +180,7 @@ def test_forward_is_the_plain_vit_on_the_embedding(tiny_encoder):
 
 
 def test_dropout_is_active_in_training():
-    tiny_encoder = build_encoder("tiny", dropout=0.1).eval()
+    tiny_encoder = preset_encoder("tiny", dropout=0.1).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         try:
@@ -189,9 +193,9 @@ def test_dropout_is_active_in_training():
 
 def test_shared_and_separate_encoders():
     x = torch.randn(2, 3, 64, 64)
-    shared = build_encoder("tiny", input_norm="none").eval()  # photos fed as they are, like sketches
+    shared = preset_encoder("tiny", input_norm="none").eval()  # photos fed as they are, like sketches
     torch.testing.assert_close(shared(x, "sketch"), shared(x, "photo"))
-    untied = build_encoder("tiny", separate_photo_encoder=True).eval()
+    untied = preset_encoder("tiny", separate_photo_encoder=True).eval()
     assert untied.photo_vit is not None
     assert not torch.allclose(untied(x, "sketch"), untied(x, "photo"))
     n_shared = sum(p.numel() for p in shared.parameters())
@@ -203,8 +207,11 @@ def test_bad_inputs(tiny_encoder):
         tiny_encoder(torch.randn(1, 3, 64, 64), "drawing")
     with pytest.raises(ValueError, match="64x64"):
         tiny_encoder(torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="unknown encoder arch"):
-        build_encoder("vit_huge")
+    from models.encoder import build_encoder
+
+    with pytest.raises(ValueError, match=r"unknown preset \(--arch\) 'vit_huge'"):
+        build_encoder("vit_huge", separate_photo_encoder=False, dropout=0.0, stem_norm="none", ln_eps=1e-6,
+                      input_norm="none")
 
 
 def _layer_norms(encoder):
@@ -213,18 +220,18 @@ def _layer_norms(encoder):
 
 def test_ln_eps_reaches_every_layer_norm():
     """Default timm's 1e-6; ln_eps=1e-5 (the released ViT's, torch's) on every LayerNorm, same weights."""
-    assert ENCODER_PRESETS["b16"]["ln_eps"] == ENCODER_PRESETS["tiny"]["ln_eps"] == 1e-6
+    assert PRESETS["b16"].model.ln_eps == PRESETS["tiny"].model.ln_eps == 1e-6
     torch.manual_seed(0)
-    default = build_encoder("tiny", separate_photo_encoder=True).eval()
+    default = preset_encoder("tiny", separate_photo_encoder=True).eval()
     torch.manual_seed(0)
-    released = build_encoder("tiny", separate_photo_encoder=True, ln_eps=1e-5).eval()
+    released = preset_encoder("tiny", separate_photo_encoder=True, ln_eps=1e-5).eval()
     n_blocks = TINY["depth"]
     for enc, eps in ((default, 1e-6), (released, 1e-5)):
         norms = _layer_norms(enc)
         assert len(norms) == 2 * (2 * n_blocks + 1)  # norm1, norm2 per block and the final norm, x2 ViTs
         assert {m.eps for m in norms} == {eps}
     with torch.device("meta"):
-        assert {m.eps for m in _layer_norms(build_encoder("b16", ln_eps=1e-5))} == {1e-5}
+        assert {m.eps for m in _layer_norms(preset_encoder("b16", ln_eps=1e-5))} == {1e-5}
     sd = default.state_dict()  # the parameters do not depend on eps: a checkpoint loads into either
     assert sd.keys() == released.state_dict().keys()
     assert all(torch.equal(sd[k], v) for k, v in released.state_dict().items())
@@ -241,16 +248,14 @@ def test_ln_eps_reaches_every_layer_norm():
 
 
 def test_build_model_reads_ln_eps_and_old_args_rebuild_the_default():
-    from types import SimpleNamespace
-
     from models import build_model
 
-    def eps_of(args):
-        return {m.eps for m in _layer_norms(build_model(args, with_sampler=False).encoder)}
+    def eps_of(config):
+        return {m.eps for m in _layer_norms(build_model(config, with_sampler=False).encoder)}
 
-    assert eps_of(SimpleNamespace(arch="tiny", ln_eps=1e-5)) == {1e-5}
-    assert eps_of(SimpleNamespace(arch="tiny", ln_eps=None)) == {1e-6}  # train.py's unset flag
-    assert eps_of(SimpleNamespace(arch="tiny")) == {1e-6}  # a checkpoint's args from before --ln_eps
+    assert eps_of(make_config("tiny", ln_eps=1e-5)) == {1e-5}
+    assert eps_of(config_from_saved({"arch": "tiny", "ln_eps": None})) == {1e-6}  # format 1's "the preset's"
+    assert eps_of(config_from_saved({"arch": "tiny"})) == {1e-6}  # a checkpoint's args from before --ln_eps
 
 
 # ----------------------------------------------------------------------------- weight loading
@@ -269,7 +274,7 @@ def test_load_vit_weights(tmp_path, suffix, caplog):
         save_file({k: v.contiguous() for k, v in source.items()}, str(path))
     else:
         torch.save(source, path)
-    enc = build_encoder("tiny")
+    enc = preset_encoder("tiny")
     stem_before = {k: v.clone() for k, v in enc.vit.patch_embed.stem.state_dict().items()}
     with caplog.at_level(logging.INFO, logger="models.encoder"):
         report = load_vit_weights(enc, str(path))
@@ -291,7 +296,7 @@ def test_load_vit_weights(tmp_path, suffix, caplog):
 def test_load_vit_weights_into_both_untied_encoders(tmp_path):
     source = _timm_tiny_vit().state_dict()
     torch.save(source, tmp_path / "vit.pth")
-    enc = build_encoder("tiny", separate_photo_encoder=True)
+    enc = preset_encoder("tiny", separate_photo_encoder=True)
     load_vit_weights(enc, str(tmp_path / "vit.pth"))
     for vit in (enc.vit, enc.photo_vit):
         torch.testing.assert_close(vit.blocks[2].mlp.fc1.weight, source["blocks.2.mlp.fc1.weight"], rtol=0, atol=0)
@@ -300,7 +305,7 @@ def test_load_vit_weights_into_both_untied_encoders(tmp_path):
 def test_load_vit_weights_resamples_pos_embed(tmp_path):
     source = _timm_tiny_vit(img_size=32).state_dict()  # 4x4 grid: pos_embed [1, 17, 192]
     torch.save(source, tmp_path / "vit32.pth")
-    enc = build_encoder("tiny")
+    enc = preset_encoder("tiny")
     report = load_vit_weights(enc, str(tmp_path / "vit32.pth"))
     assert report["resampled"] == {"pos_embed": ((1, 17, 192), (1, 65, 192))}
     pos = enc.vit.pos_embed.detach()
@@ -317,31 +322,31 @@ def test_load_vit_weights_errors(tmp_path, caplog):
     bad["blocks.1.attn.qkv.weight"] = torch.zeros(10, 192)
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight.*\(10, 192\).*\(576, 192\)"):
-        load_vit_weights(build_encoder("tiny"), str(tmp_path / "bad.pth"))
+        load_vit_weights(preset_encoder("tiny"), str(tmp_path / "bad.pth"))
 
     partial_sd = {k: v for k, v in source.items() if k != "norm.weight"}
     partial_sd["extra.thing"] = torch.zeros(3)
     torch.save(partial_sd, tmp_path / "partial.pth")
     with caplog.at_level(logging.WARNING, logger="models.encoder"):
-        report = load_vit_weights(build_encoder("tiny"), str(tmp_path / "partial.pth"))
+        report = load_vit_weights(preset_encoder("tiny"), str(tmp_path / "partial.pth"))
     assert report["missing"] == ["norm.weight"] and report["unexpected"] == ["extra.thing"]
     assert "norm.weight" in caplog.text and "extra.thing" in caplog.text
 
     torch.save({"transformer.encoder_norm.weight": torch.zeros(192)}, tmp_path / "other_naming.pth")
     with pytest.raises(ValueError, match="other_naming.pth.*timm"):
-        load_vit_weights(build_encoder("tiny"), str(tmp_path / "other_naming.pth"))
+        load_vit_weights(preset_encoder("tiny"), str(tmp_path / "other_naming.pth"))
 
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        load_vit_weights(build_encoder("tiny"), str(tmp_path / "nowhere.pth"))
+        load_vit_weights(preset_encoder("tiny"), str(tmp_path / "nowhere.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightLoadError, match="junk.pth"):
-        load_vit_weights(build_encoder("tiny"), str(tmp_path / "junk.pth"))
+        load_vit_weights(preset_encoder("tiny"), str(tmp_path / "junk.pth"))
 
 
 def test_timm_tag_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightLoadError, match="local"):
-        load_vit_weights(build_encoder("tiny"), "vit_tiny_patch16_224.augreg_in21k")
+        load_vit_weights(preset_encoder("tiny"), "vit_tiny_patch16_224.augreg_in21k")
 
 
 
@@ -365,11 +370,11 @@ def test_input_norm_photo_makes_photo_embeddings_ignore_brightness_and_contrast(
     """tiny standardises each photo: a * photo + b (a > 0) embeds as the photo; sketches are fed as they are."""
     from models.encoder import standardize_images
 
-    assert ENCODER_PRESETS["tiny"]["input_norm"] == "photo" and ENCODER_PRESETS["b16"]["input_norm"] == "none"
+    assert PRESETS["tiny"].model.input_norm == "photo" and PRESETS["b16"].model.input_norm == "none"
     torch.manual_seed(0)
-    standardized = build_encoder("tiny").eval()
+    standardized = preset_encoder("tiny").eval()
     torch.manual_seed(0)
-    plain = build_encoder("tiny", input_norm="none").eval()
+    plain = preset_encoder("tiny", input_norm="none").eval()
     assert standardized.state_dict().keys() == plain.state_dict().keys()  # no parameters: checkpoints load in both
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [3, 3, 64, 64]
     faded = 0.2 * x + 0.5  # a low-contrast, brighter copy
@@ -382,21 +387,19 @@ def test_input_norm_photo_makes_photo_embeddings_ignore_brightness_and_contrast(
         assert not torch.allclose(standardized.embed(faded, "sketch"), standardized.embed(x, "sketch"), atol=1e-2)
         torch.testing.assert_close(standardized(x, "sketch"), plain(x, "sketch"))  # sketches untouched
     with pytest.raises(ValueError, match="input_norm must be one of"):
-        build_encoder("tiny", input_norm="sketch")
+        preset_encoder("tiny", input_norm="sketch")
 
 
 def test_build_model_reads_input_norm_and_old_args_rebuild_without_it():
-    from types import SimpleNamespace
-
     from models import build_model
-
     from models.encoder import PhotoStandardization
 
-    def norm_of(args):
-        encoder = build_model(args, with_sampler=False).encoder
+    def norm_of(config):
+        encoder = build_model(config, with_sampler=False).encoder
         assert isinstance(encoder.input_norms["photo"], PhotoStandardization) == (encoder.input_norm == "photo")
         return encoder.input_norm
 
-    assert norm_of(SimpleNamespace(arch="tiny", input_norm=None)) == "photo"  # train.py's unset flag: the preset's
-    assert norm_of(SimpleNamespace(arch="tiny", input_norm="none")) == "none"
-    assert norm_of(SimpleNamespace(arch="tiny")) == "none"  # a checkpoint's args from before --input_norm
+    assert norm_of(make_config("tiny")) == "photo"  # the preset's
+    assert norm_of(make_config("tiny", input_norm="none")) == "none"
+    assert norm_of(config_from_saved({"arch": "tiny", "input_norm": None})) == "photo"  # format 1's "the preset's"
+    assert norm_of(config_from_saved({"arch": "tiny"})) == "none"  # a checkpoint's args from before --input_norm

@@ -1,7 +1,6 @@
 """engine.train_step, the one training step: what a hand-written step does, and what train_one_epoch takes;
 what train_one_epoch and evaluate return."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch
 import engine
 from losses import build_criterion
 from models import build_model
+from conftest import tiny_config  # tests/ is on sys.path
+from utils.config import make_config
 
 B = 2
 
@@ -17,7 +18,7 @@ B = 2
 def model():
     """Tiny PuXIM with dropout, so that a step that drew its random numbers differently would show."""
     torch.manual_seed(0)
-    return build_model(SimpleNamespace(arch="tiny", dropout=0.1)).train()
+    return build_model(tiny_config(dropout=0.1)).train()
 
 
 def make_batch(model, seed):
@@ -43,7 +44,7 @@ def assert_same(a, b):
 
 
 def test_train_step_is_the_hand_written_step(model):
-    criterion = build_criterion(SimpleNamespace())
+    criterion = build_criterion(make_config("b16"))
     batch = make_batch(model, seed=1)
     before = params(model)
 
@@ -70,7 +71,7 @@ def test_train_step_is_the_hand_written_step(model):
 
 
 def test_train_one_epoch_takes_train_step_per_batch(model):
-    criterion = build_criterion(SimpleNamespace())
+    criterion = build_criterion(make_config("b16"))
     batches = [make_batch(model, seed=s) for s in (2, 3)]
 
     stepped = copy.deepcopy(model)
@@ -91,7 +92,7 @@ def test_train_one_epoch_takes_train_step_per_batch(model):
 
 def test_grad_scaler_path_gives_the_same_step(model):
     """A power-of-two loss scale is exact: the scaled step (fp16 training's path) lands on the same weights."""
-    criterion = build_criterion(SimpleNamespace())
+    criterion = build_criterion(make_config("b16"))
     batch = make_batch(model, seed=4)
     plain, scaled = copy.deepcopy(model), copy.deepcopy(model)
     torch.manual_seed(3)
@@ -131,7 +132,7 @@ def test_epoch_result_keeps_statistics_apart_from_control_values(model):
     """An interrupted epoch and its resumption: stats hold the whole epoch's numbers, the result the control."""
     from utils.health import HealthMonitor
 
-    criterion = build_criterion(SimpleNamespace())
+    criterion = build_criterion(make_config("b16"))
     batches = [make_batch(model, seed=s) for s in (6, 7, 8)]
     net = copy.deepcopy(model)
     health = HealthMonitor(distance=criterion.triplet.pair_distance, margin=criterion.triplet.margin,

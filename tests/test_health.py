@@ -29,7 +29,7 @@ def test_triplet_health_by_hand():
     p = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0]])
     n = torch.tensor([[2.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     out = {"sketch_emb": s, "positive_emb": p, "negative_emb": n}
-    h = triplet_health(out, TripletLoss(margin=1.0).pair_distance, 1.0)
+    h = triplet_health(out, TripletLoss(margin=1.0, distance="euclidean").pair_distance, 1.0)
     # d_sp = 1, 3, 0.5; d_sn = 2, 1, 2: correct for triplets 0 and 2; hinge d_sp - d_sn + 1 = 0, 3, -0.5.
     assert float(h["triplet_acc"]) == pytest.approx(2 / 3)
     assert float(h["active_frac"]) == pytest.approx(1 / 3, abs=1e-5)  # triplet 0 sits on the hinge (eps)
@@ -51,7 +51,7 @@ def _figures_as_given(monkeypatch, request):
 
 
 def monitor(**kw):
-    return HealthMonitor(distance=TripletLoss().pair_distance, **{"on_collapse": "warn", "log_every": 10,
+    return HealthMonitor(distance=TripletLoss(margin=1.0, distance="euclidean").pair_distance, **{"on_collapse": "warn", "log_every": 10,
                                                                   "patience": 100, **kw})
 
 
@@ -99,7 +99,7 @@ def test_unknown_on_collapse_value_is_refused(capsys):
     assert "--on_collapse" in capsys.readouterr().err
 
 
-RUN = {"datasetLen": 64, "batch_size": 8, "log_every": 2}  # 8 steps per epoch, health figures every 2
+RUN = {"datasetLen": 32, "batch_size": 4, "log_every": 2}  # 8 steps per epoch, health figures every 2
 
 
 def test_forced_collapse_stops_with_checkpoint(bench, tmp_path, monkeypatch, caplog):

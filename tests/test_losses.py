@@ -1,12 +1,19 @@
 """Every loss on hand-made tensors against hand-computed numbers."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from losses import (InstanceLoss, MatchingLoss, PuXIMCriterion, ReconstructionLoss, SeenClassLoss, TripletLoss,
                     build_criterion, symmetric_infonce)
+from utils.config import ConfigError, make_config
+
+PAPER_WEIGHTS = {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}  # w_tri, w_rec, w_int of the paper
+
+
+def paper(**settings):
+    """The b16 preset's configuration (the paper's losses), ``settings`` changed (checked as train.py checks)."""
+    return make_config("b16", **settings)
 
 
 def test_triplet_euclidean_by_hand():
@@ -15,10 +22,10 @@ def test_triplet_euclidean_by_hand():
     n = torch.tensor([[1.0, 0.0], [4.0, 5.0]])
     # sample 1: d(a,p) = 5, d(a,n) = 1 -> 5 - 1 + 1 = 5; sample 2: 0 - 5 + 1 < 0 -> 0; mean 2.5
     # (torch adds eps = 1e-6 inside the norm: differences below 1e-5)
-    loss = TripletLoss(margin=1.0)(a, p, n)
+    loss = TripletLoss(margin=1.0, distance="euclidean")(a, p, n)
     assert loss.shape == ()
     assert loss.item() == pytest.approx(2.5, abs=1e-5)
-    assert TripletLoss(margin=3.0)(a, p, n).item() == pytest.approx((7.0 + 0.0) / 2, abs=1e-5)
+    assert TripletLoss(margin=3.0, distance="euclidean")(a, p, n).item() == pytest.approx((7.0 + 0.0) / 2, abs=1e-5)
 
 
 def test_triplet_cosine_by_hand():
@@ -30,7 +37,7 @@ def test_triplet_cosine_by_hand():
     loss = TripletLoss(margin=0.2, distance="cosine")(a, p, n)
     assert loss.item() == pytest.approx((1 / math.sqrt(2) + 0.2) / 2, abs=1e-6)  # 0.453553
     with pytest.raises(ValueError, match="distance"):
-        TripletLoss(distance="manhattan")
+        TripletLoss(margin=1.0, distance="manhattan")
 
 
 def test_reconstruction_by_hand():
@@ -79,7 +86,7 @@ def _outputs():
 
 
 def test_criterion_by_hand():
-    crit = PuXIMCriterion()
+    crit = PuXIMCriterion(triplet=TripletLoss(margin=1.0, distance="euclidean"), weights=PAPER_WEIGHTS)
     assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
     out = crit(_outputs())
     assert set(out) == {"loss_tri", "loss_rec", "loss_int", "loss"}
@@ -91,7 +98,7 @@ def test_criterion_by_hand():
 
 
 def test_non_mask_criterion():
-    crit = build_criterion(SimpleNamespace(variant="non-mask"))
+    crit = build_criterion(paper(variant="non-mask"))
     assert crit.triplet.distance == "cosine" and crit.triplet.margin == 0.2
     out = crit(_outputs())
     assert out["loss_rec"].item() == 0.0 and not out["loss_rec"].requires_grad
@@ -102,19 +109,19 @@ def test_non_mask_criterion():
 
 
 def test_build_criterion_defaults_and_overrides():
-    crit = build_criterion(SimpleNamespace())
+    crit = build_criterion(paper())
     assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1}
     assert crit.triplet.distance == "euclidean" and crit.triplet.margin == 1.0 and crit.use_reconstruction
-    crit = build_criterion(SimpleNamespace(variant="puxim", margin=0.5, w_tri=2, w_rec=None, w_int=0.3))
+    crit = build_criterion(paper(margin=0.5, w_tri=2, w_int=0.3))
     assert crit.triplet.margin == 0.5
     assert crit.weight_dict == {"loss_tri": 2.0, "loss_rec": 0.05, "loss_int": 0.3}
-    with pytest.raises(ValueError, match="variant"):
-        build_criterion(SimpleNamespace(variant="mae"))
+    with pytest.raises(ConfigError, match="variant must be one of"):
+        build_criterion(paper(variant="mae"))
 
 
 def test_seen_class_term_by_hand():
     out = dict(_outputs(), class_logits=torch.tensor([[2.0, 0.0], [0.0, 0.0]]), class_labels=torch.tensor([0, 1]))
-    crit = build_criterion(SimpleNamespace(w_cls=0.5, tri_distance="cosine"))
+    crit = build_criterion(paper(w_cls=0.5, tri_distance="cosine"))
     assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_cls": 0.5}
     assert crit.triplet.distance == "cosine" and crit.triplet.margin == 0.2  # cosine's default margin
     losses = crit(out)
@@ -123,15 +130,16 @@ def test_seen_class_term_by_hand():
     # cosine triplet with a = 0: 0.2 (see test_non_mask_criterion); rec 86/8; int as in test_criterion_by_hand
     ce = (2.126928 + 0.693147) / 2
     assert losses["loss"].item() == pytest.approx(0.2 + 0.05 * 86 / 8 + 0.1 * ce + 0.5 * cls, abs=1e-5)
-    assert "loss_cls" not in build_criterion(SimpleNamespace(w_cls=0.0))(out)  # 0: no term at all
+    assert "loss_cls" not in build_criterion(paper(w_cls=0.0))(out)  # 0: no term at all
     with pytest.raises(ValueError, match="class_logits"):
         crit(_outputs())
-    with pytest.raises(ValueError, match="tri_distance"):
-        build_criterion(SimpleNamespace(tri_distance="manhattan"))
+    with pytest.raises(ConfigError, match="tri_distance must be one of"):
+        build_criterion(paper(tri_distance="manhattan"))
     with pytest.raises(ValueError, match="exactly the keys"):
-        PuXIMCriterion(weights={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0, "loss_typo": 1.0})
-    with pytest.raises(ValueError, match="w_cls must be >= 0"):
-        build_criterion(SimpleNamespace(w_cls=-1.0))
+        PuXIMCriterion(triplet=crit.triplet, weights={"loss_tri": 1.0, "loss_rec": 0.0, "loss_int": 0.0,
+                                                      "loss_typo": 1.0})
+    with pytest.raises(ConfigError, match="w_cls must be >= 0"):
+        build_criterion(paper(w_cls=-1.0))
 
 
 def test_extra_losses_are_plug_ins_with_their_weights():
@@ -139,16 +147,17 @@ def test_extra_losses_are_plug_ins_with_their_weights():
     out = dict(_outputs(), class_logits=torch.tensor([[2.0, 0.0], [0.0, 0.0]]), class_labels=torch.tensor([0, 1]))
     seen = SeenClassLoss(0.5)
     assert seen.weight_dict == {"loss_cls": 0.5} and set(seen(out)) == {"loss_cls"}
-    crit = PuXIMCriterion(triplet=TripletLoss(margin=0.2, distance="cosine"), extra_losses=[seen])
+    crit = PuXIMCriterion(triplet=TripletLoss(margin=0.2, distance="cosine"), weights=PAPER_WEIGHTS,
+                          extra_losses=[seen])
     assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_cls": 0.5}
-    built = build_criterion(SimpleNamespace(w_cls=0.5, tri_distance="cosine"))(out)
+    built = build_criterion(paper(w_cls=0.5, tri_distance="cosine"))(out)
     assert {k: v.item() for k, v in crit(out).items()} == {k: v.item() for k, v in built.items()}
     # the paper's criterion has no plug-ins: build_criterion adds one only for a weight > 0
-    assert list(build_criterion(SimpleNamespace()).extra_losses) == []
-    assert [type(m) for m in build_criterion(SimpleNamespace(w_cls=1.0, w_inst=2.0)).extra_losses] == [
+    assert list(build_criterion(paper()).extra_losses) == []
+    assert [type(m) for m in build_criterion(paper(w_cls=1.0, w_inst=2.0)).extra_losses] == [
         SeenClassLoss, InstanceLoss]
     with pytest.raises(ValueError, match="already has"):
-        PuXIMCriterion(extra_losses=[SeenClassLoss(1.0), SeenClassLoss(2.0)])
+        PuXIMCriterion(triplet=crit.triplet, weights=PAPER_WEIGHTS, extra_losses=[SeenClassLoss(1.0), SeenClassLoss(2.0)])
 
 
 def test_instance_term_by_hand():
@@ -163,12 +172,12 @@ def test_instance_term_by_hand():
 
     out = dict(_outputs(), positive_emb=photo, pseudo_sketch_emb=sketch, sketch_emb=torch.zeros(2, 2),
                negative_emb=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    crit = build_criterion(SimpleNamespace(w_inst=0.5, tri_distance="cosine"))
+    crit = build_criterion(paper(w_inst=0.5, tri_distance="cosine"))
     assert crit.weight_dict == {"loss_tri": 1.0, "loss_rec": 0.05, "loss_int": 0.1, "loss_inst": 0.5}
     losses = crit(out)
     assert losses["loss_inst"].item() == pytest.approx((rows + cols) / 2, abs=1e-6)
     others = sum(crit.weight_dict[k] * losses[k] for k in ("loss_tri", "loss_rec", "loss_int"))
     assert losses["loss"].item() == pytest.approx(others.item() + 0.5 * losses["loss_inst"].item(), abs=1e-6)
-    assert "loss_inst" not in build_criterion(SimpleNamespace(w_inst=0.0))(out)
+    assert "loss_inst" not in build_criterion(paper(w_inst=0.0))(out)
     with pytest.raises(ValueError, match="pseudo_sketch"):
         crit(_outputs())

@@ -1,12 +1,17 @@
 """PuXIM composed: output shapes and values, masking, the interaction head, gradients, b16 sizes."""
-from types import SimpleNamespace
+import dataclasses
 
 import open_clip
 import pytest
 import torch
 
 from losses import build_criterion
-from models import INTERACTION_PRESETS, InteractionHead, PuXIM, VxLSampler, build_encoder, build_model, model_summary
+from conftest import preset_encoder, tiny_config  # tests/ is on sys.path
+from models import InteractionHead, PuXIM, VxLSampler, build_model, model_summary
+from utils.config import ConfigError, make_config
+from utils.presets import ARCHITECTURES
+
+B16_INTERACTION = dict(dataclasses.asdict(ARCHITECTURES["b16"].interaction), dropout=0.1)
 
 B = 2
 
@@ -21,7 +26,7 @@ def _batch(size=64, b=B, seed=0):
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return build_model(SimpleNamespace(arch="tiny"))
+    return build_model(tiny_config())
 
 
 # ----------------------------------------------------------------------------- b16 sizes
@@ -32,7 +37,7 @@ def b16_model():
     with torch.device("meta"):
         clip = open_clip.CLIP(**open_clip.get_model_config("ViT-B-16-quickgelu"))
         sampler = VxLSampler(clip, tokenizer)
-        model = PuXIM(encoder=build_encoder("b16"), interaction=InteractionHead(**INTERACTION_PRESETS["b16"]),
+        model = PuXIM(encoder=preset_encoder("b16"), interaction=InteractionHead(**B16_INTERACTION),
                       sampler=sampler)
     return model
 
@@ -125,16 +130,16 @@ def test_precomputed_mask_skips_the_sampler(tiny_model):
 
 
 def test_non_mask_variant():
-    model = build_model(SimpleNamespace(arch="tiny", variant="non-mask")).eval()
+    model = build_model(tiny_config(variant="non-mask")).eval()
     assert model.sampler is None and not model.use_mask
     with torch.no_grad():
         out = model(_batch())
     assert torch.equal(out["photo_mask"], torch.ones(2 * B, 64))
-    assert build_criterion(SimpleNamespace(variant="non-mask"))(out)["loss_rec"].item() == 0.0
+    assert build_criterion(make_config("b16", variant="non-mask"))(out)["loss_rec"].item() == 0.0
 
 
 def test_build_model_options(tmp_path):
-    model = build_model(SimpleNamespace(arch="tiny", keep_ratio=0.5, prompt="a photo of {}", vxl_norm="channel",
+    model = build_model(tiny_config(keep_ratio=0.5, prompt="a photo of {}", vxl_norm="channel",
                                         clip_input_norm="clip", separate_encoders=True, int_memory="unmasked",
                                         dropout=0.0))
     s = model.sampler
@@ -144,15 +149,15 @@ def test_build_model_options(tmp_path):
     # --dropout sets every dropout of the trained parts: encoder and interaction decoder
     assert model.encoder.vit.pos_drop.p == 0.0 and model.interaction.decoder.layers[0].dropout.p == 0.0
     with pytest.raises(ValueError, match="--clip_weights"):
-        build_model(SimpleNamespace(arch="b16"))
-    no_sampler = build_model(SimpleNamespace(arch="tiny"), with_sampler=False)
+        build_model(make_config("b16"))
+    no_sampler = build_model(tiny_config(), with_sampler=False)
     assert no_sampler.sampler is None and no_sampler.use_mask
     with pytest.raises(RuntimeError, match="photo_mask"):
         no_sampler(_batch())
-    with pytest.raises(ValueError, match="arch"):
-        build_model(SimpleNamespace(arch="l14"))
-    with pytest.raises(ValueError, match="int_memory"):
-        build_model(SimpleNamespace(arch="tiny", int_memory="half"))
+    with pytest.raises(ConfigError, match="arch"):
+        build_model(make_config("l14"))
+    with pytest.raises(ConfigError, match="int_memory"):
+        build_model(tiny_config(int_memory="half"))
 
 
 # ----------------------------------------------------------------------------- training behaviour
@@ -171,7 +176,7 @@ def test_gradients_reach_the_encoder_never_clip(tiny_model, term):
     model = tiny_model.train()
     model.zero_grad(set_to_none=True)
     out = model(_batch())
-    losses = build_criterion(SimpleNamespace())(out)
+    losses = build_criterion(make_config("b16"))(out)
     losses[term].backward()
     vit = model.encoder.vit
     for p in (vit.blocks[0].attn.qkv.weight, vit.patch_embed.stem[0].weight, vit.patch_embed.proj.weight):
@@ -188,7 +193,7 @@ def test_gradients_reach_the_encoder_never_clip(tiny_model, term):
 
 # ----------------------------------------------------------------------------- interaction head
 def test_interaction_head_structure():
-    head = InteractionHead(**INTERACTION_PRESETS["b16"])
+    head = InteractionHead(**B16_INTERACTION)
     layers = head.decoder.layers
     assert len(layers) == 4 and head.classifier.out_features == 2
     layer = layers[0]
@@ -199,7 +204,7 @@ def test_interaction_head_structure():
 
 def test_interaction_head_is_per_sample():
     torch.manual_seed(0)
-    head = InteractionHead(d_model=32, nhead=4, num_layers=2, dim_feedforward=64).eval()
+    head = InteractionHead(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.1).eval()
     s, p = torch.randn(5, 7, 32), torch.randn(5, 9, 32)
     with torch.no_grad():
         out = head(s, p)
@@ -221,7 +226,7 @@ def test_compile_model_keeps_names_and_values():
     from models import compile_model
 
     torch.manual_seed(0)
-    eager = build_model(SimpleNamespace(arch="tiny", dropout=0.0)).train()
+    eager = build_model(tiny_config(dropout=0.0)).train()
     compiled = compile_model(copy.deepcopy(eager), backend="eager")  # dynamo traces; no C++ build in tests
     # In place: parameter names and the state dict are the uncompiled model's (checkpoints stay portable).
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -257,7 +262,7 @@ def test_seen_class_head_by_hand():
 
 def test_class_head_outputs_and_loss():
     torch.manual_seed(0)
-    args = SimpleNamespace(arch="tiny", variant="non-mask", w_cls=1.0, num_seen_classes=5)
+    args = tiny_config(variant="non-mask", w_cls=1.0, num_seen_classes=5)
     model = build_model(args).train()
     assert model.class_head is not None and model.class_head.weight.shape == (5, 192)
     assert {id(p) for p in model.class_head.parameters()} <= {id(p) for p in model.trainable_parameters()}
@@ -280,21 +285,21 @@ def test_class_head_outputs_and_loss():
     with pytest.raises(ValueError, match="positive_label"):
         model(_batch())
     # No class count (a model built only to embed or to draw masks): no head, and the loss says what is missing.
-    headless = build_model(SimpleNamespace(arch="tiny", variant="non-mask", w_cls=1.0), with_sampler=False)
+    headless = build_model(tiny_config(variant="non-mask", w_cls=1.0), with_sampler=False)
     assert type(headless) is PuXIM and not hasattr(headless, "class_head")
     with pytest.raises(ValueError, match="class_logits"):
         crit(headless(batch))
-    assert type(build_model(SimpleNamespace(arch="tiny", w_cls=0.0, num_seen_classes=5), with_sampler=False)) is PuXIM
+    assert type(build_model(tiny_config(w_cls=0.0, num_seen_classes=5), with_sampler=False)) is PuXIM
 
 
 def test_pseudo_sketches_are_encoded_as_sketches_and_trained_by_the_instance_loss():
     from models import PuXIMWithPseudoSketches
 
-    args = SimpleNamespace(arch="tiny", variant="non-mask", w_inst=1.0, pseudo_sketch=True)
+    args = tiny_config(variant="non-mask", w_inst=1.0, pseudo_sketch=True)
     torch.manual_seed(0)
     model = build_model(args, with_sampler=False).eval()
     torch.manual_seed(0)
-    paper = build_model(SimpleNamespace(arch="tiny", variant="non-mask"), with_sampler=False).eval()  # same weights
+    paper = build_model(tiny_config(variant="non-mask"), with_sampler=False).eval()  # same weights
     assert type(model) is PuXIMWithPseudoSketches and type(paper) is PuXIM
     batch = _batch()
     pseudo = _batch(seed=1)["sketch"]  # [B, 3, 64, 64]
@@ -328,16 +333,15 @@ def test_build_model_picks_the_paper_class_unless_the_run_has_a_training_aid():
     from models import PuXIMWithSeenClassHead, PuXIMWithTrainingAids
 
     def model_class(**fields):
-        return type(build_model(SimpleNamespace(arch="tiny", **fields), with_sampler=False))
+        return type(build_model(tiny_config(**fields), with_sampler=False))
 
     assert model_class() is PuXIM and model_class(pseudo_sketch=False) is PuXIM
-    assert model_class(pseudo_sketch=None) is PuXIM  # an unset flag
-    assert model_class(w_inst=1.0) is PuXIM  # a loss weight alone encodes nothing more
+    assert model_class(w_inst=1.0, pseudo_sketch=False) is PuXIM  # a loss weight alone encodes nothing more
     assert model_class(w_cls=1.0, num_seen_classes=4) is PuXIMWithSeenClassHead
-    aided = build_model(SimpleNamespace(arch="tiny", pseudo_sketch=True, w_cls=1.0, num_seen_classes=4))
+    aided = build_model(tiny_config(pseudo_sketch=True, w_cls=1.0, num_seen_classes=4))
     assert type(aided) is PuXIMWithTrainingAids and aided.class_head.weight.shape == (4, 192)
     # Aids without parameters leave the state dict as it is: checkpoints load whichever class reads them.
-    plain = build_model(SimpleNamespace(arch="tiny", w_cls=1.0, num_seen_classes=4))
+    plain = build_model(tiny_config(w_cls=1.0, num_seen_classes=4))
     assert list(aided.state_dict()) == list(plain.state_dict())
     assert {id(p) for p in aided.class_head.parameters()} <= {id(p) for p in aided.trainable_parameters()}
     batch = dict(_batch(), pseudo_sketch=_batch(seed=1)["sketch"], positive_label=[0, 1], negative_label=[2, 3])

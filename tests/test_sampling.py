@@ -95,10 +95,10 @@ def test_draws_are_reproducible_and_order_independent():
 
 def test_dataset_needs_two_photo_classes():
     with pytest.raises(DatasetError):
-        TripletDataset(sketches={"a": [Path("x")]}, photos={"a": [Path("y")]}, length=1, image_size=8)
+        TripletDataset(sketches={"a": [Path("x")]}, photos={"a": [Path("y")]}, length=1, image_size=8, seed=0)
     with pytest.raises(DatasetError):
         TripletDataset(sketches={"a": [Path("x")]}, photos={"b": [Path("y")], "c": [Path("z")]},
-                       length=1, image_size=8)
+                       length=1, image_size=8, seed=0)
 
 
 # ------------------------------------------------------------------------- index sampler
@@ -122,13 +122,13 @@ def test_sampler_drops_the_remainder_and_resumes():
     shares = [list(s) for s in samplers]
     assert [len(s) for s in samplers] == [2, 2, 2, 2]
     assert sorted(i for share in shares for i in share) == list(range(8))  # 8, 9 dropped
-    s = TripletIndexSampler(10, shuffle=True, seed=1)
+    s = TripletIndexSampler(10, shuffle_seed=1)
     s.set_epoch(3)
     full = list(s)
     assert sorted(full) == list(range(30, 40)) and full != sorted(full)
     s.set_epoch(3, skip=4)
     assert list(s) == full[4:] and len(s) == 6
-    s2 = TripletIndexSampler(10, shuffle=True, seed=1)
+    s2 = TripletIndexSampler(10, shuffle_seed=1)
     s2.set_epoch(3)
     assert list(s2) == full  # same seed and epoch -> same order
     s2.set_epoch(4)
@@ -193,7 +193,7 @@ def test_unreadable_image_raises_with_path(tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"")
     ds = TripletDataset(sketches={"cat": [bad]}, photos={"cat": [bad], "dog": [bad]},
-                        length=1, image_size=8)
+                        length=1, image_size=8, seed=0)
     with pytest.raises(ImageLoadError, match="broken.png"):
         ds[0]
     assert ds.describe(0)["sketch_path"] == str(bad)  # describe never touches the file
@@ -230,9 +230,9 @@ def test_subsample_per_class():
     # A class's choice depends only on its own items.
     only_a = [it for it in items if it[1] == "a"]
     assert [it for it in sub if it[1] == "a"] == subsample_per_class(only_a, 5, seed=0)
-    assert subsample_per_class(items, None) == items
+    assert subsample_per_class(items, None, seed=0) == items
     with pytest.raises(ValueError):
-        subsample_per_class(items, 0)
+        subsample_per_class(items, 0, seed=0)
 
 
 def test_pseudo_sketch_items_draw_the_positive_photo(image_dataset):
@@ -268,19 +268,17 @@ def test_augmented_items_crop_every_image_on_their_own_and_keep_the_triplet(imag
 
 def test_build_datasets_reads_the_extras_from_the_data_configuration():
     """pseudo_sketch and augment choose the training items' extras; loss weights do not."""
-    from types import SimpleNamespace
-
     from datasets import training_extras
+    from utils.config import DataConfig, make_config
 
     def kinds(**fields):
-        return [type(e) for e in training_extras(SimpleNamespace(**fields), 16, 3)]
+        return [type(e) for e in training_extras(DataConfig(image_size=16, **fields), 3)]
 
-    assert kinds() == [] and kinds(pseudo_sketch=None, augment=None) == []  # the paper's items
-    assert kinds(w_inst=1.0, w_cls=1.0) == []  # a loss weight alone draws no pseudo-sketch
+    assert kinds() == []  # the paper's items
+    paper_data_with_extra_losses = make_config("b16", w_cls=1.0, w_inst=1.0, pseudo_sketch=False, check=False).data
+    assert training_extras(paper_data_with_extra_losses, 3) == []  # a loss weight alone draws no pseudo-sketch
     assert kinds(pseudo_sketch=True) == [PseudoSketches]
     # the crop after the pseudo-sketch, so that it is cropped too; the seed is the dataset's
-    extras = training_extras(SimpleNamespace(pseudo_sketch=True, augment="crop_flip"), 16, 3)
+    extras = training_extras(DataConfig(image_size=16, pseudo_sketch=True, augment="crop_flip"), 3)
     assert [type(e) for e in extras] == [PseudoSketches, RandomCropFlips] and extras[1].seed == 3
     assert extras[0].image_size == 16
-    with pytest.raises(ValueError, match="augment must be one of"):
-        training_extras(SimpleNamespace(augment="rotate"), 16, 3)

@@ -445,7 +445,9 @@ def read_config_file(path: str | Path) -> dict:
             import yaml
 
             content = yaml.safe_load(text)
-    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError are both ValueErrors
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] != "yaml":
+            raise
         raise ConfigError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
     return flat_settings(content, str(path))
 

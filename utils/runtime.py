@@ -67,7 +67,7 @@ def select_device(args, *, warn_cpu: bool = True) -> torch.device:
     if dist_utils.launched_by_torchrun():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        index = int(str(getattr(args, "gpu", "0")).split(",")[0])
+        index = int(str(args.gpu).split(",")[0])
     except ValueError:
         raise UserError(f"--gpu must be a device index such as 0, got {args.gpu!r}") from None
     if not 0 <= index < torch.cuda.device_count():

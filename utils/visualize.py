@@ -331,7 +331,7 @@ def cosine_ranking(query_feats, gallery_feats) -> tuple[np.ndarray, np.ndarray]:
     return order, sims
 
 
-def select_items(items: Sequence[tuple], num: int, seed: int = 0) -> list[tuple]:
+def select_items(items: Sequence[tuple], num: int, *, seed: int) -> list[tuple]:
     """Up to ``num`` of the ``(path, class)`` items, spread over the classes, reproducibly.
 
     The classes are taken in a seeded random order, one item of each in turn (each class's items
@@ -370,7 +370,7 @@ def retrieval_summary(model: torch.nn.Module, query_items: Sequence[tuple], gall
         model: PuXIM (DDP / compiled wrappers are looked through); only ``encode`` is called, on
             the ``len(query_items)`` sketches, in eval mode (the mode is restored).
         query_items: ``(path, class)`` of the sketches to show (the first ``max_queries``); pick
-            them once, e.g. ``select_items(query_dataset.items, 4)``, so every epoch shows the same.
+            them once, e.g. ``select_items(query_dataset.items, 4, seed=seed)``, so every epoch shows the same.
         gallery_feats: ``[G, D]`` photo embeddings that evaluation already computed, in the order
             of ``gallery_items`` (``engine.evaluate(..., return_features=True).features["gallery"]``).
         gallery_items: ``(path, class)`` per gallery photo (the gallery dataset's ``items``).
