@@ -42,7 +42,8 @@ def test_step_configurations_do_the_documented_work(model_and_batch, config, tex
     model, batch = model_and_batch
     model.train()
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-5)
-    step = bench_train.make_step(model, build_criterion(None), optimizer, batch, config, None, None)
+    step = bench_train.make_step(model, build_criterion(bench_train.bench_config("tiny")), optimizer, batch, config,
+                                 None, None)
     step()  # warm-up: fills the text cache for (b)
     calls, restore = _count_calls(model)
     try:
@@ -57,7 +58,7 @@ def test_reference_forward_computes_the_same_losses(model_and_batch):
     """(a) differs in how it spends work, not in what it computes: same masks, same losses (no dropout)."""
     model, batch = model_and_batch
     model.eval()
-    criterion = build_criterion(None)
+    criterion = build_criterion(bench_train.bench_config("tiny"))
     with torch.no_grad():
         ref = bench_train.reference_forward(model, batch)
         ours = bench_train.ours_forward(model, batch, cached=False)
@@ -175,14 +176,17 @@ def test_gpu_check_script_logs_each_part_and_returns_the_first_failure(tmp_path)
 
     if torch.cuda.is_available():  # on a GPU machine the CUDA tests would really run, inside this test
         pytest.skip("run tools/gpu_check.sh itself on a GPU machine")
-    ok = run(sys.executable, "test_cuda")
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "8 skipped" in (tmp_path / "test_cuda" / "test_cuda.txt").read_text()  # no GPU here
-    assert "bench_bf16" not in ok.stdout and "=== environment" not in ok.stdout  # only the parts asked for
-    no_gpu = run(sys.executable, "environment test_cuda")  # the environment part fails without a GPU ...
+    # One real run (the CUDA tests run once, in one pytest process): the environment part fails without a GPU ...
+    no_gpu = run(sys.executable, "environment test_cuda")
     assert no_gpu.returncode == 1 and "no CUDA GPU visible" in no_gpu.stdout
     assert "| torch " in (tmp_path / "environment_test_cuda" / "environment.txt").read_text()
+    assert "8 skipped" in (tmp_path / "environment_test_cuda" / "test_cuda.txt").read_text()  # no GPU here
     assert "=== test_cuda: exit 0" in no_gpu.stdout  # ... the next part still runs, the first failure is the status
+    assert "bench_bf16" not in no_gpu.stdout and "bench_compile" not in no_gpu.stdout  # only the parts asked for
+    # The exit status and the parts run, with a stand-in Python that passes (true) or fails (false) at once.
+    ok = run("true", "test_cuda")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "=== test_cuda: exit 0" in ok.stdout and "=== environment" not in ok.stdout  # only the parts asked for
     failed = run("false", "environment")
     assert failed.returncode == 1 and "=== environment: exit 1" in failed.stdout
 

@@ -1,5 +1,4 @@
 """datasets.benchmarks and datasets.build_datasets on small split folders made in tmp_path."""
-import types
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ from datasets import build_datasets
 from datasets.benchmarks import DATASETS, find_missing_files, load_benchmark
 from datasets.filelist import DatasetError, read_class_names
 from conftest import SKETCHY_EXTENDED, SKETCHY_PHOTOS, SKETCHY_SKETCHES  # tests/ is on sys.path
+from utils.config import make_config
 
 SPLITS = Path(datasets.__file__).parent / "splits"
 SKETCHY25 = read_class_names(SPLITS / "test_class_sketchy25.txt")
@@ -201,9 +201,8 @@ def test_sketchy_am_backslash_lists_leave_test_classes_out(tmp_path, make_benchm
 
 def test_build_datasets_real_layout(tmp_path, make_benchmark):
     make_benchmark(root=tmp_path, **dict(SPLIT, per_class=(40, 20)))
-    args = types.SimpleNamespace(data_path=str(tmp_path), dataset="sketchy_extend",
-                                 test_class="test_class_sketchy25", image_size=32, datasetLen=7,
-                                 seed=3)
+    args = make_config("b16", data_path=str(tmp_path), dataset="sketchy_extend", test_class="test_class_sketchy25",
+                       image_size=32, datasetLen=7, seed=3)
     out = build_datasets(args)
     assert set(out) == {"split", "train", "query", "gallery", "class_to_idx"}
     assert out["class_to_idx"] == {c: i for i, c in enumerate(sorted(SKETCHY25))}
@@ -213,13 +212,13 @@ def test_build_datasets_real_layout(tmp_path, make_benchmark):
     assert item["image"].shape == (3, 32, 32) and item["path"].endswith("swan/zs 1.png")
     assert item["label"] == out["class_to_idx"]["swan"] and item["index"] == 41
     # testall=False: the released code's quick strides (Sketchy: every 20th sketch, 10th photo).
-    quick = build_datasets(types.SimpleNamespace(**{**vars(args), "testall": False}))
+    quick = build_datasets(args.replace(testall=False))
     assert len(quick["query"]) == len(range(0, 1000, 20)) and len(quick["gallery"]) == 50
     # eval_per_class: at most n per class, reproducibly.
-    sub = build_datasets(types.SimpleNamespace(**{**vars(args), "eval_per_class": 3}))
+    sub = build_datasets(args.replace(eval_per_class=3))
     labels = sub["query"].labels.tolist()
     assert len(labels) == 75 and all(labels.count(i) == 3 for i in range(25))
-    again = build_datasets(types.SimpleNamespace(**{**vars(args), "eval_per_class": 3}))
+    again = build_datasets(args.replace(eval_per_class=3))
     assert sub["query"].items == again["query"].items and sub["gallery"].items == again["gallery"].items
 
 
@@ -236,10 +235,10 @@ def test_build_datasets_synthetic_default(tmp_path, make_benchmark, monkeypatch)
         return synth
 
     monkeypatch.setattr(synthetic, "ensure_synthetic_benchmark", fake_ensure)
-    out = build_datasets(types.SimpleNamespace(synthetic_dir=str(tmp_path / "cache")))
+    out = build_datasets(make_config("b16", synthetic_dir=str(tmp_path / "cache")))
     assert calls == [str(tmp_path / "cache")]
     assert out["class_to_idx"] == {"moon": 0, "sun": 1} and len(out["train"]) == 5000
-    out = build_datasets(types.SimpleNamespace())
+    out = build_datasets(make_config("b16"))
     assert calls[-1] is None and out["split"].name == "sketchy_extend/test_class_sketchy25"
-    build_datasets(types.SimpleNamespace(no_progress=True))  # train.py --no_progress: no drawing bar
+    build_datasets(make_config("b16", no_progress=True))  # train.py --no_progress: no drawing bar
     assert bars == [True, True, False]

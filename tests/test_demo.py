@@ -1,6 +1,5 @@
 """tools.demo: the app served for real on a free localhost port, called through gradio_client and a headless
 Chromium; what it serves, bad input on the page and at start-up. Tiny checkpoint and gallery under tmp_path."""
-import argparse
 import json
 import socket
 
@@ -16,6 +15,7 @@ from models import build_model
 from test_retrieve import TRAIN_ARGS, _expected_ranking, _save_train_checkpoint
 from tools import ToolError, demo
 from utils import visualize as vis
+from utils.config import config_from_saved
 
 TOPK = 5
 
@@ -37,7 +37,7 @@ def served(tmp_path_factory):
     in a temporary folder of its own."""
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
-    model = build_model(argparse.Namespace(**TRAIN_ARGS), with_sampler=False).eval()
+    model = build_model(config_from_saved(TRAIN_ARGS), with_sampler=False).eval()
     # The checkpoint and the embedding cache inside the gallery folder: only blocked_paths keeps them from being
     # served (neither is an image, so the gallery does not list them).
     gallery = root / "gallery"

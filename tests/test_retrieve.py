@@ -1,5 +1,4 @@
 """tools.retrieve: ranking, picture, embedding cache and bad input, on a tiny checkpoint and gallery."""
-import argparse
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from models import PuXIM, build_model
 from tools import retrieve
 from utils import visualize as vis
 from utils.checkpoint import model_state_dict, rng_state, save_checkpoint
+from utils.config import config_from_saved
 
 SIZE = 64
 TILE = 40
@@ -38,7 +38,7 @@ def _save_train_checkpoint(model, path, **overrides):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieve")
     torch.manual_seed(0)
-    model = build_model(argparse.Namespace(**TRAIN_ARGS), with_sampler=False).eval()
+    model = build_model(config_from_saved(TRAIN_ARGS), with_sampler=False).eval()
     ckpt = _save_train_checkpoint(model, root / "best.pth")
     gallery = root / "gallery"
     files = []  # (path, class or "")
@@ -252,7 +252,7 @@ def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys, case):
         expect = "--topk 0 must be between 1"
     elif case == "arch_mismatch":
         torch.manual_seed(0)
-        untied = build_model(argparse.Namespace(**{**TRAIN_ARGS, "separate_encoders": True}), with_sampler=False)
+        untied = build_model(config_from_saved({**TRAIN_ARGS, "separate_encoders": True}), with_sampler=False)
         # weights of untied encoders under args that say tied: the saved args do not match the weights
         ckpt = str(_save_train_checkpoint(untied, tmp_path / "bad.pth"))
         expect = "does not match this model's architecture"

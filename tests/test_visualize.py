@@ -1,6 +1,5 @@
 """utils.visualize (mask figure, retrieval grid, ranking, TensorBoard summaries) and tools.visualize_masks."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from PIL import Image
 
 from datasets.transforms import preprocess_photo, to_tensor
 from utils import visualize as vis
+from conftest import tiny_config  # tests/ is on sys.path
 
 SIZE = 64  # the tiny preset's input size (8 x 8 patches of 8 pixels)
 N_PATCHES = 64
@@ -261,7 +261,7 @@ def test_retrieval_summary_and_tensorboard(tmp_path, photo_files):
     from models import build_model
 
     torch.manual_seed(0)
-    model = build_model(SimpleNamespace(arch="tiny"), with_sampler=False)
+    model = build_model(tiny_config(), with_sampler=False)
     model.train()
     gallery_items = list(photo_files) + [(p, c) for p, c in photo_files]  # 6 items, duplicated photos
     gallery = torch.stack([preprocess_photo(load_image(p), SIZE) for p, _ in gallery_items])

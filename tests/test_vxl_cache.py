@@ -223,7 +223,7 @@ def test_forward_with_cached_masks_equals_online_sampler(tree):
     assert "positive_mask" not in online_batch and cached_batch["positive_mask"].shape == (4, 64)
     assert torch.equal(cached_batch["positive"], online_batch["positive"])
 
-    args.num_seen_classes = len(online_data["train"].label_names)  # as train.py sets it: the class head too
+    args = args.replace(num_seen_classes=len(online_data["train"].label_names))  # as train.py: the class head too
     torch.manual_seed(0)
     online_model = build_model(args)  # with the CLIP sampler
     cached_model = build_model(args, with_sampler=False)
@@ -252,7 +252,7 @@ def test_forward_with_cached_masks_equals_online_sampler(tree):
 
 
 def test_model_rejects_bad_per_photo_masks(tree):
-    model = build_model(parse_train_args(train_args(tree.root)), with_sampler=False).eval()
+    model = build_model(parse_train_args(train_args(tree.root, w_inst=0)), with_sampler=False).eval()  # no aid
     img = torch.zeros(2, 3, 64, 64)
     batch = dict(sketch=img, positive=img, negative=img, positive_class=["cat"] * 2, negative_class=["sun"] * 2)
     with pytest.raises(ValueError, match="go together"):
