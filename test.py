@@ -127,20 +127,25 @@ def run(args) -> dict:
     }
     with atomic_write(out_dir / "metrics.json") as f:  # whole or not at all: the file other tools read
         f.write(json.dumps(report, indent=2))
-    q_counts = np.bincount(np.asarray(data["query"].labels), minlength=len(class_names)) \
-        if hasattr(data["query"], "labels") else None
-    with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "mAP@all"] + (["queries"] if q_counts is not None else []))
-        for i, name in enumerate(class_names):
-            row = [name, f"{per_class.get(name, float('nan')):.6f}"]
-            w.writerow(row + ([int(q_counts[i])] if q_counts is not None else []))
+    write_per_class(out_dir / "per_class.csv", per_class, class_names, data["query"])
     if features is not None:
         np.savez_compressed(out_dir / "features.npz", **{k: v.numpy() for k, v in features.items()},
                             class_names=np.array(class_names))
     print_table(metrics, ckpt_path)
     log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "per_class.csv")
     return report
+
+
+def write_per_class(path: Path, per_class: dict, class_names: list, queries) -> None:
+    """per_class.csv: each unseen class's mAP@all, and its number of queries where the dataset knows its labels."""
+    q_counts = np.bincount(np.asarray(queries.labels), minlength=len(class_names)) \
+        if hasattr(queries, "labels") else None
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "mAP@all"] + (["queries"] if q_counts is not None else []))
+        for i, name in enumerate(class_names):
+            row = [name, f"{per_class.get(name, float('nan')):.6f}"]
+            w.writerow(row + ([int(q_counts[i])] if q_counts is not None else []))
 
 
 def print_table(metrics: dict, ckpt_path: Path) -> None:
