@@ -56,8 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def eval_config_from_checkpoint(ckpt: dict, args: argparse.Namespace, source: str) -> RunConfig:
     """The configuration the checkpoint was trained with, with this command's overrides applied."""
     config = config_from_checkpoint(ckpt, source)
+    # Embedding needs only the trained encoder: no pretrained ViT, no download.
     overrides = dict(eval_per_class=args.eval_per_class, testall=args.eval_per_class is None,
-                     no_progress=args.no_progress, vit_weights=None)  # embedding needs only the trained encoder: no pretrained ViT, no download
+                     no_progress=args.no_progress, vit_weights=None)
     if args.data_path is not None:
         overrides["data_path"] = args.data_path
     if args.synthetic_dir is not None:

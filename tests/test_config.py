@@ -89,7 +89,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_a_config_file_grouped_or_flat_under_the_command_line(tmp_path):
-    grouped = write(tmp_path / "r.yaml", "model:\n  arch: b16\noptim:\n  lr: 1e-4\n  epoch: 7\ndata:\n  dataset: tu_berlin\n")
+    grouped = write(tmp_path / "r.yaml",
+                    "model:\n  arch: b16\noptim:\n  lr: 1e-4\n  epoch: 7\ndata:\n  dataset: tu_berlin\n")
     config = parse("--config", grouped, "--epoch", 2)
     assert (config.model.arch, config.optim.lr, config.optim.epoch, config.data.test_class) == (
         "b16", 1e-4, 2, "test_class_tuberlin30")  # YAML's 1e-4 (a string to PyYAML) read as a float
