@@ -118,34 +118,10 @@ def read_file_list(
     # One plain loop over the lines; no per-line regex or Path objects, so the 92,291-line
     # QuickDraw list parses in well under a second.
     for lineno, raw in enumerate(_read_lines(path, "file list"), start=1):
-        parts = raw.rsplit(maxsplit=1)
-        if not parts:
+        entry = _parse_list_line(path, lineno, raw, allowed)
+        if entry is None:
             continue  # blank line
-        if len(parts) != 2 or not _is_int(parts[1]):
-            raise DatasetError(
-                f"{path}, line {lineno}: expected '<relative path> <integer label>', got {raw!r}."
-                f" Fix or remove the line."
-            )
-        rel, label = parts
-        rel = rel.strip().replace("\\", "/")
-        if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
-            raise DatasetError(
-                f"{path}, line {lineno}: {rel!r} is an absolute path; list paths must be relative "
-                f"to the dataset folder (e.g. '256x256/sketch/tx_000000000000_ready/cup/x.png')."
-            )
-        folders = rel.rsplit("/", 2)
-        if len(folders) < 2 or not folders[-2] or not folders[-1]:
-            raise DatasetError(
-                f"{path}, line {lineno}: {rel!r} has no class folder; expected "
-                f"'<folders>/<class>/<file>' (the class is the parent folder)."
-            )
-        cname = folders[-2]
-        if allowed is not None and cname not in allowed:
-            raise DatasetError(
-                f"{path}, line {lineno}: class folder {cname!r} of {rel!r} is not in the class "
-                f"file for this list ({len(allowed)} classes). The list and the class file do not "
-                f"belong together; rebuild them with `python -m datasets.prepare` or fix the line."
-            )
+        rel, cname, label = entry
         if rel in seen_paths:
             raise DatasetError(
                 f"{path}, line {lineno}: {rel!r} is listed again (first on line "
@@ -158,6 +134,43 @@ def read_file_list(
     if not items:
         raise DatasetError(f"{path}: the file list is empty.")
     return items
+
+
+def _parse_list_line(path, lineno: int, raw: str, allowed: frozenset[str] | None) -> tuple[str, str, str] | None:
+    """``(relative path with / separators, class folder, label)`` of one file-list line; None if blank.
+
+    Raises :class:`DatasetError` for a malformed line, an absolute path, a path without a class
+    folder, or (``allowed`` given) a class folder that is not in the list's class file.
+    """
+    parts = raw.rsplit(maxsplit=1)
+    if not parts:
+        return None
+    if len(parts) != 2 or not _is_int(parts[1]):
+        raise DatasetError(
+            f"{path}, line {lineno}: expected '<relative path> <integer label>', got {raw!r}."
+            f" Fix or remove the line."
+        )
+    rel, label = parts
+    rel = rel.strip().replace("\\", "/")
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
+        raise DatasetError(
+            f"{path}, line {lineno}: {rel!r} is an absolute path; list paths must be relative "
+            f"to the dataset folder (e.g. '256x256/sketch/tx_000000000000_ready/cup/x.png')."
+        )
+    folders = rel.rsplit("/", 2)
+    if len(folders) < 2 or not folders[-2] or not folders[-1]:
+        raise DatasetError(
+            f"{path}, line {lineno}: {rel!r} has no class folder; expected "
+            f"'<folders>/<class>/<file>' (the class is the parent folder)."
+        )
+    cname = folders[-2]
+    if allowed is not None and cname not in allowed:
+        raise DatasetError(
+            f"{path}, line {lineno}: class folder {cname!r} of {rel!r} is not in the class "
+            f"file for this list ({len(allowed)} classes). The list and the class file do not "
+            f"belong together; rebuild them with `python -m datasets.prepare` or fix the line."
+        )
+    return rel, cname, label
 
 
 def _check_label(path, lineno, cname, label, label_of, class_of) -> None:
