@@ -231,6 +231,35 @@ def load_benchmark(
     """
     key, test_class, spec = resolve_split(dataset, test_class)
     data_path = Path(data_path).expanduser()
+    root, split_dir = _split_folders(data_path, spec, key, test_class)
+
+    seen = read_class_file(split_dir / spec.seen_class_file)
+    unseen = read_class_file(split_dir / spec.unseen_class_file)
+    both = _check_overlap(split_dir, spec, seen, unseen)
+    if check_canonical:
+        _check_canonical(split_dir / spec.unseen_class_file, unseen, test_class)
+
+    command = rebuild_command(data_path, key, test_class)
+    lists = _read_split_lists(split_dir, spec, seen, unseen, both, command)
+    if both:
+        seen = _leave_out_test_classes(split_dir, spec, lists, seen, both)
+    _check_shared_files(split_dir, spec, lists, command)
+
+    train_sketches, train_photos, test_sketches, test_photos = _split_files(root, split_dir, spec, lists,
+                                                                             seen, unseen)
+    split = BenchmarkSplit(
+        name=f"{key}/{test_class}", root=root, split_dir=split_dir,
+        seen_classes=seen, unseen_classes=unseen,
+        train_sketches=train_sketches, train_photos=train_photos,
+        test_sketches=test_sketches, test_photos=test_photos, spec=spec,
+    )
+    if check_files:
+        check_split_files(split)
+    return split
+
+
+def _split_folders(data_path: Path, spec: SplitSpec, key: str, test_class: str) -> tuple[Path, Path]:
+    """``(dataset folder, split folder)`` under the data root; an error that says what to pass if one is missing."""
     if not data_path.is_dir():
         raise DatasetError(
             f"{data_path}: data root not found. Pass --data_path pointing at the folder that "
@@ -250,25 +279,23 @@ def load_benchmark(
             f"{split_dir}: split folder not found. Put the ZSE-SBIR lists there or build them with "
             f"`python -m datasets.prepare --root {data_path} --dataset {key} --test_class {test_class}`."
         )
+    return root, split_dir
 
-    seen = read_class_file(split_dir / spec.seen_class_file)
-    unseen = read_class_file(split_dir / spec.unseen_class_file)
-    both = _check_overlap(split_dir, spec, seen, unseen)
-    if check_canonical:
-        _check_canonical(split_dir / spec.unseen_class_file, unseen, test_class)
 
-    command = rebuild_command(data_path, key, test_class)
+def _read_split_lists(split_dir, spec, seen, unseen, both, command) -> dict[str, list[tuple[str, str]]]:
+    """The four lists of a split, each checked against its class file (train lists ``seen``, zero lists ``unseen``)."""
     try:
-        lists = {kind: read_file_list(split_dir / fname, seen if kind.endswith("train") else unseen)
-                 for kind, fname in spec.list_files.items()}
+        return {kind: read_file_list(split_dir / fname, seen if kind.endswith("train") else unseen)
+                for kind, fname in spec.list_files.items()}
     except DatasetError:
         # A test file listed for training fails the class check: say that it is a test file.
         _check_shared_files(split_dir, spec, _read_lists_unchecked(split_dir, spec, both), command)
         raise
-    if both:
-        seen = _leave_out_test_classes(split_dir, spec, lists, seen, both)
-    _check_shared_files(split_dir, spec, lists, command)
 
+
+def _split_files(root, split_dir, spec, lists, seen, unseen) -> tuple:
+    """``(train sketches, train photos, test sketches, test photos)`` with absolute paths: the training
+    files grouped by class, the test files as ``(path, class)``; every class must have files of each kind."""
     def absolute(items):
         return [(root / rel, cname) for rel, cname in items]
 
@@ -280,16 +307,7 @@ def load_benchmark(
     _check_nonempty(split_dir / spec.photo_train, train_photos, "seen", "photos")
     _check_nonempty(split_dir / spec.sketch_zero, _group(test_sketches, unseen), "unseen", "sketches")
     _check_nonempty(split_dir / spec.photo_zero, _group(test_photos, unseen), "unseen", "photos")
-
-    split = BenchmarkSplit(
-        name=f"{key}/{test_class}", root=root, split_dir=split_dir,
-        seen_classes=seen, unseen_classes=unseen,
-        train_sketches=train_sketches, train_photos=train_photos,
-        test_sketches=test_sketches, test_photos=test_photos, spec=spec,
-    )
-    if check_files:
-        check_split_files(split)
-    return split
+    return train_sketches, train_photos, test_sketches, test_photos
 
 
 def find_shared_files(lists: dict[str, list[tuple[str, str]]]) -> dict[tuple[str, str], list[str]]:
