@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -358,6 +359,56 @@ def _class_blocks(q: torch.Tensor, g: torch.Tensor, rows_all: torch.Tensor, rel_
         yield metrics_from_ranks(ranks, g.shape[0], ks_map=ks_map, ks_precision=ks_precision)
 
 
+@dataclass
+class _MetricTotals:
+    """The per-query metrics of all queries, summed (what :func:`retrieval_metrics` averages)."""
+
+    sums: dict[str, torch.Tensor]  # per key, float64 sum of the non-NaN per-query values
+    # Queries counted in each mean: the SAKE/ZSE-SBIR keys are NaN for queries without a relevant
+    # item, which their convention leaves out of the mean.
+    valid: dict[str, int]
+    class_ap: dict[int, float]  # class code -> mAP@all averaged over that class's queries
+    num_without_relevant: int  # queries whose class has no gallery item
+
+    def means(self) -> dict[str, float]:
+        """Mean of each key over its counted queries (NaN where none was counted), in key order."""
+        return {k: (float(v) / self.valid[k] if self.valid[k] else float("nan")) for k, v in self.sums.items()}
+
+
+def _sum_metrics_by_class(q: torch.Tensor, g: torch.Tensor, q_codes: np.ndarray, g_codes: np.ndarray,
+                          keys: Sequence[str], device: torch.device, *, chunk_size: int, rank_backend: str,
+                          ks_map: Sequence[int], ks_precision: Sequence[int]) -> _MetricTotals:
+    """Sums of the per-query metrics over all queries, one class (and block of its queries) at a time."""
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
+    valid = {k: 0 for k in keys}
+    class_ap: dict[int, float] = {}
+    num_without_relevant = 0
+
+    for c, rows in _queries_by_class(q_codes):
+        rel_np = np.flatnonzero(g_codes == c)
+        rel_idx = torch.from_numpy(rel_np).to(device)                       # [R]
+        rows_all = torch.from_numpy(rows).to(device)                        # queries of class c
+        class_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if len(rel_np) == 0:
+            num_without_relevant += len(rows_all)
+        for per_query in _class_blocks(q, g, rows_all, rel_idx, chunk_size=chunk_size, rank_backend=rank_backend,
+                                       ks_map=ks_map, ks_precision=ks_precision):
+            for k, v in per_query.items():
+                ok = ~torch.isnan(v)
+                sums[k] += v[ok].sum()
+                valid[k] += int(ok.sum())
+            class_sum += per_query["mAP@all"].sum()
+        class_ap[int(c)] = float(class_sum) / len(rows)
+    return _MetricTotals(sums, valid, class_ap, num_without_relevant)
+
+
+def _compute_device(query_feats: Any, device: torch.device | str | None) -> torch.device:
+    """``device``, or by default the device of ``query_feats`` (the CPU for numpy arrays)."""
+    if device is None:
+        device = query_feats.device if isinstance(query_feats, torch.Tensor) else torch.device("cpu")
+    return torch.device(device)
+
+
 @torch.no_grad()
 def retrieval_metrics(
     query_feats: torch.Tensor | np.ndarray,
@@ -400,42 +451,18 @@ def retrieval_metrics(
     """
     _check_options(chunk_size, rank_backend)
     ks_map, ks_precision = _check_ks(ks_map, "ks_map"), _check_ks(ks_precision, "ks_precision")
-    if device is None:
-        device = query_feats.device if isinstance(query_feats, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-
+    device = _compute_device(query_feats, device)
     q, g, q_codes, g_codes, uniques = _encoded_inputs(query_feats, query_labels, gallery_feats, gallery_labels,
                                                       device)
-    num_q, num_g = q.shape[0], g.shape[0]
-
-    keys = _metric_keys(ks_map, ks_precision)
-    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
-    valid = {k: 0 for k in keys}                     # queries counted in each mean (NaN-excluded)
-    class_ap: dict[int, float] = {}
-    num_without_relevant = 0
-
-    for c, rows in _queries_by_class(q_codes):
-        rel_np = np.flatnonzero(g_codes == c)
-        rel_idx = torch.from_numpy(rel_np).to(device)                       # [R]
-        rows_all = torch.from_numpy(rows).to(device)                        # queries of class c
-        class_sum = torch.zeros((), dtype=torch.float64, device=device)
-        if len(rel_np) == 0:
-            num_without_relevant += len(rows_all)
-        for per_query in _class_blocks(q, g, rows_all, rel_idx, chunk_size=chunk_size, rank_backend=rank_backend,
-                                       ks_map=ks_map, ks_precision=ks_precision):
-            for k, v in per_query.items():
-                ok = ~torch.isnan(v)
-                sums[k] += v[ok].sum()
-                valid[k] += int(ok.sum())
-            class_sum += per_query["mAP@all"].sum()
-        class_ap[int(c)] = float(class_sum) / len(rows)
-
-    result: dict[str, Any] = {k: (float(sums[k]) / valid[k] if valid[k] else float("nan")) for k in keys}
-    result["num_queries"] = float(num_q)
-    result["num_gallery"] = float(num_g)
-    result["num_queries_without_relevant"] = float(num_without_relevant)
+    totals = _sum_metrics_by_class(q, g, q_codes, g_codes, _metric_keys(ks_map, ks_precision), device,
+                                   chunk_size=chunk_size, rank_backend=rank_backend, ks_map=ks_map,
+                                   ks_precision=ks_precision)
+    result: dict[str, Any] = totals.means()
+    result["num_queries"] = float(q.shape[0])
+    result["num_gallery"] = float(g.shape[0])
+    result["num_queries_without_relevant"] = float(totals.num_without_relevant)
     if per_class:
-        result["per_class"] = {_label_key(uniques[c], class_names): ap for c, ap in class_ap.items()}
+        result["per_class"] = {_label_key(uniques[c], class_names): ap for c, ap in totals.class_ap.items()}
     return result
 
 
