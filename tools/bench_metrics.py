@@ -103,24 +103,24 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("tools/bench_metrics.py: --device cuda asked for, but torch sees no GPU; use --device cpu")
+def make_problem(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(q [Nq, D], q_lab [Nq], g [Ng, D], g_lab [Ng])`` on ``device``: class-structured random features
+    drawn from ``args.seed``."""
     gen = torch.Generator().manual_seed(args.seed)
-    centres = torch.randn(args.classes, args.dim, generator=gen)
-    q_lab = torch.randint(args.classes, (args.queries,), generator=gen)
-    g_lab = torch.randint(args.classes, (args.gallery,), generator=gen)
-    q = make_features(args.queries, q_lab, centres, args.noise, gen).to(device)
-    g = make_features(args.gallery, g_lab, centres, args.noise, gen).to(device)
-    q_lab, g_lab = q_lab.to(device), g_lab.to(device)
-    print(f"{args.queries} queries x {args.gallery} gallery, {args.classes} classes, dim {args.dim}, "
-          f"device {device}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    rss_before = _rss_mb()
+    centres = torch.randn(args.classes, args.dim, generator=gen)                 # [C, D]
+    q_lab = torch.randint(args.classes, (args.queries,), generator=gen)          # [Nq]
+    g_lab = torch.randint(args.classes, (args.gallery,), generator=gen)          # [Ng]
+    q = make_features(args.queries, q_lab, centres, args.noise, gen).to(device)  # [Nq, D]
+    g = make_features(args.gallery, g_lab, centres, args.noise, gen).to(device)  # [Ng, D]
+    return q, q_lab.to(device), g, g_lab.to(device)
 
-    # --- ours: every metric, all queries ---------------------------------------------------------
+
+def time_ours(args, q, q_lab, g, g_lab, device: torch.device) -> tuple[dict, list[float], list[float], float]:
+    """Every metric on all queries, twice (the first run pays one-off costs); prints times and memory.
+
+    Returns ``(metrics, wall times, CPU times, peak RSS in MiB)``.
+    """
+    rss_before = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times = [], []
@@ -139,21 +139,32 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  peak RSS: {rss_ours:.0f} MiB (before: {rss_before:.0f} MiB)")
     if device.type == "cuda":
         print(f"  peak CUDA allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    return metrics, times, cpu_times, rss_ours
 
-    # --- reference procedure on a subset, scaled ---------------------------------------------------
-    n_ref = min(args.ref_queries, args.queries)
+
+def time_reference(q, q_lab, g, g_lab, device: torch.device, n_ref: int, times: list[float]
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The reference procedure on the first ``n_ref`` queries, its time scaled to all queries and compared
+    with ours (``times``). Returns ``(AP@all [n_ref], AP@200 [n_ref], scaled time)``."""
+    num_queries = q.shape[0]
     _sync(device)
     t0 = time.perf_counter()
     ref_all, ref_200 = reference_procedure(q[:n_ref], q_lab[:n_ref], g, g_lab)
     _sync(device)
     t_ref = time.perf_counter() - t0
-    t_ref_all = t_ref * args.queries / n_ref
+    t_ref_all = t_ref * num_queries / n_ref
     best = min(times)
     print("reference procedure (per-query cosine + torchmetrics-style AP@all and AP@200):")
-    print(f"  time: {t_ref:.2f} s on {n_ref} queries -> {t_ref_all:.1f} s scaled to {args.queries}")
+    print(f"  time: {t_ref:.2f} s on {n_ref} queries -> {t_ref_all:.1f} s scaled to {num_queries}")
     print(f"  speed-up of ours: {t_ref_all / times[0]:.1f}x (run 1), {t_ref_all / best:.1f}x (best run)")
+    return ref_all, ref_200, t_ref_all
 
-    # --- agreement on the subset --------------------------------------------------------------------
+
+def check_agreement(q, q_lab, g, g_lab, device: torch.device, ref_all: torch.Tensor, ref_200: torch.Tensor
+                    ) -> float:
+    """Compare ours with the reference on its ``n_ref = len(ref_all)`` queries, per query and in the mean;
+    prints the differences and returns the largest."""
+    n_ref = len(ref_all)
     our_all, our_200 = ours_per_query(q[:n_ref], q_lab[:n_ref], g, g_lab)
     d_all = (our_all - ref_all.double()).abs().max().item()
     d_200 = (our_200 - ref_200.double()).abs().max().item()
@@ -162,20 +173,43 @@ def main(argv: list[str] | None = None) -> dict:
                  abs(sub["mAP@200"] - ref_200.double().mean().item()))
     print(f"agreement on {n_ref} queries: max |AP@all diff| {d_all:.2e}, max |AP@200 diff| {d_200:.2e}, "
           f"|subset mean diff| {d_mean:.2e}")
-    # Where they differ most, redo the reference formula (a) with exact ties in gallery order and
-    # (b) on our similarity values too: what is left is the reference's float32 arithmetic; the
-    # rest came from topk's order among equal scores and from cosine_similarity's rounding, which
-    # swaps near-equal scores.
+    explain_worst_query(q[:n_ref], q_lab[:n_ref], g, g_lab, our_all, ref_all)
+    return max(d_all, d_200, d_mean)
+
+
+def explain_worst_query(q, q_lab, g, g_lab, our_all: torch.Tensor, ref_all: torch.Tensor) -> None:
+    """Print, for the query whose AP@all differs most, the reference formula redone (a) with exact ties in
+    gallery order and (b) on our similarity values too.
+
+    What is left after (b) is the reference's float32 arithmetic; the rest came from topk's order among
+    equal scores and from cosine_similarity's rounding, which swaps near-equal scores.
+    """
     i = int((our_all - ref_all.double()).abs().argmax())
-    target = g_lab == q_lab[i]
+    target = g_lab == q_lab[i]                                                   # [Ng]
     ref_stable = torchmetrics_style_ap(F.cosine_similarity(q[i:i + 1], g), target, stable=True).item()
-    our_sim = (F.normalize(q[:n_ref], dim=1) @ F.normalize(g, dim=1).T)[i]   # as in ours_per_query
+    our_sim = (F.normalize(q, dim=1) @ F.normalize(g, dim=1).T)[i]               # [Ng], as in ours_per_query
     ref_stable_our_sim = torchmetrics_style_ap(our_sim, target, stable=True).item()
     print(f"  worst AP@all (query {i}): ours {our_all[i].item():.7f}, reference {ref_all[i].item():.7f}; "
           f"reference formula with ties in gallery order {ref_stable:.7f}, and on our similarities "
           f"{ref_stable_our_sim:.7f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("tools/bench_metrics.py: --device cuda asked for, but torch sees no GPU; use --device cpu")
+    q, q_lab, g, g_lab = make_problem(args, device)
+    print(f"{args.queries} queries x {args.gallery} gallery, {args.classes} classes, dim {args.dim}, "
+          f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+
+    metrics, times, cpu_times, rss_ours = time_ours(args, q, q_lab, g, g_lab, device)
+    n_ref = min(args.ref_queries, args.queries)
+    ref_all, ref_200, t_ref_all = time_reference(q, q_lab, g, g_lab, device, n_ref, times)
+    max_abs_diff = check_agreement(q, q_lab, g, g_lab, device, ref_all, ref_200)
     return {"metrics": metrics, "times": times, "cpu_times": cpu_times, "reference_time_scaled": t_ref_all,
-            "peak_rss_mib": rss_ours, "max_abs_diff": max(d_all, d_200, d_mean)}
+            "peak_rss_mib": rss_ours, "max_abs_diff": max_abs_diff}
 
 
 if __name__ == "__main__":
