@@ -108,7 +108,7 @@ def test_out_of_memory_drops_a_configuration_from_larger_batches(monkeypatch, ca
         return maybe_oom
 
     monkeypatch.setattr(bench_train, "make_step", make_step)
-    result = bench_train.main(["--arch", "tiny", "--batch_size", "4", "2", "8", "--steps", "2", "--warmup", "1"])
+    result = bench_train.main(["--arch", "tiny", "--batch_size", "4", "2", "8", "--steps", "1", "--warmup", "1"])
     assert [r["batch_size"] for r in result["runs"]] == [2, 4, 8]  # ascending
     assert [sorted(r["rows"]) for r in result["runs"]] == [["a", "b", "c"], ["b", "c"], ["b", "c"]]
     assert [r["out_of_memory"] for r in result["runs"]] == [[], ["a"], []]
