@@ -148,16 +148,15 @@ def test_tiny_preset_learns_a_family_cell(learned_run):
 
 def test_cnn_reference_standardises_photos_when_asked(tmp_path, monkeypatch):
     """tools.cnn_reference --input_norm photo: every photo (training and gallery) standardised, sketches not."""
-    from types import SimpleNamespace
-
     from datasets import build_datasets
     from models.encoder import standardize_images
+    from utils.config import make_config
     from tools import cnn_reference
 
     spec = small("ref_cell", per_class=4)
     root = make_family_benchmark(tmp_path / "data", spec)
-    data = build_datasets(SimpleNamespace(data_path=str(root), dataset=spec.dataset, test_class=spec.test_class,
-                                          custom_split=True, image_size=32, seed=0, datasetLen=1, no_progress=True))
+    data = build_datasets(make_config("tiny", data_path=str(root), dataset=spec.dataset, test_class=spec.test_class,
+                                      custom_split=True, image_size=32, seed=0, datasetLen=1, no_progress=True))
     seen = []
     real_load_all = cnn_reference._load_all
 
