@@ -130,6 +130,18 @@ def test_an_earlier_runs_args_json_is_a_config(tmp_path):
         read_config_file(tmp_path / "missing.yaml")
 
 
+def test_an_args_json_of_format1_is_a_config(tmp_path, micro_preset):
+    """train.py's args.json before the typed configuration: {"args": vars(args)}, None for "the preset's"."""
+    import torch
+
+    saved = torch.load(REPO / "tests/fixtures/format1_micro.pth", map_location="cpu", weights_only=False)["args"]
+    assert saved["dropout"] is None and saved["synthetic"] is True  # what format 1 wrote
+    (tmp_path / "args.json").write_text(json.dumps({"args": saved, "environment": {}}))
+    config = parse("--config", tmp_path / "args.json", "--exp", "again")
+    assert config.replace(exp="format1") == config_from_checkpoint({"args": saved}).replace(exp="format1")
+    assert (config.model.arch, config.model.dropout, config.optim.batch_size) == ("micro", 0.0, 16)
+
+
 def test_every_recipe_file_parses_and_builds_its_model_and_criterion():
     from losses import build_criterion
     from models import build_model
