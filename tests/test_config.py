@@ -143,6 +143,8 @@ def test_an_args_json_of_format1_is_a_config(tmp_path, micro_preset):
 
 
 def test_every_recipe_file_parses_and_builds_its_model_and_criterion():
+    import torch
+
     from losses import build_criterion
     from models import build_model
 
@@ -157,8 +159,9 @@ def test_every_recipe_file_parses_and_builds_its_model_and_criterion():
         config = parse("--config", path, "--data_path", "/data", "--vit_weights", "none")
         assert config.model.arch == ("tiny" if "tiny" in path.name else "b16"), path
         model_key = (config.model.arch, config.model.variant, config.model.int_memory)
-        if model_key not in built:  # one build per distinct model: the b16 ViT takes seconds
-            built[model_key] = build_model(config, with_sampler=False)
+        if model_key not in built:  # one build per distinct model, on the meta device: shapes without the init
+            with torch.device("meta"):
+                built[model_key] = build_model(config, with_sampler=False)
         build_criterion(config)
     by_name = {p.name: parse("--config", p, "--data_path", "/d") for p in files}
     assert by_name["keep_ratio_0.1.yaml"].model.keep_ratio == 0.1
