@@ -1,6 +1,6 @@
 """The VxL mask-cache file: precomputed keep-masks of a benchmark's photos, keyed by relative path.
 
-A data-side file format: ``datasets.build_datasets(args, mask_cache=...)`` reads it and hands each training
+A data-side file format: ``datasets.build_datasets(config, mask_cache=...)`` reads it and hands each training
 triplet its photos' masks, so training runs no CLIP. What the masks depend on (the CLIP, the sampler
 settings) is the cache's ``key``, computed by ``models.vxl_cache`` (``cache_key``, ``expected_cache_key``);
 this module stores, reads, compares and looks up, and knows nothing about CLIP.

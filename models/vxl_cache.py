@@ -137,6 +137,6 @@ def load_mask_cache_for_training(path: str | os.PathLike, config: RunConfig) -> 
     """Load the cache at ``path`` and check it against the run's settings (:func:`expected_cache_key`).
 
     No CLIP is built (except the tiny preset's random one, to hash it). Coverage of the training
-    photos is checked by ``datasets.build_datasets(args, mask_cache=...)``.
+    photos is checked by ``datasets.build_datasets(config, mask_cache=...)``.
     """
     return MaskCache.load(path, expected_key=expected_cache_key(config))
