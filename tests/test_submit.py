@@ -202,7 +202,7 @@ def test_slurm_without_slurm_is_refused(monkeypatch, capsys, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--epoch", "zero"], "argument --epoch: invalid int value"),  # train.py's parser
-    (["--epoch", "0"], "--epoch must be positive"),  # train.py's resolve_args
+    (["--epoch", "0"], "--epoch must be positive"),  # utils.config.validate
     (["--exp", "../up"], "plain folder name"),
     (["--batch_size", "9"], "not divisible by the job's 2 tasks"),
     (["--device", "cuda"], "--device cuda in train.py's flags, but the job asks for no GPUs"),
