@@ -140,6 +140,11 @@ def test_an_args_json_of_format1_is_a_config(tmp_path, micro_preset):
     config = parse("--config", tmp_path / "args.json", "--exp", "again")
     assert config.replace(exp="format1") == config_from_checkpoint({"args": saved}).replace(exp="format1")
     assert (config.model.arch, config.model.dropout, config.optim.batch_size) == ("micro", 0.0, 16)
+    # a run from before --w_cls / --augment: the file gives what it ran with, not today's tiny preset
+    (tmp_path / "older.json").write_text(json.dumps({"args": {"arch": "tiny", "input_norm": None}}))
+    older = parse("--config", tmp_path / "older.json")
+    assert (older.loss.w_cls, older.loss.w_inst, older.data.augment, older.optim.warmup_steps) == (0.0, 0.0, "none", 0)
+    assert older.model.input_norm == "photo" and older.data.pseudo_sketch is False  # None: the preset's
 
 
 def test_every_recipe_file_parses_and_builds_its_model_and_criterion():

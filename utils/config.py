@@ -452,6 +452,10 @@ def read_config_file(path: str | Path) -> dict:
     return flat_settings(content, str(path))
 
 
+# Settings that format-1 runs did not save because they did not exist yet: the value those runs had.
+_FORMAT1_ABSENT = {"w_cls": 0.0, "w_inst": 0.0, "augment": "none", "input_norm": "none", "warmup_steps": 0}
+
+
 def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
     """Check and flatten a mapping of settings (grouped or flat, or an args.json); ``legacy``: a saved
     ``vars(args)`` of format 1, whose None meant "the preset's"."""
@@ -479,20 +483,15 @@ def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
         if legacy and value is None and not field_type(name)[1]:
             continue  # format 1 saved None for "the preset's value"
         settings[name] = coerce(name, value, source)
+    if legacy:  # a format-1 run without a setting of later releases had that setting's value of its time
+        settings = {**{k: v for k, v in _FORMAT1_ABSENT.items() if k not in flat}, **settings}
     return settings
-
-
-# Settings that format-1 runs did not save because they did not exist yet: the value those runs had.
-_FORMAT1_ABSENT = {"w_cls": 0.0, "w_inst": 0.0, "augment": "none", "input_norm": "none", "warmup_steps": 0}
 
 
 def config_from_saved(saved: dict, source: str = "checkpoint") -> RunConfig:
     """The configuration a run saved: format 2's ``{group: {...}}``, or format 1's flat ``vars(args)``."""
     legacy = not any(isinstance(saved.get(g), dict) for g in GROUPS)
-    settings = flat_settings(saved, source, legacy=legacy)
-    if legacy:
-        settings = {**{k: v for k, v in _FORMAT1_ABSENT.items() if k not in saved}, **settings}
-    return make_config(given=settings, check=False)
+    return make_config(given=flat_settings(saved, source, legacy=legacy), check=False)
 
 
 def config_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RunConfig:
