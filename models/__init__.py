@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from utils.config import RunConfig, SAMPLER_SETTINGS
+from utils.config import RunConfig
 from utils.presets import get_architecture
 
 from .class_head import SeenClassHead
@@ -40,7 +40,7 @@ def build_model(config: RunConfig, with_sampler: bool = True) -> PuXIM:
     sampler = None
     if use_mask and with_sampler:
         sampler = build_vxl_sampler(model.arch, model.clip_weights,
-                                    **{name: getattr(model, name) for name in SAMPLER_SETTINGS})
+                                    **model.sampler_settings())
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = build_encoder(model.arch, separate_photo_encoder=model.separate_encoders, dropout=model.dropout,
                             stem_norm=model.stem_norm, ln_eps=model.ln_eps, input_norm=model.input_norm)

@@ -33,7 +33,7 @@ import torch
 
 from datasets.mask_cache import (CACHE_FORMAT, MaskCache, MaskCacheError, MaskCacheMissError, RootedMaskLookup,
                                  compare_keys, pack_masks, unpack_masks)
-from utils.config import SAMPLER_SETTINGS, RunConfig
+from utils.config import RunConfig
 from utils.presets import get_architecture
 
 __all__ = [
@@ -128,8 +128,8 @@ def expected_cache_key(config: RunConfig) -> dict:
 
     arch, image_size = config.model.arch, config.data.image_size
     _, patch, depth = _preset_clip_geometry(arch)
-    settings = {name: getattr(config.model, name) for name in SAMPLER_SETTINGS}
-    return cache_key(clip=clip_identity(arch, config.model.clip_weights), **sampler_keywords(settings),
+    return cache_key(clip=clip_identity(arch, config.model.clip_weights),
+                     **sampler_keywords(config.model.sampler_settings()),
                      surgery_depth=depth, image_size=image_size, grid_size=(image_size // patch, image_size // patch))
 
 

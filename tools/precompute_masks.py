@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tools import ToolError, run_tool, select_device
-from utils.config import DEVICES, SAMPLER_SETTINGS, RunConfig, RuntimeConfig, add_config_flags, make_config
+from utils.config import DEVICES, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("precompute_masks")
 
@@ -103,7 +103,7 @@ def _build_sampler(config: RunConfig, key: dict, device: torch.device):
 
     model = config.model
     sampler = build_vxl_sampler(model.arch, model.clip_weights,
-                                **{name: getattr(model, name) for name in SAMPLER_SETTINGS}).to(device)
+                                **model.sampler_settings()).to(device)
     built_key = mask_cache_key(sampler, image_size=config.data.image_size, clip=key["clip"])
     if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
         raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "

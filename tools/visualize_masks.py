@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tools import ToolError, run_tool, select_device
-from utils.config import DEVICES, SAMPLER_SETTINGS, RunConfig, RuntimeConfig, add_config_flags, make_config
+from utils.config import DEVICES, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("visualize_masks")
 
@@ -100,7 +100,7 @@ def build_sampler(config: RunConfig, device: torch.device):
     model = config.model
     try:
         sampler = build_vxl_sampler(model.arch, model.clip_weights,
-                                    **{name: getattr(model, name) for name in SAMPLER_SETTINGS})
+                                    **model.sampler_settings())
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise ToolError(str(e)) from None
     return sampler.to(device)

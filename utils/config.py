@@ -152,6 +152,10 @@ class ModelConfig:
     num_seen_classes: int = setting(0, "size of the seen-class head: set from the training data", cli=None,
                                     policy=DEFINES)
 
+    def sampler_settings(self) -> dict:
+        """The VxL sampler's settings (:data:`SAMPLER_SETTINGS`), by their flag names."""
+        return {name: getattr(self, name) for name in SAMPLER_SETTINGS}
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -257,6 +261,7 @@ def config_fields() -> Iterator[tuple[str, dataclasses.Field]]:
 
 
 FIELD_GROUP = {f.name: group for group, f in config_fields()}
+FIELDS = {f.name: f for _, f in config_fields()}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in GROUPS.items()}
 
 
@@ -272,10 +277,6 @@ def field_choices(f: dataclasses.Field) -> Optional[tuple]:
     return choices() if callable(choices) else choices
 
 
-def _field(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(GROUPS[FIELD_GROUP[name]]) if f.name == name)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Values: checking one, deriving the defaults that follow other settings, checking a whole configuration
 # --------------------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
     """``value`` as field ``name``'s type (an int for a float field becomes a float; YAML's ``1e-5``, read as a
     string, a float), or ConfigError naming ``source``, the key and what is allowed."""
     base, optional = field_type(name)
-    choices = field_choices(_field(name))
+    choices = field_choices(FIELDS[name])
     ok = value is None and optional
     if not ok and base is float and isinstance(value, str):
         try:
@@ -332,9 +333,9 @@ def validate(config: RunConfig) -> RunConfig:
     check_experiment_name(config.runtime.exp)  # one folder inside --output_dir: --overwrite deletes only there
     _require(data.testall or data.eval_per_class is not None,
              "--no-testall needs --eval_per_class N (how many queries/photos per class)")
+    flat = config.flat()
     for name in ("epoch", "batch_size", "datasetLen", "image_size"):
-        value = config.flat()[name]
-        _require(value > 0, f"--{name} must be positive (got {value})")
+        _require(flat[name] > 0, f"--{name} must be positive (got {flat[name]})")
     _require(optim.warmup_steps >= 0,
              f"--warmup_steps must be >= 0 (0: a constant learning rate), got {optim.warmup_steps}")
     _require(not (model.vxl_cache and data.augment != "none"),
@@ -393,9 +394,9 @@ def _preset_values(name: str) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, names: Optional[set] = None) -> None:
     """One flag per setting (or per setting in ``names``), grouped; defaults are suppressed, so that the parsed
     namespace holds only what the command line gave. The help shows each preset's value."""
-    for group in GROUPS:
+    for group, cls in GROUPS.items():
         g = parser.add_argument_group(group)
-        for _, f in ((gr, f) for gr, f in config_fields() if gr == group):
+        for f in dataclasses.fields(cls):
             cli = f.metadata["cli"]
             if cli is None or (names is not None and f.name not in names):
                 continue
@@ -408,8 +409,9 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Optional[set] = Non
             else:
                 base, optional = field_type(f.name)
                 kind = _optional_str if (base is str and optional) else base
-                g.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, choices=field_choices(f),
-                               help=help_text, metavar=f.name.upper() if field_choices(f) is None else None)
+                choices = field_choices(f)
+                g.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, choices=choices,
+                               help=help_text, metavar=f.name.upper() if choices is None else None)
 
 
 def parse_config(namespace: argparse.Namespace) -> RunConfig:
@@ -478,7 +480,7 @@ def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
             continue
         if name not in FIELD_GROUP or ("." in key and FIELD_GROUP[name] != key.split(".")[0]):
             raise ConfigError(f"{source}: unknown key {key!r}; the settings are: {', '.join(FIELD_GROUP)}")
-        if not _field(name).metadata["files"]:
+        if not FIELDS[name].metadata["files"]:
             continue
         if legacy and value is None and not field_type(name)[1]:
             continue  # format 1 saved None for "the preset's value"
