@@ -185,11 +185,16 @@ class PhotoStandardization(nn.Module):
         return standardize_images(images, self.eps)  # [B, C, H, W]
 
 
-def make_input_norm(input_norm: str) -> nn.Module:
-    """The module for ``input_norm`` (:data:`INPUT_NORMS`): ``"none"`` is ``nn.Identity``."""
+def check_input_norm(input_norm: str) -> str:
+    """``input_norm`` when it is one of :data:`INPUT_NORMS`; ValueError naming them otherwise."""
     if input_norm not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-    return PhotoStandardization() if input_norm == "photo" else nn.Identity()
+    return input_norm
+
+
+def make_input_norm(input_norm: str) -> nn.Module:
+    """The module for ``input_norm`` (:data:`INPUT_NORMS`): ``"none"`` is ``nn.Identity``."""
+    return PhotoStandardization() if check_input_norm(input_norm) == "photo" else nn.Identity()
 
 
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,

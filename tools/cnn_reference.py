@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from datasets import build_datasets, load_image, preprocess_photo, preprocess_sketch
 from datasets.filelist import DatasetError
-from models.encoder import ModalityBatchNorm2d, standardize_images
+from models.encoder import ModalityBatchNorm2d, check_input_norm, standardize_images
 from utils.config import INPUT_NORMS, make_config
 from utils.io import atomic_write
 from utils.metrics import chance_level, retrieval_metrics
@@ -71,9 +71,7 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
 
     ``input_norm="photo"``: every photo standardised on its own (``models.encoder.standardize_images``).
     """
-    if input_norm not in INPUT_NORMS:
-        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-    standardize = input_norm == "photo"
+    standardize = check_input_norm(input_norm) == "photo"
     torch.manual_seed(seed)
     split = data["split"]
     classes = sorted(c for c in split.train_photos if split.train_sketches.get(c))
