@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from utils import distributed as dist_utils
 from utils.checkpoint import strip_wrappers
 from utils.metrics import chance_level, retrieval_metrics
+from utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def train_one_epoch(loop: TrainLoop, loader, *, epoch: int, global_step: int = 0
     tally = _Tally()
     interrupted = False
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(loader, desc=f"epoch {epoch}", enabled=loop.progress, leave=False)
     for batch in bar:
         losses, outputs = _take_step(loop, batch, global_step + 1)
         global_step += 1
@@ -271,7 +271,7 @@ def extract_features(
     was_training = net.training
     net.eval()
     feats, labels, indices, failed = [], [], [], []
-    for batch in tqdm(loader, desc=f"embed {modality}", disable=not progress, dynamic_ncols=True, leave=False):
+    for batch in progress_bar(loader, desc=f"embed {modality}", enabled=progress, leave=False):
         ok = batch.get("ok", torch.ones(batch["image"].shape[0], dtype=torch.bool))
         if not ok.all():  # unreadable images (datasets.robust.AccountedImages): named, left out
             failed += [(p, e) for p, e, good in zip(batch["path"], batch["errors"], ok.tolist()) if not good]

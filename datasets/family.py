@@ -366,9 +366,9 @@ def make_family_benchmark(root: str | Path, spec: FamilySpec, *, progress: bool 
     seen_glyphs = glyphs[:spec.seen]
     base = root / split.dataset_dir
     lists = {"sketch_train": [], "photo_train": [], "sketch_zero": [], "photo_zero": []}
-    from tqdm import tqdm
+    from utils.progress import progress_bar
 
-    for ci in tqdm(range(len(names)), desc=f"drawing {spec.name}", disable=not progress, leave=False):
+    for ci in progress_bar(range(len(names)), desc=f"drawing {spec.name}", enabled=progress, leave=False):
         name, unseen = names[ci], ci >= spec.seen
         label = ci - spec.seen if unseen else ci
         for kind, folder, ext in (("sketch", sketch_dir, ".png"), ("photo", photo_dir, photo_ext)):

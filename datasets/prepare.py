@@ -396,12 +396,12 @@ def _report_count(out, problem, fname, what, found, expected) -> None:
 def _unreadable(paths, fname, blank_out: list | None = None) -> list[str]:
     """Messages of the images that cannot be read; blank ones (no ink) go to ``blank_out`` when given."""
     import numpy as np
-    from tqdm import tqdm
+    from utils.progress import progress_bar
 
     from .transforms import ImageLoadError, ink_bbox, load_image
 
     bad = []
-    for p in tqdm(sorted(paths), desc=f"verifying {fname}", unit="img", leave=False):
+    for p in progress_bar(sorted(paths), desc=f"verifying {fname}", unit="img", leave=False):
         try:
             img = load_image(p)
         except ImageLoadError as err:

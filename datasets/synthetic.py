@@ -855,7 +855,7 @@ def make_synthetic_benchmark(root: str | Path, *, seed: int = 0, sketches_per_cl
     that replaces ``root`` only when complete, so an interrupted run never leaves half a
     benchmark. Returns ``root``.
     """
-    from tqdm import tqdm
+    from utils.progress import progress_bar
 
     classes = tuple(CLASSES if classes is None else classes)
     for name in classes:
@@ -887,8 +887,8 @@ def make_synthetic_benchmark(root: str | Path, *, seed: int = 0, sketches_per_cl
         lists: dict[tuple[str, str], list[str]] = {}
         # photos' distractors: seen classes only (unseen objects must never appear in training)
         pool = tuple(SEEN_CLASSES)
-        for name, kind, i, rel, label, split in tqdm(jobs, desc="drawing synthetic benchmark",
-                                                     disable=not progress, unit="img"):
+        for name, kind, i, rel, label, split in progress_bar(jobs, desc="drawing synthetic benchmark",
+                                                             enabled=progress, unit="img"):
             rng = _image_rng(seed, name, kind, i)
             if kind == "sketch":
                 _render_sketch(_DRAWERS[name](rng), rng, size).save(base / rel, format="PNG")

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from utils.progress import progress_bar
 
 from datasets import build_datasets, load_image, preprocess_photo, preprocess_sketch
 from datasets.filelist import DatasetError
@@ -61,7 +61,7 @@ class SmallCNN(nn.Module):
 
 def _load_all(paths, preprocess, size: int, desc: str, progress: bool, standardize: bool = False) -> torch.Tensor:
     images = torch.stack([preprocess(load_image(p), size)
-                          for p in tqdm(paths, desc=desc, disable=not progress, leave=False)])  # [N, 3, S, S]
+                          for p in progress_bar(paths, desc=desc, enabled=progress, leave=False)])  # [N, 3, S, S]
     return standardize_images(images) if standardize else images
 
 
@@ -90,7 +90,7 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
                             for i in idx.tolist()])  # [B, 3, S, S]
 
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc="reference CNN", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="reference CNN", enabled=progress, leave=False):
         pos = torch.randint(len(classes), (batch_size,), generator=gen)
         neg = (pos + torch.randint(1, len(classes), (batch_size,), generator=gen)) % len(classes)
         s, p, n = model(pick(sketches, pos), "sketch"), model(pick(photos, pos), "photo"), model(pick(photos, neg), "photo")

@@ -25,7 +25,7 @@ import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from utils.progress import progress_bar
 
 from tools import ToolError, run_tool, select_device
 from utils.config import DEVICES, RunConfig, RuntimeConfig, add_config_flags, make_config
@@ -118,7 +118,7 @@ def _compute(sampler, cache, todo: list, args, image_size: int, device: torch.de
 
     loader = DataLoader(_PhotoSet(todo, image_size), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    bar = tqdm(loader, desc="VxL masks", unit="batch", disable=args.no_progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc="VxL masks", unit="batch", enabled=not args.no_progress)
     try:
         for step, (images, rels, cnames) in enumerate(bar, 1):
             masks = sampler(images.to(device, non_blocking=True), list(cnames))  # [b, N], fp32, no grad
