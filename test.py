@@ -163,8 +163,8 @@ def print_table(metrics: dict, ckpt_path: Path) -> None:
             print(f"  {key:<13} {metrics[key]:.4f}   {what}")
     if metrics.get("chance_mAP"):
         ratios, verdict = chance_ratios(metrics)
-        print(f"  mAP@all is {ratios['mAP@all']:.1f}x and P@100 {ratios['P@100']:.1f}x the chance level: "
-              f"{verdict} 2x chance")
+        print(f"  mAP@all is {ratios['mAP@all']:.2f}x and P@100 {ratios['P@100']:.2f}x the chance level: "
+              f"{verdict}")
     sys.stdout.flush()
 
 
