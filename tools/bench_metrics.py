@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tools.results_page import write_page
 from utils.metrics import metrics_from_ranks, relevant_ranks, retrieval_metrics
 
 
@@ -38,6 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=int, default=1024)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
     return p
 
 
@@ -208,8 +210,26 @@ def main(argv: list[str] | None = None) -> dict:
     n_ref = min(args.ref_queries, args.queries)
     ref_all, ref_200, t_ref_all = time_reference(q, q_lab, g, g_lab, device, n_ref, times)
     max_abs_diff = check_agreement(q, q_lab, g, g_lab, device, ref_all, ref_200)
-    return {"metrics": metrics, "times": times, "cpu_times": cpu_times, "reference_time_scaled": t_ref_all,
-            "peak_rss_mib": rss_ours, "max_abs_diff": max_abs_diff}
+    result = {"metrics": metrics, "times": times, "cpu_times": cpu_times, "reference_time_scaled": t_ref_all,
+              "peak_rss_mib": rss_ours, "max_abs_diff": max_abs_diff}
+    if args.markdown:
+        write_page(args.markdown, "Retrieval metrics: vectorised vs the released per-query procedure",
+                   markdown_table(args, device, result), program="tools.bench_metrics",
+                   argv=sys.argv[1:] if argv is None else argv)
+    return result
+
+
+def markdown_table(args: argparse.Namespace, device: torch.device, result: dict) -> str:
+    """The measured figures as a one-row Markdown table."""
+    times, cpu = result["times"], result["cpu_times"]
+    return "\n".join([
+        "| queries × gallery (classes, dim) | device (threads) | ours, run 1 / run 2 (s) | ours, CPU time (s) | "
+        "released procedure, scaled (s) | speed-up (run 1) | peak RSS (MiB) | max \\|ΔAP\\| |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| {args.queries:,} × {args.gallery:,} ({args.classes}, {args.dim}) | {device} ({torch.get_num_threads()}) | "
+        f"{times[0]:.2f} / {times[1]:.2f} | {cpu[0]:.2f} | {result['reference_time_scaled']:.1f} "
+        f"(from {min(args.ref_queries, args.queries)} queries) | {result['reference_time_scaled'] / times[0]:.1f}× | "
+        f"{result['peak_rss_mib']:.0f} | {result['max_abs_diff']:.1e} |"])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tools import ToolError, run_tool
+from tools.results_page import write_page
 from tools.search import ExactIndex, FaissIndex, default_nprobe, import_faiss
 
 DIM = 768  # a ViT-B/16 embedding
@@ -51,11 +52,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_ms", type=float, default=20.0,
                    help="latency budget of one search: the size where exact search passes it is printed (default 20)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where exact search runs (default cpu)")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
     return p
 
 
 def main(argv=None) -> list[dict]:
-    return run_tool("tools.bench_search", run, get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    args.command_argv = sys.argv[1:] if argv is None else list(argv)
+    return run_tool("tools.bench_search", run, args)
 
 
 # ----------------------------------------------------------------------------- data
@@ -192,16 +196,21 @@ def run(args) -> list[dict]:
     rows = []
     for size in sizes:
         rows += bench_size(args, data, size, nprobes)
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads); {args.dim}-d vectors, "
-          f"{args.clusters} clusters (intrinsic dim {args.intrinsic_dim}, spread {args.spread}, noise {args.noise}), "
-          f"seed {args.seed}; latency over {args.timed} single queries, recall over {args.queries}; "
-          f"exact on {args.device}\n")
-    print(markdown(rows, args.k))
+    setup = (f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+             f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads); {args.dim}-d vectors, "
+             f"{args.clusters} clusters (intrinsic dim {args.intrinsic_dim}, spread {args.spread}, noise {args.noise}), "
+             f"seed {args.seed}; latency over {args.timed} single queries, recall over {args.queries}; "
+             f"exact on {args.device}")
     limit = exact_limit(rows, args.budget_ms)
-    if limit is not None:
-        print(f"\nexact search reaches a median of {args.budget_ms:g} ms per query at about {limit:,} gallery "
-              f"vectors (a line through the exact rows)")
+    summary = "" if limit is None else (f"exact search reaches a median of {args.budget_ms:g} ms per query at about "
+                                        f"{limit:,} gallery vectors (a line through the exact rows)")
+    print(setup + "\n")
+    print(markdown(rows, args.k))
+    if summary:
+        print("\n" + summary)
+    if args.markdown:
+        write_page(args.markdown, "Gallery search: exact vs FAISS IVF-Flat", markdown(rows, args.k),
+                   program="tools.bench_search", argv=args.command_argv, notes=f"{setup}.\n\n{summary}")
     return rows
 
 

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 
+from tools.results_page import write_page
 from utils.config import make_config
 from utils.presets import ARCHITECTURES, get_architecture
 
@@ -88,6 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak for MFU (default: looked up from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
     return p
 
 
@@ -438,7 +441,18 @@ def main(argv=None) -> dict:
               "compile": args.compile_backend if args.compile else None, "peak_bf16_tflops": peak_tflops,
               "runs": runs, "largest_batch": largest}
     print(format_report(result))
+    if args.markdown:
+        write_page(args.markdown, f"Training step, arch {args.arch}, on {result['device_name']}",
+                   markdown_table(result), program="tools.bench_train", argv=sys.argv[1:] if argv is None else argv,
+                   notes=f"{args.steps} timed steps per configuration after {args.warmup} warm-up, interleaved; "
+                         f"ratios of the mean step time against (a).")
     return result
+
+
+def _fmt(row: dict, key: str, spec: str) -> str:
+    """A row's value formatted, or "n/a" where it was not measured (FLOPs, memory and MFU on a CPU)."""
+    value = row.get(key)
+    return format(value, spec) if value is not None else "n/a"
 
 
 def format_table(result: dict, run: dict) -> str:
@@ -452,17 +466,13 @@ def format_table(result: dict, run: dict) -> str:
     lines = [head, cols, "-" * len(cols)]
     base = run["rows"].get("a")
     for row in run["rows"].values():
-        def fmt(key, spec, scale=1.0):
-            value = row.get(key)
-            return format(value * scale, spec) if value is not None else "n/a"
-
         speedup = row["samples_per_s"] / base["samples_per_s"] if base else None
         spread = f"{row['step_ms_min']:.0f}..{row['step_ms_max']:.0f}"
         lines.append(f"{row['name']:<58} {row['precision']:>5} {row['samples_per_s']:>10.3f} {row['step_ms']:>9.1f} "
                      f"{spread:>15} "
-                     f"{format(speedup, '.2f') if speedup else 'n/a':>6} {fmt('peak_mem_mib', '.0f'):>9} "
-                     f"{fmt('gflop_per_step', '.1f'):>11} {fmt('achieved_tflops', '.2f'):>8} "
-                     f"{fmt('mfu', '.1%'):>6}")
+                     f"{format(speedup, '.2f') if speedup else 'n/a':>6} {_fmt(row, 'peak_mem_mib', '.0f'):>9} "
+                     f"{_fmt(row, 'gflop_per_step', '.1f'):>11} {_fmt(row, 'achieved_tflops', '.2f'):>8} "
+                     f"{_fmt(row, 'mfu', '.1%'):>6}")
     for c in run["out_of_memory"]:
         lines.append(f"{CONFIGS[c]:<58} out of memory at batch {run['batch_size']}")
     if run["ratios"]:
@@ -471,6 +481,23 @@ def format_table(result: dict, run: dict) -> str:
 
         lines.append(f"samples/s ratios (mean step): {join(run['ratios'])}; "
                      f"(fastest step): {join(run['best_step_ratios'])}")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    """Every batch size's configurations as one Markdown table (what ``--markdown`` writes)."""
+    lines = ["| batch | configuration | precision | samples/s | step (ms) | min..max (ms) | × (a) | peak (MiB) | "
+             "GFLOP/step | TFLOP/s | MFU |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        base = run["rows"].get("a")
+        for row in run["rows"].values():
+            speedup = f"{row['samples_per_s'] / base['samples_per_s']:.2f}×" if base else "n/a"
+            lines.append(f"| {run['batch_size']} | {row['name']} | {row['precision']} | {row['samples_per_s']:.3f} | "
+                         f"{row['step_ms']:.1f} | {row['step_ms_min']:.0f}..{row['step_ms_max']:.0f} | {speedup} | "
+                         f"{_fmt(row, 'peak_mem_mib', '.0f')} | {_fmt(row, 'gflop_per_step', '.1f')} | "
+                         f"{_fmt(row, 'achieved_tflops', '.2f')} | {_fmt(row, 'mfu', '.1%')} |")
+        lines += [f"| {run['batch_size']} | {CONFIGS[c]} | out of memory | | | | | | | | |"
+                  for c in run["out_of_memory"]]
     return "\n".join(lines)
 
 

@@ -1,0 +1,77 @@
+"""``--markdown FILE`` of the measuring tools: a measured table as a Markdown results page.
+
+The pages under ``docs/results/`` are written by the tool that measured them, never retyped: each holds the
+table with the date, the commit, the machine and the command line that made it, so a reader can rerun the
+command and compare.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["machine_description", "provenance", "write_page"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def commit_description() -> str:
+    """The short commit, with "+ uncommitted changes" when tracked files differ from it (the table was then
+    measured with code that no commit holds)."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine_description() -> str:
+    """CPU model and cores, GPU when there is one, OS, Python and torch versions (no host name)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores", platform.system() + " " + platform.release(),
+             f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        parts += [f"torch {torch.__version__} ({torch.get_num_threads()} threads)", gpu]
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def provenance(program: str, argv: list[str] | None = None) -> list[str]:
+    """The page's header lines: date, commit, machine, and the command (``python -m program argv``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", program, *argv])
+    return [f"- date: {datetime.date.today().isoformat()}", f"- commit: {commit_description()}",
+            f"- machine: {machine_description()}", f"- command: `{command}`"]
+
+
+def write_page(path: str | os.PathLike, title: str, table: str, *, program: str, argv: list[str] | None = None,
+               notes: str = "") -> Path:
+    """Write ``table`` (Markdown) under ``# title`` with its provenance, then ``notes``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([f"# {title}", "", *provenance(program, argv), "", table.rstrip(), ""])
+    if notes:
+        text += "\n" + notes.rstrip() + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
