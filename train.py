@@ -169,9 +169,10 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     health monitor) and the criterion."""
     from datasets import build_datasets
     from losses import build_criterion
-    from models import build_model, model_summary
+    from models import build_model, check_starting_weights, model_summary
 
     config = run.config
+    check_starting_weights(config)  # a --vit_weights that does not fit stops the run before any data is read
     mask_cache = None
     if config.model.vxl_cache:
         from models.vxl_cache import load_mask_cache_for_training

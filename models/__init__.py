@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from utils.config import RunConfig
+import torch
+
+from utils.config import ModelConfig, RunConfig
 from utils.presets import get_architecture
 
 from .class_head import SeenClassHead
-from .encoder import SketchPhotoEncoder, build_encoder, load_vit_weights
+from .encoder import SketchPhotoEncoder, build_encoder, check_vit_weights, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
 from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
@@ -19,7 +21,7 @@ from .vxl_sampler import VxLSampler, build_vxl_sampler
 __all__ = [
     "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead", "SeenClassHead", "PuXIMWithPseudoSketches",
     "PuXIMWithSeenClassHead", "PuXIMWithTrainingAids", "build_model", "build_encoder", "build_vxl_sampler",
-    "load_vit_weights", "model_summary", "compile_model",
+    "load_vit_weights", "check_starting_weights", "model_summary", "compile_model",
 ]
 
 
@@ -42,10 +44,9 @@ def build_model(config: RunConfig, with_sampler: bool = True) -> PuXIM:
         sampler = build_vxl_sampler(model.arch, model.clip_weights,
                                     **model.sampler_settings())
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
-    encoder = build_encoder(model.arch, separate_photo_encoder=model.separate_encoders, dropout=model.dropout,
-                            stem_norm=model.stem_norm, ln_eps=model.ln_eps, input_norm=model.input_norm)
+    encoder = _build_encoder(model, separate_photo_encoder=model.separate_encoders)
     if model.vit_weights:
-        load_vit_weights(encoder, model.vit_weights)
+        load_vit_weights(encoder, model.vit_weights, vit_arch=model.vit_arch, allow_partial=model.allow_partial_weights)
     interaction = InteractionHead(**asdict(architecture.interaction), dropout=model.dropout)
     aids = {}
     if config.loss.w_cls > 0 and model.num_seen_classes > 0:
@@ -53,6 +54,24 @@ def build_model(config: RunConfig, with_sampler: bool = True) -> PuXIM:
     model_class = puxim_class(pseudo_sketches=config.data.pseudo_sketch, seen_class_head="class_head" in aids)
     return model_class(encoder=encoder, interaction=interaction, sampler=sampler, use_mask=use_mask,
                        mask_memory=model.int_memory == "masked", **aids)
+
+
+def _build_encoder(model: ModelConfig, *, separate_photo_encoder: bool) -> SketchPhotoEncoder:
+    return build_encoder(model.arch, separate_photo_encoder=separate_photo_encoder, dropout=model.dropout,
+                         stem_norm=model.stem_norm, ln_eps=model.ln_eps, input_norm=model.input_norm,
+                         vit_arch=model.vit_arch)
+
+
+def check_starting_weights(config: RunConfig) -> None:
+    """Refuse ``--vit_weights`` that the encoder would refuse (not a state dict, keys of another architecture,
+    other shapes) before anything slow is done: nothing is built but the encoder's shapes, nothing downloaded.
+    train.py calls it before reading any data."""
+    model = config.model
+    if not model.vit_weights:
+        return
+    with torch.device("meta"):  # the keys and shapes, without initialising 86M weights
+        encoder = _build_encoder(model, separate_photo_encoder=False)
+    check_vit_weights(encoder, model.vit_weights, vit_arch=model.vit_arch, allow_partial=model.allow_partial_weights)
 
 
 def model_summary(model: PuXIM) -> dict:

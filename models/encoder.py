@@ -8,9 +8,11 @@ produce the ``grid x grid x D`` token map:
   c2->c3 (k3 s2 p1), ReLU, c3->D (k3 s? p1)``.
 
 Everything else is timm's ``VisionTransformer`` (pre-norm blocks, CLS token, learned position
-embedding, final LayerNorm), so timm / ImageNet-21k checkpoints load by their own key names
-(``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). The stem has no pretrained
-counterpart and starts from its random init.
+embedding, final LayerNorm), built as the starting checkpoint's architecture (``--vit_arch``,
+``models.vit_architecture``: a LayerNorm before the blocks and no patch bias for CLIP, its activation),
+so timm checkpoints load by their own key names (``patch_embed.proj.weight``,
+``blocks.0.attn.qkv.weight``, ...) into the network they were trained as. A checkpoint that does not fit
+is refused. The stem has no pretrained counterpart and starts from its random init.
 """
 from __future__ import annotations
 
@@ -27,8 +29,12 @@ from torch import nn
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.config import INPUT_NORMS, STEM_NORMS
+from utils.config import DEFAULT_VIT_ARCH, INPUT_NORMS, STEM_NORMS, is_timm_tag
 from utils.presets import get_architecture
+
+from .vit_architecture import (HEAD_PREFIXES, STEM_PREFIX, check_fits_preset, fitting_starting_points,
+                               read_vit_architecture, timm_state_dict_shapes)
+from .weight_errors import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ __all__ = [
     "PhotoStandardization",
     "SketchPhotoEncoder",
     "build_encoder",
+    "check_vit_weights",
     "load_vit_weights",
     "standardize_images",
     "WeightLoadError",
@@ -48,20 +55,6 @@ __all__ = [
 
 MODALITIES = ("photo", "sketch")
 
-# Checkpoint keys of timm's classifier (and pooling) that the encoder does not have.
-_HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "pre_logits.", "attn_pool.")
-
-
-class WeightLoadError(RuntimeError):
-    """A pretrained-weight source could not be read (missing file, offline hub, bad format)."""
-
-
-class WeightFileNotFoundError(WeightLoadError, FileNotFoundError):
-    """A weight file named on the command line does not exist."""
-
-
-class WeightMismatchError(WeightLoadError, ValueError):
-    """Weights that do not fit the model (other architecture, other key names, missing piece)."""
 
 
 def _stem_strides(patch_size: int) -> Tuple[int, int, int, int]:
@@ -199,17 +192,19 @@ def make_input_norm(input_norm: str) -> nn.Module:
 
 def _make_vit(*, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
               mlp_ratio: float, dropout: float, stem_channels: Sequence[int],
-              stem_norm: str, ln_eps: float) -> VisionTransformer:
-    # Every LayerNorm (blocks' norm1/norm2, the final norm) gets ``ln_eps``: timm's 1e-6, or torch's 1e-5 as in
-    # the released ViT. Same parameters either way, so any checkpoint loads into both.
+              stem_norm: str, ln_eps: float, pre_norm: bool, act_layer: type, qkv_bias: bool) -> VisionTransformer:
+    # Every LayerNorm (norm_pre, blocks' norm1/norm2, the final norm) gets ``ln_eps``: timm's 1e-6, CLIP's or the
+    # released ViT's 1e-5. Same parameters either way, so any checkpoint loads into both.
+    # pre_norm, act_layer, qkv_bias: the starting checkpoint's architecture (models.vit_architecture); with
+    # pre_norm timm builds the patch projection without bias, as CLIP's.
     # Dropout as in the released ViT: 0.1 on the embeddings (pos_drop), on the attention output
     # projection and inside the MLP (both via proj_drop_rate); none on the attention weights.
     # timm's `drop_rate` is only the classifier-head dropout, unused here (no head).
     return VisionTransformer(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-        num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
+        num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=True,
         global_pool="token", num_classes=0, drop_rate=0.0, pos_drop_rate=dropout,
-        proj_drop_rate=dropout, attn_drop_rate=0.0, drop_path_rate=0.0,
+        proj_drop_rate=dropout, attn_drop_rate=0.0, drop_path_rate=0.0, pre_norm=pre_norm, act_layer=act_layer,
         embed_layer=partial(ConvStemPatchEmbed, stem_channels=tuple(stem_channels), stem_norm=stem_norm),
         norm_layer=partial(LayerNorm, eps=float(ln_eps)),
     )
@@ -225,20 +220,24 @@ class SketchPhotoEncoder(nn.Module):
     Each modality's images pass ``input_norms[modality]`` first: ``nn.Identity`` for both in the paper;
     ``input_norm="photo"`` makes the photos' a :class:`PhotoStandardization` (the ``tiny`` preset).
     The stem's norm is the class's (:attr:`stem_norm`): :class:`BatchNormStemEncoder` has BatchNorms.
+    ``pre_norm``, ``act_layer``, ``qkv_bias``: the starting checkpoint's architecture
+    (``VitArchitecture.layers()``); the defaults are timm's plain ViT's.
     """
 
     stem_norm = "none"  # the paper's stem: convs and ReLUs
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, dropout: float, stem_channels: Sequence[int], ln_eps: float, input_norm: str,
-                 separate_photo_encoder: bool = False):
+                 separate_photo_encoder: bool = False, pre_norm: bool = False, act_layer: type = nn.GELU,
+                 qkv_bias: bool = True):
         super().__init__()
         self.input_norm = input_norm
         # Parameter-free modules: the state-dict keys do not depend on input_norm.
         self.input_norms = nn.ModuleDict({"photo": make_input_norm(input_norm), "sketch": nn.Identity()})
         vit_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                           num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                          stem_channels=stem_channels, stem_norm=self.stem_norm, ln_eps=ln_eps)
+                          stem_channels=stem_channels, stem_norm=self.stem_norm, ln_eps=ln_eps, pre_norm=pre_norm,
+                          act_layer=act_layer, qkv_bias=qkv_bias)
         self.vit = _make_vit(**vit_kwargs)  # sketches (and photos unless separate)
         self.photo_vit: Optional[VisionTransformer] = _make_vit(**vit_kwargs) if separate_photo_encoder else None
         self._img_size = img_size
@@ -308,17 +307,28 @@ ENCODERS = {"none": SketchPhotoEncoder, "batch": BatchNormStemEncoder}  # stem_n
 
 
 def build_encoder(arch: str, *, separate_photo_encoder: bool, dropout: float, stem_norm: str, ln_eps: float,
-                  input_norm: str) -> SketchPhotoEncoder:
-    """The encoder of preset ``arch`` (its sizes: ``utils.presets.ARCHITECTURES``) with the run's settings;
-    ``stem_norm`` picks the class (:data:`ENCODERS`)."""
+                  input_norm: str, vit_arch: Optional[str] = None) -> SketchPhotoEncoder:
+    """The encoder of preset ``arch`` (its sizes: ``utils.presets.ARCHITECTURES``) with the run's settings, built as
+    timm's model ``vit_arch`` (none: timm's plain ViT); ``stem_norm`` picks the class (:data:`ENCODERS`)."""
     if stem_norm not in ENCODERS:
         raise ValueError(f"stem_norm must be one of {STEM_NORMS}, got {stem_norm!r}")
+    architecture = (check_fits_preset(vit_arch, arch) if vit_arch is not None
+                    else read_vit_architecture(DEFAULT_VIT_ARCH))
     sizes = asdict(get_architecture(arch).encoder)
-    return ENCODERS[stem_norm](**sizes, separate_photo_encoder=separate_photo_encoder, dropout=dropout,
-                               ln_eps=float(ln_eps), input_norm=input_norm)
+    return ENCODERS[stem_norm](**sizes, **architecture.layers(), separate_photo_encoder=separate_photo_encoder,
+                               dropout=dropout, ln_eps=float(ln_eps), input_norm=input_norm)
 
 
 # --------------------------------------------------------------------- weights
+_WHAT_FITS = ("--vit_weights takes a timm-format state dict (.safetensors, .pth) or a timm tag such as "
+              "vit_base_patch16_224.orig_in21k (docs/starting_points.md)")
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """Read a timm-format state dict from ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``."""
     if path.endswith(".safetensors"):
@@ -326,7 +336,7 @@ def _read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types
-            raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from e
+            raise WeightLoadError(f"{path}: not a readable safetensors file ({_first_line(e)}); {_WHAT_FITS}") from e
     if path.endswith(".npz"):
         raise WeightLoadError(
             f"{path}: JAX .npz checkpoints are not read here; convert it with timm "
@@ -335,13 +345,13 @@ def _read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightLoadError(f"{path}: not a readable PyTorch state dict ({e})") from e
+        raise WeightLoadError(f"{path}: not a readable PyTorch state dict ({_first_line(e)}); {_WHAT_FITS}") from e
     # Unwrap the usual training-checkpoint containers.
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightLoadError(f"{path}: expected a dict of tensors (a timm state dict)")
+        raise WeightLoadError(f"{path}: not a state dict (a dict of tensors); {_WHAT_FITS}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -358,13 +368,13 @@ def _state_dict_from_timm_tag(tag: str) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _load_into_vit(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], source: str) -> dict:
-    target = vit.state_dict()
-    report = dict(source=source, loaded=[], missing=[], unexpected=[], ignored_head=[],
-                  random_init=[], resampled={})
-    new_sd = {}
+def _match_keys(target: Dict[str, torch.Tensor], source_sd: Dict[str, torch.Tensor], source: str) -> dict:
+    """The checkpoint's keys sorted against a ViT's state dict ``target``: ``loaded`` (``resampled``: a position
+    embedding of another grid, key -> (its shape, the ViT's)), ``ignored_head``, ``unexpected``, and the ViT's keys
+    it lacks: ``random_init`` (the stem) and ``missing``. A shape that cannot be made to fit: WeightMismatchError."""
+    report = dict(source=source, loaded=[], missing=[], unexpected=[], ignored_head=[], random_init=[], resampled={})
     for key, value in source_sd.items():
-        if key.startswith(_HEAD_PREFIXES):
+        if key.startswith(HEAD_PREFIXES):
             report["ignored_head"].append(key)
             continue
         if key not in target:
@@ -372,57 +382,101 @@ def _load_into_vit(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], s
             continue
         want = target[key].shape
         if value.shape != want:
-            if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-                # Another grid size (e.g. a 384px checkpoint): resample the patch part with timm.
-                value = resample_abs_pos_embed(
-                    value.float(), new_size=list(vit.patch_embed.grid_size),
-                    num_prefix_tokens=vit.num_prefix_tokens)
-                report["resampled"][key] = (tuple(source_sd[key].shape), tuple(want))
-            else:
-                raise WeightMismatchError(
-                    f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                    f"{tuple(want)} in the encoder")
-        new_sd[key] = value.to(target[key].dtype)
+            if not (key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]):
+                raise WeightMismatchError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint "
+                                          f"but {tuple(want)} in the encoder")
+            report["resampled"][key] = (tuple(value.shape), tuple(want))  # e.g. a 384 px checkpoint
         report["loaded"].append(key)
-    if not new_sd:
+    if not report["loaded"]:
         raise WeightMismatchError(
             f"{source}: none of its {len(source_sd)} keys is a timm VisionTransformer key (e.g. "
             f"'blocks.0.attn.qkv.weight'); convert the checkpoint to timm's naming first")
     for key in target:
-        if key in new_sd:
-            continue
-        if key.startswith("patch_embed.stem."):
-            report["random_init"].append(key)
-        else:
-            report["missing"].append(key)
-    # Every key of the model is given (loaded or its current value): a strict load.
-    full = dict(target)
-    full.update(new_sd)
-    vit.load_state_dict(full, strict=True)
+        if key not in source_sd:
+            report["random_init" if key.startswith(STEM_PREFIX) else "missing"].append(key)
     return report
 
 
-def load_vit_weights(encoder: SketchPhotoEncoder, source: str) -> dict:
+def _listed(keys: list) -> str:
+    return (", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")) if keys else "none"
+
+
+def _refuse_mismatch(report: dict, source_keys, vit_arch: Optional[str]) -> None:
+    """WeightMismatchError, one line, when the checkpoint has keys the encoder lacks or lacks keys it needs."""
+    if not (report["unexpected"] or report["missing"]):
+        return
+    fits = fitting_starting_points(source_keys)
+    fix = (f"its keys are those of --vit_arch {' or '.join(fits)}" if fits else
+           "its keys are none of the supported starting points' (docs/starting_points.md): name the timm "
+           "architecture it belongs to with --vit_arch")
+    raise WeightMismatchError(
+        f"{report['source']} does not fit the encoder built as {vit_arch or DEFAULT_VIT_ARCH}: keys the encoder "
+        f"lacks: {_listed(report['unexpected'])}; keys it needs that the checkpoint lacks: "
+        f"{_listed(report['missing'])}; {fix}; --allow_partial_weights loads it anyway, the unmatched keys left at "
+        f"their init")
+
+
+def _load_into_vit(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], report: dict) -> None:
+    """Load ``report``'s ``loaded`` keys of ``source_sd`` into ``vit`` (strict: the other keys keep their value)."""
+    full = vit.state_dict()
+    for key in report["loaded"]:
+        value = source_sd[key]
+        if key in report["resampled"]:
+            value = resample_abs_pos_embed(value.float(), new_size=list(vit.patch_embed.grid_size),
+                                           num_prefix_tokens=vit.num_prefix_tokens)
+        full[key] = value.to(full[key].dtype)
+    vit.load_state_dict(full, strict=True)
+
+
+def _source_state_dict(source: str, *, download: bool) -> Dict[str, torch.Tensor]:
+    """The state dict of a file, or of a timm tag: downloaded, or without ``download`` timm's model's keys and
+    shapes (meta tensors)."""
+    if os.path.isfile(source):
+        return _read_state_dict_file(source)
+    if not is_timm_tag(source):
+        raise WeightFileNotFoundError(f"ViT weights file not found: {source}")
+    return _state_dict_from_timm_tag(source) if download else timm_state_dict_shapes(source)
+
+
+def check_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Optional[str] = None,
+                      allow_partial: bool = False) -> dict:
+    """What :func:`load_vit_weights` would load, without loading (``encoder`` may be on the meta device, a tag is
+    not downloaded): its report, or the error it would raise. train.py calls it before reading any data."""
+    source = os.fspath(source)
+    source_sd = _source_state_dict(source, download=False)
+    report = _match_keys(encoder.vit.state_dict(), source_sd, source)
+    if not allow_partial:
+        _refuse_mismatch(report, source_sd, vit_arch)
+    return report
+
+
+def load_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Optional[str] = None,
+                     allow_partial: bool = False) -> dict:
     """Load timm-format ViT weights into the encoder (into both ViTs when untied).
 
     ``source`` is a local ``.safetensors`` / ``.pth`` / ``.pt`` state dict, or a timm tag such as
-    ``vit_base_patch16_224.orig_in21k`` (downloaded through timm, so it needs internet).
-    Position embeddings of another grid are resampled; classifier-head keys are ignored; the
-    conv stem keeps its random init. A shape mismatch of any other key raises ``ValueError``.
+    ``vit_base_patch16_224.orig_in21k`` (downloaded through timm, so it needs internet); ``vit_arch`` the
+    architecture the encoder was built as, for messages. Position embeddings of another grid are resampled;
+    classifier-head keys are ignored; the conv stem keeps its random init. A checkpoint with keys the encoder
+    lacks, or lacking keys it needs, is refused unless ``allow_partial`` (then they are logged as warnings); a
+    shape mismatch of any other key is always refused (WeightMismatchError).
 
     Returns a report: ``loaded``, ``missing``, ``unexpected``, ``ignored_head``, ``random_init``
     (key lists of the first ViT) and ``resampled`` (key -> (old shape, new shape)).
     """
     source = os.fspath(source)
-    if os.path.isfile(source):
-        source_sd = _read_state_dict_file(source)
-    elif os.sep in source or source.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz")):
-        raise WeightFileNotFoundError(f"ViT weights file not found: {source}")
-    else:
-        source_sd = _state_dict_from_timm_tag(source)
+    source_sd = _source_state_dict(source, download=True)
+    reports = [_match_keys(vit.state_dict(), source_sd, source) for vit in encoder.vits()]
+    if not allow_partial:
+        _refuse_mismatch(reports[0], source_sd, vit_arch)
+    for vit, vit_report in zip(encoder.vits(), reports):
+        _load_into_vit(vit, source_sd, vit_report)
+    _log_report(reports[0], len(reports))
+    return reports[0]
 
-    reports = [_load_into_vit(vit, source_sd, source) for vit in encoder.vits()]
-    report = reports[0]
+
+def _log_report(report: dict, n_encoders: int) -> None:
+    source = report["source"]
     if report["ignored_head"]:
         _logger.info("%s: ignored classifier-head keys %s", source, report["ignored_head"])
     if report["resampled"]:
@@ -434,5 +488,4 @@ def load_vit_weights(encoder: SketchPhotoEncoder, source: str) -> dict:
                         source, report["missing"])
     if report["unexpected"]:
         _logger.warning("%s: unexpected checkpoint keys (not used): %s", source, report["unexpected"])
-    _logger.info("%s: loaded %d tensors into %d encoder(s)", source, len(report["loaded"]), len(reports))
-    return report
+    _logger.info("%s: loaded %d tensors into %d encoder(s)", source, len(report["loaded"]), n_encoders)

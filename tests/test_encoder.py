@@ -327,8 +327,10 @@ def test_load_vit_weights_errors(tmp_path, caplog):
     partial_sd = {k: v for k, v in source.items() if k != "norm.weight"}
     partial_sd["extra.thing"] = torch.zeros(3)
     torch.save(partial_sd, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"lacks: extra\.thing; keys it needs that the checkpoint lacks: norm\.weight"):
+        load_vit_weights(preset_encoder("tiny"), str(tmp_path / "partial.pth"))  # refused unless on purpose:
     with caplog.at_level(logging.WARNING, logger="models.encoder"):
-        report = load_vit_weights(preset_encoder("tiny"), str(tmp_path / "partial.pth"))
+        report = load_vit_weights(preset_encoder("tiny"), str(tmp_path / "partial.pth"), allow_partial=True)
     assert report["missing"] == ["norm.weight"] and report["unexpected"] == ["extra.thing"]
     assert "norm.weight" in caplog.text and "extra.thing" in caplog.text
 

@@ -10,13 +10,15 @@ and saved runs, and the ``--resume`` check. A preset (``utils.presets.PRESETS``)
 Where a value comes from, last wins: the preset of ``--arch``, a ``--config`` file (YAML or JSON, grouped or
 flat; an earlier run's ``args.json`` is one), the command line. A few defaults follow other settings unless
 given (:func:`derive`): the preset follows ``--data_path``, the split ``--dataset``, the triplet distance
-``--variant``, the margin the distance, the pseudo-sketches the instance-loss weight.
+``--variant``, the margin the distance, the pseudo-sketches the instance-loss weight, the encoder's architecture a
+timm tag in ``--vit_weights``, the LayerNorm eps the architecture.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,9 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 # The VxL sampler's settings: what the masks depend on besides the CLIP (the mask cache's key, the mask tools).
 SAMPLER_SETTINGS = ("keep_ratio", "prompt", "vxl_norm", "clip_input_norm")
+# The encoder's architecture without --vit_arch: timm's plain ViT, what every run before --vit_arch built.
+DEFAULT_VIT_ARCH = "vit_base_patch16_224"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
 class ConfigError(UserError):
@@ -124,6 +129,13 @@ class ModelConfig:
     vit_weights: Optional[str] = setting(
         "vit_base_patch16_224.orig_in21k", "starting ViT: a local timm-format .safetensors/.pth, a timm tag "
         "(downloaded only if online), or none (from scratch)", policy=IGNORED)
+    vit_arch: Optional[str] = setting(
+        None, "timm architecture of the starting ViT (e.g. vit_base_patch16_clip_quickgelu_224.openai for a file of "
+        "OpenAI's CLIP tower): its pre-norm, activation and LayerNorm eps are built (docs/starting_points.md). Unless "
+        "given, the --vit_weights tag's; none: timm's plain ViT (vit_base_patch16_224)", policy=DEFINES)
+    allow_partial_weights: bool = setting(
+        False, "load a --vit_weights file that does not fit the encoder anyway: the matching keys load, the others "
+        "keep their init and are listed as warnings (default: refused)", cli="store_true", policy=IGNORED)
     clip_weights: Optional[str] = setting(
         None, "OpenAI-format CLIP ViT-B/16 file (.pt state dict or TorchScript), or 'openai' to download; tiny: a "
         "fixed random tiny CLIP when none", policy=DEFINES)
@@ -147,8 +159,8 @@ class ModelConfig:
                              "keeps the from-scratch tiny ViT from collapsing)", choices=STEM_NORMS, policy=DEFINES)
     input_norm: str = setting("none", "standardise each photo on its own before the encoder (its channel means "
                               "removed, divided by its std); none: the paper's", choices=INPUT_NORMS, policy=DEFINES)
-    ln_eps: float = setting(1e-6, "eps of the encoder's LayerNorms (timm's; 1e-5 is the released ViT's, torch's "
-                            "default)", policy=DEFINES)
+    ln_eps: float = setting(1e-6, "eps of the encoder's LayerNorms; unless given, --vit_arch's (timm's ViTs: 1e-6, "
+                            "CLIP's: 1e-5); 1e-5 is also the released ViT's, torch's default", policy=DEFINES)
     num_seen_classes: int = setting(0, "size of the seen-class head: set from the training data", cli=None,
                                     policy=DEFINES)
 
@@ -317,7 +329,39 @@ def derive(config: RunConfig, given: set) -> RunConfig:
         changes["margin"] = MARGIN_BY_DISTANCE[distance]
     if "pseudo_sketch" not in given:
         changes["pseudo_sketch"] = config.loss.w_inst > 0
+    changes.update(_derive_starting_point(config, given))
     return config.replace(**changes)
+
+
+def is_timm_tag(source: str) -> bool:
+    """Whether ``--vit_weights source`` names a timm model (downloaded through timm) rather than a file: no such
+    file, no folder in it, no weight-file suffix."""
+    source = os.fspath(source)
+    return not (os.path.isfile(source) or os.sep in source or "/" in source or source.endswith(WEIGHT_FILE_SUFFIXES))
+
+
+def vit_arch_name(vit_arch: Optional[str]) -> str:
+    """timm's model name of ``vit_arch`` without its pretrained tag (the tag changes the weights, not the
+    network); none: :data:`DEFAULT_VIT_ARCH`."""
+    return (vit_arch or DEFAULT_VIT_ARCH).split(".", 1)[0]
+
+
+def _derive_starting_point(config: RunConfig, given: set) -> dict:
+    """The encoder's architecture follows a timm tag in --vit_weights, and its LayerNorm eps the architecture."""
+    model, changes = config.model, {}
+    vit_arch, source = model.vit_arch, "--vit_arch"
+    if "vit_arch" not in given and model.vit_weights and is_timm_tag(model.vit_weights):
+        vit_arch = changes["vit_arch"] = model.vit_weights
+        source = "--vit_weights"
+    if vit_arch is not None and "ln_eps" not in given:
+        # Lazily: timm builds the architecture's model (on the meta device) only for runs that name one.
+        from models.vit_architecture import VitArchitectureError, read_vit_architecture
+
+        try:
+            changes["ln_eps"] = read_vit_architecture(vit_arch, source=source).ln_eps
+        except VitArchitectureError as e:
+            raise ConfigError(str(e)) from None
+    return changes
 
 
 def _require(condition: bool, message: str) -> None:
@@ -350,6 +394,13 @@ def validate(config: RunConfig) -> RunConfig:
              f"--w_inst {loss.w_inst} needs the pseudo-sketches it compares with their photos: drop "
              "--no-pseudo_sketch, or pass --w_inst 0.")
     _require(model.ln_eps > 0, f"--ln_eps must be positive, got {model.ln_eps}")
+    if model.vit_arch is not None:
+        from models.vit_architecture import VitArchitectureError, check_fits_preset
+
+        try:
+            check_fits_preset(model.vit_arch, model.arch)
+        except VitArchitectureError as e:
+            raise ConfigError(str(e)) from None
     _require(loss.margin >= 0, f"--margin must be >= 0, got {loss.margin}")
     return config
 
@@ -490,10 +541,15 @@ def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
     return settings
 
 
+# Settings that runs saved before they existed did not have: the value those runs had (given, so not derived).
+_ABSENT_FROM_OLDER_RUNS = {"vit_arch": None}
+
+
 def config_from_saved(saved: dict, source: str = "checkpoint") -> RunConfig:
     """The configuration a run saved: format 2's ``{group: {...}}``, or format 1's flat ``vars(args)``."""
     legacy = not any(isinstance(saved.get(g), dict) for g in GROUPS)
-    return make_config(given=flat_settings(saved, source, legacy=legacy), check=False)
+    settings = flat_settings(saved, source, legacy=legacy)
+    return make_config(given={**_ABSENT_FROM_OLDER_RUNS, **settings}, check=False)
 
 
 def config_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RunConfig:
@@ -507,6 +563,8 @@ def config_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RunConfig:
 
 
 def _same(name: str, ours, theirs) -> bool:
+    if name == "vit_arch":  # one network: vit_base_patch16_224.augreg_in21k's is vit_base_patch16_224's
+        return vit_arch_name(ours) == vit_arch_name(theirs)
     if name in ("data_path", "clip_weights") and ours is not None and theirs is not None:
         if Path(ours).resolve() == Path(theirs).resolve():
             return True

@@ -1,0 +1,181 @@
+"""The architecture of a starting checkpoint: what the encoder's ViT takes from timm's model of a tag.
+
+ViT-B/16 checkpoints differ in more than their weights: CLIP's image tower has a LayerNorm before the first block
+(``norm_pre``) and no patch-embedding bias, OpenAI's was trained with QuickGELU, timm's ViTs use LayerNorm eps 1e-6
+and CLIP's 1e-5. Loaded into another architecture, the same weights compute another function. So the encoder is
+built with the architecture of its starting point: :func:`read_vit_architecture` builds timm's own model of a tag
+on the meta device (no weights, no download) and reads these off its modules; ``models.encoder`` then builds the
+ViT with them and PuXIM's conv stem. A checkpoint file states no architecture: ``--vit_arch`` names the timm model
+it belongs to, and :func:`fitting_starting_points` says which supported ones have its key layout.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, List
+
+import torch
+from torch import nn
+
+from utils.config import vit_arch_name
+from utils.presets import get_architecture
+
+from .weight_errors import WeightMismatchError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["STARTING_POINTS", "VitArchitecture", "VitArchitectureError", "read_vit_architecture",
+           "check_fits_preset", "fitting_starting_points", "timm_state_dict_shapes"]
+
+# The supported starting points (tests/test_starting_points.py, docs/starting_points.md): timm tag -> what its
+# weights were trained on.
+STARTING_POINTS = {
+    "vit_base_patch16_224.orig_in21k": "ImageNet-21k, supervised (Google's original ViT release)",
+    "vit_base_patch16_224.augreg_in21k": "ImageNet-21k, supervised, with AugReg (augmentation and regularisation)",
+    "vit_base_patch16_224.sam_in1k": "ImageNet-1k, supervised, with the SAM optimiser",
+    "vit_base_patch16_clip_quickgelu_224.openai": "OpenAI's CLIP image tower (400M image-text pairs), QuickGELU",
+    "vit_base_patch16_clip_224.laion2b": "LAION-2B CLIP image tower (open_clip), GELU",
+    "vit_base_patch16_224.dino": "ImageNet-1k without labels, self-supervised DINO",
+}
+
+# Checkpoint keys that are not the ViT's: timm's classifier and pooling (the encoder has none).
+HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "pre_logits.", "attn_pool.")
+STEM_PREFIX = "patch_embed.stem."  # PuXIM's conv stem: no checkpoint has it
+
+
+class VitArchitectureError(WeightMismatchError):
+    """A --vit_arch (or --vit_weights tag) that timm does not know or that the encoder cannot be built as."""
+
+
+@dataclass(frozen=True)
+class VitArchitecture:
+    """A timm ViT's sizes and what else the encoder builds as it: its keywords of ``VisionTransformer``."""
+    name: str  # timm's model name, without the pretrained tag
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    pre_norm: bool  # a LayerNorm before the first block (CLIP); timm then builds the patch embedding without bias
+    act_layer: type  # the MLP's activation: torch's GELU, or timm's QuickGELU (OpenAI's CLIP)
+    ln_eps: float  # of every LayerNorm
+    qkv_bias: bool
+
+    def sizes(self) -> dict:
+        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+
+    def layers(self) -> dict:
+        """The keywords besides the sizes and the LayerNorm eps (which the run's ``ln_eps`` gives)."""
+        return dict(pre_norm=self.pre_norm, act_layer=self.act_layer, qkv_bias=self.qkv_bias)
+
+
+def _supported_list() -> str:
+    return ", ".join(STARTING_POINTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_model(tag: str, source: str, overrides: tuple) -> nn.Module:
+    """timm's model of ``tag`` on the meta device: its modules and shapes, no weights, no download."""
+    import timm
+
+    if not timm.is_model(tag):
+        raise VitArchitectureError(f"{source} {tag}: timm {timm.__version__} knows no such model; the supported "
+                                   f"starting points are {_supported_list()} (docs/starting_points.md)")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(tag, pretrained=False, **dict(overrides))
+    except Exception as e:  # an unknown pretrained tag, keywords the model does not take
+        raise VitArchitectureError(f"{source} {tag}: timm cannot build it ({' '.join(str(e).split())})") from None
+
+
+def _unsupported(model: nn.Module) -> List[str]:
+    """What in ``model`` the encoder does not build (empty: a ViT it builds)."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if type(model) is not VisionTransformer:
+        return [f"it is a {type(model).__name__}, not timm's VisionTransformer"]
+    block = model.blocks[0]
+    checks = [
+        (model.cls_token is not None and model.global_pool == "token", "PuXIM's embedding is the class token, "
+         f"this model has {'none' if model.cls_token is None else 'one'} and pools by {model.global_pool!r}"),
+        (model.num_reg_tokens == 0 and not model.no_embed_class, "register tokens or a class token without a "
+         "position embedding"),
+        (not isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity),
+         "no final LayerNorm on the tokens"),
+        (type(block) is Block and type(block.mlp) is Mlp, "blocks other than timm's Block with an Mlp"),
+        (isinstance(block.ls1, nn.Identity) and isinstance(block.attn.q_norm, nn.Identity), "LayerScale or qk-norm"),
+        (isinstance(block.norm1, nn.LayerNorm), f"{type(block.norm1).__name__} instead of LayerNorm"),
+        (getattr(block.mlp.act, "approximate", "none") == "none", "the tanh approximation of GELU"),
+    ]
+    return [what for ok, what in checks if not ok]
+
+
+@functools.lru_cache(maxsize=None)
+def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> VitArchitecture:
+    """The architecture of timm's model ``tag`` (``vit_base_patch16_clip_quickgelu_224.openai``, or a model name
+    without a pretrained tag), read off the model timm builds for it. ``overrides``: keywords of
+    ``timm.create_model`` (tests: ``depth=2``). ``source`` names the flag in messages.
+    VitArchitectureError when timm does not know ``tag`` or the encoder cannot be built as its model."""
+    model = _timm_model(tag, source, tuple(sorted(overrides.items())))
+    problems = _unsupported(model)
+    if problems:
+        raise VitArchitectureError(f"{source} {tag}: the encoder cannot be built as this model ({'; '.join(problems)})"
+                                   f"; the supported starting points are {_supported_list()}")
+    block = model.blocks[0]
+    act_layer = type(block.mlp.act)
+    notes = " ".join(model.pretrained_cfg.get("notes") or ())
+    if "QuickGELU" in notes and act_layer.__name__ != "QuickGELU":
+        _logger.warning("%s %s: timm's GELU approximation of weights trained with QuickGELU; %s is the architecture "
+                        "they were trained with", source, tag, tag.replace("_clip_", "_clip_quickgelu_", 1))
+    return VitArchitecture(
+        name=vit_arch_name(tag), img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
+
+
+def _describe(sizes: dict) -> str:
+    return (f"patch {sizes['patch_size']}, width {sizes['embed_dim']}, {sizes['depth']} blocks of "
+            f"{sizes['num_heads']} heads, MLP ratio {sizes['mlp_ratio']:g}")
+
+
+def check_fits_preset(vit_arch: str, preset: str) -> VitArchitecture:
+    """``vit_arch``'s architecture when it has the sizes of preset ``preset``'s encoder (its input size aside: the
+    position embedding is resampled); VitArchitectureError naming both otherwise. The patch size fixes the token
+    grid, which must be the VxL sampler's (ViT-B/16 at 224 px: 14x14)."""
+    architecture = read_vit_architecture(vit_arch)
+    want = get_architecture(preset).encoder
+    wanted = {k: v for k, v in asdict(want).items() if k in architecture.sizes() and k != "img_size"}
+    have = {k: architecture.sizes()[k] for k in wanted}
+    if have != wanted:
+        ours = f"the {preset} preset's encoder is {_describe(wanted)}"
+        if preset == "b16":
+            grid = want.img_size // want.patch_size
+            fix = (f" (a {grid}x{grid} token grid at {want.img_size} px, the VxL sampler's mask): choose a ViT-B/16, "
+                   f"e.g. {_supported_list()}")
+        else:
+            fix = ": leave --vit_arch out (none) for this preset"
+        raise VitArchitectureError(f"--vit_arch {vit_arch} is a ViT of {_describe(have)}; {ours}{fix}")
+    return architecture
+
+
+def timm_state_dict_shapes(tag: str, **overrides) -> dict:
+    """``{key: meta tensor}`` of timm's model ``tag``: the keys and shapes of its checkpoints."""
+    return dict(_timm_model(tag, "--vit_weights", tuple(sorted(overrides.items()))).state_dict())
+
+
+def _layout(keys: Iterable[str]) -> frozenset:
+    """The ViT's key names, the block index and the classifier head left out: the same for any depth."""
+    return frozenset(re.sub(r"^blocks\.\d+\.", "blocks.*.", k) for k in keys
+                     if not k.startswith(HEAD_PREFIXES + (STEM_PREFIX,)))
+
+
+def fitting_starting_points(keys: Iterable[str]) -> List[str]:
+    """The supported starting points (:data:`STARTING_POINTS`) whose checkpoints have the key names ``keys`` have."""
+    layout = _layout(keys)
+    return [tag for tag in STARTING_POINTS if _layout(timm_state_dict_shapes(tag)) == layout]
