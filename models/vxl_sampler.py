@@ -21,6 +21,7 @@ The CLIP model is open_clip's; the surgery is a thin loop over its own blocks (`
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchErr
 _logger = logging.getLogger(__name__)
 
 __all__ = ["VxLSampler", "build_vxl_sampler", "sampler_keywords", "build_tiny_clip", "build_random_clip",
-           "load_openai_state_dict", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
+           "load_openai_state_dict", "clip_file_activation", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
 # The `tiny` preset's random CLIP (utils.presets.ARCHITECTURES["tiny"].sampler: its config and surgery depth),
 # for CPU tests. Read-only: tiny_clip_cfg() gives a copy.
@@ -49,7 +50,10 @@ TINY_SURGERY_DEPTH = get_architecture("tiny").sampler.surgery_depth
 RANDOM_CLIP_SEED = 0  # a random CLIP's weights: the same in every run (the mask cache's key names it)
 
 # Entries of OpenAI checkpoints (and TorchScript archives) that are not model weights.
-_OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+_OPENAI_RELEASE_KEYS = ("input_resolution", "context_length", "vocab_size")  # only OpenAI's files have these
+_OPENAI_NON_WEIGHT_KEYS = _OPENAI_RELEASE_KEYS + ("attn_mask",)
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # beside open_clip's checkpoints on the Hugging Face hub
+QUICKGELU_SUFFIX = "-quickgelu"  # open_clip's name of a config with QuickGELU: ViT-B-16-quickgelu
 
 
 class VxLSampler(nn.Module):
@@ -267,15 +271,15 @@ class VxLSampler(nn.Module):
                 raise WeightLoadError(
                     f"could not download OpenAI's CLIP weights for {model_name} ({type(e).__name__}: {e}). "
                     f"Without internet pass a local file: --clip_weights /path/to/ViT-B-16.pt") from e
+            quick_gelu = True
         else:
-            cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(model_name)
-            if cfg is None:
-                raise ValueError(f"unknown open_clip model {model_name!r}")
+            state_dict = _read_openai_checkpoint(os.fspath(path))
+            model_name, cfg, quick_gelu = _clip_config_for(os.fspath(path), state_dict, model_name, model_cfg)
             model = open_clip.CLIP(**cfg)
-            load_openai_state_dict(model, _read_openai_checkpoint(os.fspath(path)), source=os.fspath(path))
-            _logger.info("VxL sampler: loaded OpenAI CLIP weights from %s into %s", path,
-                         "a custom config" if model_cfg is not None else model_name)
-        _check_quick_gelu(model, str(path))
+            load_openai_state_dict(model, state_dict, source=os.fspath(path))
+            _logger.info("VxL sampler: loaded the CLIP weights of %s into %s (%s)", path,
+                         "a custom config" if model_cfg is not None else model_name, _activation(quick_gelu))
+        _check_activation(model, quick_gelu, str(path))
         return cls(model.float().eval(), open_clip.get_tokenizer(model_name), **kwargs)
 
     @classmethod
@@ -365,12 +369,63 @@ def load_openai_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
-def _check_quick_gelu(model: nn.Module, source: str) -> None:
+def clip_file_activation(path: str, state_dict: Dict[str, torch.Tensor]) -> tuple[Optional[bool], str]:
+    """``(quick_gelu, why)`` of the CLIP weights read from ``path``: True for QuickGELU, False for GELU, None when
+    the file does not say. Weights carry no activation: OpenAI's release (a TorchScript archive or a state dict,
+    both with OpenAI's ``input_resolution``/``context_length``/``vocab_size`` entries) is QuickGELU; open_clip's
+    checkpoints (LAION's and most others) state it in the ``open_clip_config.json`` their Hugging Face repository
+    keeps beside them (``quick_gelu``, GELU when absent)."""
+    if any(key in state_dict for key in _OPENAI_RELEASE_KEYS):
+        return True, "OpenAI's release (its entries input_resolution, context_length, vocab_size)"
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None, (f"neither OpenAI's release (none of its entries {list(_OPENAI_RELEASE_KEYS)}) nor beside an "
+                      f"{OPEN_CLIP_CONFIG_FILE}")
+    try:
+        with open(config_path) as f:
+            model_cfg = json.load(f).get("model_cfg", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise WeightMismatchError(f"{config_path}: not an open_clip model configuration ({e})") from None
+    return bool(model_cfg.get("quick_gelu", False)), f"so says {config_path}"
+
+
+def _clip_config_for(path: str, state_dict: Dict[str, torch.Tensor], model_name: str,
+                     model_cfg: Optional[dict]) -> tuple[str, dict, bool]:
+    """``(open_clip model name, its config, quick_gelu)`` to load the CLIP file ``path`` into: ``model_cfg`` when
+    given (refused when the file says another activation), else ``model_name`` with the file's activation
+    (``ViT-B-16`` or ``ViT-B-16-quickgelu``). A file that does not say its activation is refused."""
+    import open_clip
+
+    quick_gelu, why = clip_file_activation(path, state_dict)
+    if model_cfg is not None:
+        wanted = bool(model_cfg.get("quick_gelu", False))
+        if quick_gelu is not None and quick_gelu != wanted:
+            raise WeightMismatchError(f"{path}: {_activation(quick_gelu)} weights ({why}), the model's config uses "
+                                      f"{_activation(wanted)}")
+        return model_name, model_cfg, wanted
+    if quick_gelu is None:
+        raise WeightMismatchError(
+            f"{path}: a CLIP state dict that does not say whether it was trained with QuickGELU (OpenAI's ViT-B/16) "
+            f"or GELU (LAION's): it is {why}. Pass OpenAI's ViT-B-16.pt as released, or put the "
+            f"{OPEN_CLIP_CONFIG_FILE} of the weights' Hugging Face repository next to the file")
+    name = model_name.removesuffix(QUICKGELU_SUFFIX) + (QUICKGELU_SUFFIX if quick_gelu else "")
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}")
+    _logger.info("VxL sampler: %s has %s weights (%s): open_clip's %s", path, _activation(quick_gelu), why, name)
+    return name, cfg, quick_gelu
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def _check_activation(model: nn.Module, quick_gelu: bool, source: str) -> None:
     from open_clip.transformer import QuickGELU
     act = model.visual.transformer.resblocks[0].mlp.gelu
-    if not isinstance(act, QuickGELU):
-        raise WeightMismatchError(f"{source}: OpenAI CLIP weights need QuickGELU, the model uses {type(act).__name__} "
-                         f"(use open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
+    if isinstance(act, QuickGELU) != quick_gelu:
+        raise WeightMismatchError(f"{source}: {_activation(quick_gelu)} weights, the model uses {type(act).__name__} "
+                                  f"(OpenAI's need open_clip's '{CLIP_MODEL_NAME}', not 'ViT-B-16')")
 
 
 def sampler_keywords(settings: dict) -> dict:

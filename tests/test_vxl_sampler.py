@@ -298,7 +298,7 @@ def test_from_pretrained_errors(tmp_path, tiny_sampler):
         VxLSampler.from_pretrained(str(tmp_path / "junk.pt"), model_cfg=tiny_clip_cfg())
 
     gelu_cfg = dict(tiny_clip_cfg(), quick_gelu=False)  # plain GELU: wrong for OpenAI weights
-    torch.save(tiny_sampler.clip.state_dict(), tmp_path / "ok.pt")
+    torch.save(_openai_style_state_dict(tiny_sampler.clip), tmp_path / "ok.pt")
     with pytest.raises(ValueError, match="QuickGELU"):
         VxLSampler.from_pretrained(str(tmp_path / "ok.pt"), model_cfg=gelu_cfg)
 
