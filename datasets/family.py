@@ -393,11 +393,15 @@ def make_family_benchmark(root: str | Path, spec: FamilySpec, *, progress: bool 
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("draw one benchmark of the procedural family")
     p.add_argument("--out", required=True, help="data root to draw into")
     p.add_argument("--benchmark", required=True, choices=sorted(FAMILY))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     spec = FAMILY[args.benchmark]
     make_family_benchmark(args.out, spec, progress=True)
     print(f"drew {spec.name} into {args.out}: train with  python train.py --data_path {args.out} "

@@ -1003,7 +1003,7 @@ def save_preview(root: str | Path, path: str | Path, *, per_class: int = 3, tile
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="benchmark root to write (ROOT/Sketchy/...)")
@@ -1013,7 +1013,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unseen_per_class", type=int, default=40)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--preview", default=None, help="also save a preview grid image (PNG) here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = make_synthetic_benchmark(args.out, seed=args.seed, sketches_per_class=args.sketches_per_class,
                                     photos_per_class=args.photos_per_class,
