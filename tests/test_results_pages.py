@@ -18,30 +18,30 @@ def _table_rows(page: str) -> list[str]:
     return [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("|--")]
 
 
+def _page_of(tool, flags: list[str], tmp_path) -> str:
+    """Run ``tool.main(flags + ["--markdown", FILE])``; the page it wrote, its provenance checked."""
+    argv = [*flags, "--markdown", str(tmp_path / "page.md")]
+    tool.main(argv)
+    page = (tmp_path / "page.md").read_text()
+    _provenance(page, f"python -m {tool.__name__} " + " ".join(argv))
+    return page
+
+
 def test_bench_search_markdown(tmp_path, capsys):
-    argv = ["--sizes", "500,1000", "--dim", "16", "--clusters", "5", "--intrinsic_dim", "4", "--queries", "20",
-            "--timed", "3", "--nprobe", "2", "--markdown", str(tmp_path / "search.md")]
-    bench_search.main(argv)
-    page = (tmp_path / "search.md").read_text()
-    _provenance(page, "python -m tools.bench_search " + " ".join(argv))
+    page = _page_of(bench_search, ["--sizes", "500,1000", "--dim", "16", "--clusters", "5", "--intrinsic_dim", "4",
+                                   "--queries", "20", "--timed", "3", "--nprobe", "2"], tmp_path)
     assert len(_table_rows(page)) == 1 + 4 and "| 1,000 | faiss IVF-Flat |" in page  # header, exact + faiss x 2
 
 
 def test_bench_metrics_markdown(tmp_path, capsys):
-    argv = ["--queries", "40", "--gallery", "100", "--classes", "4", "--dim", "8", "--ref_queries", "5",
-            "--markdown", str(tmp_path / "metrics.md")]
-    bench_metrics.main(argv)
-    page = (tmp_path / "metrics.md").read_text()
-    _provenance(page, "python -m tools.bench_metrics " + " ".join(argv))
+    page = _page_of(bench_metrics, ["--queries", "40", "--gallery", "100", "--classes", "4", "--dim", "8",
+                                    "--ref_queries", "5"], tmp_path)
     assert len(_table_rows(page)) == 2 and "| 40 × 100 (4, 8) | cpu" in page
 
 
 def test_bench_train_markdown(tmp_path, capsys):
-    argv = ["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--configs", "ac",
-            "--markdown", str(tmp_path / "train.md")]
-    bench_train.main(argv)
-    page = (tmp_path / "train.md").read_text()
-    _provenance(page, "python -m tools.bench_train " + " ".join(argv))
+    page = _page_of(bench_train, ["--arch", "tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0",
+                                  "--configs", "ac"], tmp_path)
     rows = _table_rows(page)
     assert len(rows) == 3 and rows[1].startswith("| 2 | (a) reference-like") and "| 1.00× |" in rows[1]
 
