@@ -130,15 +130,18 @@ class ModelConfig:
         "vit_base_patch16_224.orig_in21k", "starting ViT: a local timm-format .safetensors/.pth, a timm tag "
         "(downloaded only if online), or none (from scratch)", policy=IGNORED)
     vit_arch: Optional[str] = setting(
-        None, "timm architecture of the starting ViT (e.g. vit_base_patch16_clip_quickgelu_224.openai for a file of "
-        "OpenAI's CLIP tower): its pre-norm, activation and LayerNorm eps are built (docs/starting_points.md). Unless "
-        "given, the --vit_weights tag's; none: timm's plain ViT (vit_base_patch16_224)", policy=DEFINES)
+        "vit_base_patch16_224.orig_in21k", "timm architecture of the starting ViT, built with its pre-norm, "
+        "activation and LayerNorm eps (docs/starting_points.md); name it for a --vit_weights file, e.g. "
+        "vit_base_patch16_clip_quickgelu_224.openai for OpenAI's CLIP tower. Unless given, a --vit_weights tag's; "
+        "none: timm's plain ViT (vit_base_patch16_224)", policy=DEFINES)
     allow_partial_weights: bool = setting(
         False, "load a --vit_weights file that does not fit the encoder anyway: the matching keys load, the others "
-        "keep their init and are listed as warnings (default: refused)", cli="store_true", policy=IGNORED)
+        "keep their init and are listed as warnings (without it: refused)", cli="store_true", policy=IGNORED)
     clip_weights: Optional[str] = setting(
-        None, "OpenAI-format CLIP ViT-B/16 file (.pt state dict or TorchScript), or 'openai' to download; tiny: a "
-        "fixed random tiny CLIP when none", policy=DEFINES)
+        None, "CLIP ViT-B/16 file in OpenAI's key names (.pt state dict or TorchScript), or 'openai' to download: "
+        "OpenAI's release loads with QuickGELU, another file with the activation its open_clip_config.json beside "
+        "it says (LAION's: GELU), a file that says none is refused; tiny: a fixed random tiny CLIP when none",
+        policy=DEFINES)
     variant: str = setting("puxim", "non-mask = the ablation without VxL masking (cosine triplet, margin 0.2)",
                            choices=VARIANTS, policy=DEFINES)
     keep_ratio: float = setting(0.3, "fraction of patches the VxL mask keeps", policy=DEFINES)

@@ -109,7 +109,9 @@ def _tiny_run() -> RunConfig:
     # classes long before it learns what transfers to unseen ones.
     return RunConfig(
         data=DataConfig(datasetLen=1600, image_size=64, augment="crop_flip", pseudo_sketch=True),
-        model=ModelConfig(arch="tiny", vit_weights=None, dropout=0.0, stem_norm="batch", input_norm="photo"),
+        # vit_arch None: timm's plain ViT at the tiny sizes; no checkpoint to take another architecture from.
+        model=ModelConfig(arch="tiny", vit_weights=None, vit_arch=None, dropout=0.0, stem_norm="batch",
+                          input_norm="photo"),
         loss=LossConfig(tri_distance="cosine", margin=0.2, w_cls=1.0, w_inst=1.0),
         optim=OptimConfig(lr=5e-4, weight_decay=1e-4, batch_size=32, epoch=10, warmup_steps=50),
     )

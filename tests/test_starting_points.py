@@ -1,0 +1,228 @@
+"""Starting points (models/vit_architecture.py, docs/starting_points.md): the encoder built as its checkpoint's timm
+architecture computes what timm's model computes; a checkpoint that does not fit is refused; the VxL sampler's CLIP
+is loaded with the activation its file was trained with. Offline: timm's and open_clip's models with random weights.
+"""
+import json
+import logging
+from pathlib import Path
+
+import open_clip
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import train
+from models import build_model
+from models.encoder import SketchPhotoEncoder, load_vit_weights
+from models.vit_architecture import (STARTING_POINTS, VitArchitectureError, read_vit_architecture,
+                                     timm_state_dict_shapes)
+from models.vxl_sampler import VxLSampler, clip_file_activation, tiny_clip_cfg
+from models.weight_errors import WeightMismatchError
+from utils.config import ConfigError, make_config, read_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEPTH = 2  # timm's real architectures, two blocks deep: the values are checked without ViT-B's 12 blocks
+CLIP_TAGS = ("vit_base_patch16_clip_quickgelu_224.openai", "vit_base_patch16_clip_224.laion2b")
+
+
+def _timm_model(tag: str) -> torch.nn.Module:
+    """timm's model of ``tag``, two blocks deep, every parameter moved off its init (LayerNorm scales off 1, biases
+    off 0), so that each one is checked."""
+    torch.manual_seed(0)
+    model = timm.create_model(tag, pretrained=False, depth=DEPTH).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def _save_timm_checkpoint(model: torch.nn.Module, path: Path) -> str:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _encoder_as(tag: str) -> SketchPhotoEncoder:
+    """Our encoder built as ``tag``'s architecture (two blocks deep)."""
+    architecture = read_vit_architecture(tag, depth=DEPTH)
+    return SketchPhotoEncoder(**architecture.sizes(), **architecture.layers(), stem_channels=(8, 16, 32),
+                              dropout=0.0, ln_eps=architecture.ln_eps, input_norm="none").eval()
+
+
+def _take_the_stem_out(encoder: SketchPhotoEncoder) -> None:
+    """The patch embedding (proj(x) + stem(x)) / 2 made timm's proj(x), exactly: the stem's last conv zeroed and
+    the projection doubled (a factor of 2 is exact in floating point)."""
+    embed = encoder.vit.patch_embed
+    with torch.no_grad():
+        embed.stem[-1].weight.zero_()
+        embed.proj.weight.mul_(2)
+        if embed.proj.bias is not None:
+            embed.proj.bias.mul_(2)
+
+
+@pytest.mark.parametrize("tag", list(STARTING_POINTS))
+def test_each_starting_point_loads_and_gives_timms_cls_embedding(tag, tmp_path):
+    reference = _timm_model(tag)
+    encoder = _encoder_as(tag)
+    report = load_vit_weights(encoder, _save_timm_checkpoint(reference, tmp_path / "vit.safetensors"), vit_arch=tag)
+    assert report["missing"] == report["unexpected"] == [] and report["random_init"]  # only the stem
+    _take_the_stem_out(encoder)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = encoder.embed(images, "sketch"), reference.forward_features(images)[:, 0]  # [1, 768]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_what_each_architecture_is_built_as():
+    built = {tag: read_vit_architecture(tag) for tag in STARTING_POINTS}
+    clip = {tag: (a.pre_norm, a.act_layer.__name__, a.ln_eps) for tag, a in built.items() if "clip" in tag}
+    assert clip == {"vit_base_patch16_clip_quickgelu_224.openai": (True, "QuickGELU", 1e-5),
+                    "vit_base_patch16_clip_224.laion2b": (True, "GELU", 1e-5)}
+    assert {(a.pre_norm, a.act_layer.__name__, a.ln_eps) for t, a in built.items() if "clip" not in t} == {
+        (False, "GELU", 1e-6)}  # today's encoder: the orig_in21k default, augreg, sam, dino
+    assert {(a.patch_size, a.embed_dim, a.depth, a.num_heads, a.mlp_ratio) for a in built.values()} == {
+        (16, 768, 12, 12, 4.0)}
+
+
+def test_each_recipe_builds_the_b16_encoder_as_timms_model():
+    """configs/starting_points/*.yaml: the b16 preset's encoder (on the meta device: keys, shapes, layers) is
+    timm's model of the recipe's tag, PuXIM's stem aside."""
+    files = sorted((REPO / "configs/starting_points").glob("*.yaml"))
+    assert len(files) == len(STARTING_POINTS)
+    for path in files:
+        config = make_config(given={**read_config_file(path), "data_path": "/data"})
+        tag = config.model.vit_arch
+        assert tag == config.model.vit_weights and tag in STARTING_POINTS, path
+        with torch.device("meta"):
+            vit = build_model(config.replace(vit_weights=None), with_sampler=False).encoder.vit
+        ours = {k: v.shape for k, v in vit.state_dict().items() if not k.startswith("patch_embed.stem.")}
+        theirs = {k: v.shape for k, v in timm_state_dict_shapes(tag).items() if not k.startswith("head.")}
+        assert ours == theirs, path
+        architecture = read_vit_architecture(tag)
+        assert type(vit.blocks[0].mlp.act) is architecture.act_layer
+        eps = {m.eps for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)}
+        assert eps == {architecture.ln_eps} == {config.model.ln_eps}, path
+
+
+def test_a_clip_file_with_another_vit_arch_is_refused_naming_what_fits(tmp_path, caplog):
+    path = _save_timm_checkpoint(_timm_model(CLIP_TAGS[0]), tmp_path / "clip_tower.safetensors")
+    with pytest.raises(WeightMismatchError) as refused:
+        load_vit_weights(_encoder_as("vit_base_patch16_224.orig_in21k"), path, vit_arch="vit_base_patch16_224")
+    message = str(refused.value)
+    assert "\n" not in message and "clip_tower.safetensors" in message
+    assert "encoder lacks: norm_pre.bias, norm_pre.weight;" in message  # safetensors keeps its keys sorted
+    assert "checkpoint lacks: patch_embed.proj.bias;" in message
+    assert f"--vit_arch {CLIP_TAGS[0]} or {CLIP_TAGS[1]}" in message and "--allow_partial_weights" in message
+    with caplog.at_level(logging.WARNING, logger="models.encoder"):  # on purpose: loaded, the mismatch reported
+        report = load_vit_weights(_encoder_as("vit_base_patch16_224.orig_in21k"), path, allow_partial=True)
+    assert report["unexpected"] == ["norm_pre.bias", "norm_pre.weight"] and "patch_embed.proj.bias" in caplog.text
+
+
+def _train_refuses(monkeypatch, caplog, tmp_path, *flags) -> str:
+    """train.py's one-line message and exit status 2 for ``flags``, with no data read."""
+    import datasets
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the starting point was checked")
+
+    monkeypatch.setattr(datasets, "build_datasets", no_data)
+    argv = ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs"), "--device", "cpu",
+            "--no_progress", *map(str, flags)]
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+def test_bad_starting_points_stop_train_with_one_line_before_any_data(monkeypatch, caplog, tmp_path):
+    clip_file = _save_timm_checkpoint(_timm_model(CLIP_TAGS[1]), tmp_path / "laion_tower.safetensors")
+    message = _train_refuses(monkeypatch, caplog, tmp_path, "--vit_weights", clip_file)
+    assert "laion_tower.safetensors does not fit" in message and f"--vit_arch {CLIP_TAGS[0]} or" in message
+    caplog.clear()
+    (tmp_path / "notes.pth").write_text("not weights")
+    message = _train_refuses(monkeypatch, caplog, tmp_path, "--vit_weights", tmp_path / "notes.pth")
+    assert "notes.pth: not a readable PyTorch state dict" in message and "timm tag" in message
+    caplog.clear()
+    message = _train_refuses(monkeypatch, caplog, tmp_path, "--vit_weights", "vit_base_patch16_224.nowhere")
+    assert message.startswith("--vit_weights vit_base_patch16_224.nowhere: timm cannot build it")
+    caplog.clear()
+    message = _train_refuses(monkeypatch, caplog, tmp_path, "--vit_arch", "vit_base_patch32_224.augreg_in21k")
+    assert "patch 32" in message and "14x14 token grid" in message and "vit_base_patch16_224.orig_in21k" in message
+
+
+def test_unknown_and_unbuildable_architectures_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^--vit_weights vit_nonexistent_9\.x: timm [\d.]+ knows no such model"):
+        make_config("b16", data_path="/d", vit_weights="vit_nonexistent_9.x")
+    with pytest.raises(ConfigError, match="resnet50: the encoder cannot be built.*not timm's VisionTransformer"):
+        make_config("b16", data_path="/d", vit_arch="resnet50")
+    with pytest.raises(ConfigError, match="no register tokens|register tokens"):
+        make_config("b16", data_path="/d", vit_arch="vit_base_patch16_reg4_gap_256")
+    with pytest.raises(ConfigError, match="leave --vit_arch out"):  # the tiny preset is no ViT-B
+        make_config("tiny", vit_arch="vit_base_patch16_224")
+    with pytest.raises(VitArchitectureError, match="knows no such model"):
+        read_vit_architecture("vit_nonexistent_9")
+
+
+def test_old_runs_keep_todays_architecture_and_resume():
+    from utils.config import config_from_saved, resume_differences
+
+    saved = make_config("b16", data_path="/d").to_dict()
+    del saved["model"]["vit_arch"]  # a run from before --vit_arch, started from the CLIP tower's tag
+    saved["model"]["vit_weights"] = "vit_base_patch16_clip_224.openai"
+    old = config_from_saved(saved)
+    assert old.model.vit_arch is None and old.model.ln_eps == 1e-6  # built then as timm's plain ViT
+    again = make_config("b16", data_path="/d")
+    assert again.model.vit_arch == "vit_base_patch16_224.orig_in21k"  # from the --vit_weights tag
+    assert resume_differences(again, old)[0] == []  # the same network
+    clip = make_config("b16", data_path="/d", vit_arch=CLIP_TAGS[0])
+    assert [d[0] for d in resume_differences(clip, old)[0]] == ["vit_arch", "ln_eps"]
+
+
+# ----------------------------------------------------------------------------- the VxL sampler's CLIP
+def _clip_checkpoint(tmp_path: Path, name: str, *, quick_gelu: bool, openai_entries: bool = False) -> Path:
+    """A small random open_clip CLIP saved as open_clip saves it (OpenAI's release adds three entries)."""
+    torch.manual_seed(1)
+    clip = open_clip.CLIP(**dict(tiny_clip_cfg(), quick_gelu=quick_gelu))
+    state_dict = dict(clip.state_dict())
+    if openai_entries:
+        state_dict.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77),
+                          vocab_size=torch.tensor(49408))
+    (tmp_path / name).mkdir()
+    torch.save(state_dict, tmp_path / name / "weights.pt")
+    return tmp_path / name / "weights.pt"
+
+
+def _beside(path: Path, quick_gelu=None) -> None:
+    """open_clip's open_clip_config.json beside ``path``; ``quick_gelu`` None leaves the key out, as LAION's do."""
+    cfg = {k: v for k, v in tiny_clip_cfg().items() if k != "quick_gelu"}
+    if quick_gelu is not None:
+        cfg["quick_gelu"] = quick_gelu
+    (path.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+
+
+def test_a_clip_file_says_its_activation_or_is_refused(tmp_path, monkeypatch):
+    # Small stand-ins for open_clip's ViT-B-16 / ViT-B-16-quickgelu, so that the b16 path loads in a moment.
+    from open_clip import factory
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-B", dict(tiny_clip_cfg(), quick_gelu=False))
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-B-quickgelu", tiny_clip_cfg())
+    openai = _clip_checkpoint(tmp_path, "openai", quick_gelu=True, openai_entries=True)
+    laion = _clip_checkpoint(tmp_path, "laion", quick_gelu=False)
+    _beside(laion)
+    unsaid = _clip_checkpoint(tmp_path, "unsaid", quick_gelu=False)
+
+    def act(sampler):
+        return type(sampler.clip.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+    assert act(VxLSampler.from_pretrained(str(openai), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "QuickGELU"
+    assert act(VxLSampler.from_pretrained(str(laion), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "GELU"
+    assert clip_file_activation(str(laion), {})[0] is False
+    _beside(laion, quick_gelu=True)
+    assert clip_file_activation(str(laion), {})[0] is True
+    with pytest.raises(WeightMismatchError, match="QuickGELU.*GELU.*open_clip_config.json") as refused:
+        VxLSampler.from_pretrained(str(unsaid), model_name="Tiny-B-quickgelu", surgery_depth=2)
+    assert "unsaid/weights.pt" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(WeightMismatchError, match="QuickGELU weights.*uses GELU"):  # the preset's config says GELU
+        VxLSampler.from_pretrained(str(openai), model_cfg=dict(tiny_clip_cfg(), quick_gelu=False), surgery_depth=2)
