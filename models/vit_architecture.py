@@ -130,13 +130,18 @@ def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> 
     act_layer = type(block.mlp.act)
     notes = " ".join(model.pretrained_cfg.get("notes") or ())
     if "QuickGELU" in notes and act_layer.__name__ != "QuickGELU":
-        _logger.warning("%s %s: timm's GELU approximation of weights trained with QuickGELU; %s is the architecture "
-                        "they were trained with", source, tag, tag.replace("_clip_", "_clip_quickgelu_", 1))
+        _warn_gelu_approximation(tag)
     return VitArchitecture(
         name=vit_arch_name(tag), img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
         embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
         mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, pre_norm=not isinstance(model.norm_pre, nn.Identity),
         act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
+
+
+@functools.lru_cache(maxsize=None)  # once per tag
+def _warn_gelu_approximation(tag: str) -> None:
+    _logger.warning("%s: timm's GELU approximation of weights trained with QuickGELU; %s is the architecture they were "
+                    "trained with", tag, tag.replace("_clip_", "_clip_quickgelu_", 1))
 
 
 def _describe(sizes: dict) -> str:
