@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from utils.config import vit_arch_name
-from utils.presets import get_architecture
+from utils.presets import VitSizes, get_architecture
 
 from .weight_errors import WeightMismatchError
 
@@ -53,20 +53,11 @@ class VitArchitectureError(WeightMismatchError):
 class VitArchitecture:
     """A timm ViT's sizes and what else the encoder builds as it: its keywords of ``VisionTransformer``."""
     name: str  # timm's model name, without the pretrained tag
-    img_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
+    sizes: VitSizes
     pre_norm: bool  # a LayerNorm before the first block (CLIP); timm then builds the patch embedding without bias
     act_layer: type  # the MLP's activation: torch's GELU, or timm's QuickGELU (OpenAI's CLIP)
     ln_eps: float  # of every LayerNorm
     qkv_bias: bool
-
-    def sizes(self) -> dict:
-        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
 
     def layers(self) -> dict:
         """The keywords besides the sizes and the LayerNorm eps (which the run's ``ln_eps`` gives)."""
@@ -132,9 +123,10 @@ def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> 
     if "QuickGELU" in notes and act_layer.__name__ != "QuickGELU":
         _warn_gelu_approximation(tag)
     return VitArchitecture(
-        name=vit_arch_name(tag), img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
-        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        name=vit_arch_name(tag), sizes=VitSizes(
+            img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+            embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
+            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim), pre_norm=not isinstance(model.norm_pre, nn.Identity),
         act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
 
 
@@ -155,8 +147,8 @@ def check_fits_preset(vit_arch: str, preset: str) -> VitArchitecture:
     grid, which must be the VxL sampler's (ViT-B/16 at 224 px: 14x14)."""
     architecture = read_vit_architecture(vit_arch)
     want = get_architecture(preset).encoder
-    wanted = {k: v for k, v in asdict(want).items() if k in architecture.sizes() and k != "img_size"}
-    have = {k: architecture.sizes()[k] for k in wanted}
+    have = {k: v for k, v in asdict(architecture.sizes).items() if k != "img_size"}
+    wanted = {k: getattr(want, k) for k in have}
     if have != wanted:
         ours = f"the {preset} preset's encoder is {_describe(wanted)}"
         if preset == "b16":

@@ -4,6 +4,7 @@ is loaded with the activation its file was trained with. Offline: timm's and ope
 """
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import open_clip
@@ -20,6 +21,7 @@ from models.vit_architecture import (STARTING_POINTS, VitArchitectureError, read
 from models.vxl_sampler import VxLSampler, clip_file_activation, tiny_clip_cfg
 from models.weight_errors import WeightMismatchError
 from utils.config import ConfigError, make_config, read_config_file
+from utils.presets import VitSizes
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = 2  # timm's real architectures, two blocks deep: the values are checked without ViT-B's 12 blocks
@@ -45,7 +47,7 @@ def _save_timm_checkpoint(model: torch.nn.Module, path: Path) -> str:
 def _encoder_as(tag: str) -> SketchPhotoEncoder:
     """Our encoder built as ``tag``'s architecture (two blocks deep)."""
     architecture = read_vit_architecture(tag, depth=DEPTH)
-    return SketchPhotoEncoder(**architecture.sizes(), **architecture.layers(), stem_channels=(8, 16, 32),
+    return SketchPhotoEncoder(**asdict(architecture.sizes), **architecture.layers(), stem_channels=(8, 16, 32),
                               dropout=0.0, ln_eps=architecture.ln_eps, input_norm="none").eval()
 
 
@@ -80,8 +82,8 @@ def test_what_each_architecture_is_built_as():
                     "vit_base_patch16_clip_224.laion2b": (True, "GELU", 1e-5)}
     assert {(a.pre_norm, a.act_layer.__name__, a.ln_eps) for t, a in built.items() if "clip" not in t} == {
         (False, "GELU", 1e-6)}  # today's encoder: the orig_in21k default, augreg, sam, dino
-    assert {(a.patch_size, a.embed_dim, a.depth, a.num_heads, a.mlp_ratio) for a in built.values()} == {
-        (16, 768, 12, 12, 4.0)}
+    assert {a.sizes for a in built.values()} == {VitSizes(img_size=224, patch_size=16, embed_dim=768, depth=12,
+                                                          num_heads=12, mlp_ratio=4.0)}
 
 
 def test_each_recipe_builds_the_b16_encoder_as_timms_model():

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 from utils.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig
 
-__all__ = ["CLIP_MODEL_NAME", "EncoderConfig", "InteractionConfig", "SamplerConfig", "Architecture",
+__all__ = ["CLIP_MODEL_NAME", "VitSizes", "EncoderConfig", "InteractionConfig", "SamplerConfig", "Architecture",
            "ARCHITECTURES", "PRESETS", "get_architecture", "get_preset"]
 
 # OpenAI's ViT-B/16 was trained with QuickGELU; open_clip's plain "ViT-B-16" is GELU (wrong here).
@@ -22,14 +22,20 @@ CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """The sketch/photo ViT's sizes (``models.encoder.SketchPhotoEncoder``'s keywords with the run's settings)."""
+class VitSizes:
+    """A ViT's sizes: timm ``VisionTransformer``'s keywords of these names."""
     img_size: int
     patch_size: int
     embed_dim: int
     depth: int
     num_heads: int
     mlp_ratio: float
+
+
+@dataclass(frozen=True)
+class EncoderConfig(VitSizes):
+    """The sketch/photo ViT's sizes and stem (``models.encoder.SketchPhotoEncoder``'s keywords with the run's
+    settings)."""
     stem_channels: Tuple[int, int, int]
 
 
