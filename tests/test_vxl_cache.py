@@ -262,3 +262,20 @@ def test_model_rejects_bad_per_photo_masks(tree):
     with pytest.raises(ValueError, match="not both"):
         model({**batch, "positive_mask": torch.ones(2, 64), "negative_mask": torch.ones(2, 64),
                "photo_mask": torch.ones(4, 64)})
+
+
+def test_clip_identity_follows_the_open_clip_config_beside_the_file(tmp_path):
+    """A CLIP file's activation may come from the open_clip_config.json beside it, so changing that file changes
+    the masks' key; a file without one keeps the key it had."""
+    from models.vxl_cache import clip_identity
+
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"weights")
+    bare = clip_identity("tiny", str(weights))
+    assert set(bare) == {"model", "source", "sha256"}
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": false}}')
+    gelu = clip_identity("tiny", str(weights))
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": true}}')
+    quick = clip_identity("tiny", str(weights))
+    assert gelu["sha256"] == quick["sha256"] == bare["sha256"]
+    assert len({gelu["open_clip_config_sha256"], quick["open_clip_config_sha256"]}) == 2
