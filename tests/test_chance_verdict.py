@@ -11,6 +11,8 @@ from utils.metrics import chance_ratios, chance_verdict, final_summary
     ({"mAP@all": 6.2, "P@100": 3.0}, "mAP@all and P@100 both at least 2x chance"),
     ({"mAP@all": 1.2, "P@100": 1.1}, "mAP@all and P@100 both below 2x chance"),
     ({"mAP@all": 1.996, "P@100": 2.0}, "mAP@all and P@100 both at least 2x chance"),  # printed as 2.00x
+    ({"mAP@all": float("nan"), "P@100": 2.5}, "mAP@all below 2x chance (P@100 reaches it)"),  # nan reaches no bar
+    ({"mAP@all": float("nan"), "P@100": float("nan")}, "mAP@all and P@100 both below 2x chance"),
 ])
 def test_the_verdict_names_its_figures(ratios, verdict):
     assert chance_verdict(ratios) == verdict

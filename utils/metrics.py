@@ -524,7 +524,9 @@ def chance_verdict(ratios: Mapping[str, float], bar: float = 2.0) -> str:
     """Which figures reach ``bar`` x chance, by name, so that the verdict never reads as contradicting the
     ratios printed beside it: "mAP@all and P@100 both at least 2x chance", "P@100 below 2x chance
     (mAP@all reaches it)", "mAP@all and P@100 both below 2x chance"."""
-    below = [k for k, r in ratios.items() if round(r, 2) < bar]  # decided on the figure as printed (2 decimals)
+    # decided on the figure as printed (2 decimals); a NaN ratio (a NaN loss, an empty gallery) reaches no bar,
+    # so it is tested as "not >= bar": "nan < bar" is False and would count it as reaching it
+    below = [k for k, r in ratios.items() if not round(r, 2) >= bar]
     above = [k for k in ratios if k not in below]
     if not below:
         return f"{' and '.join(above)} both at least {bar:g}x chance"
