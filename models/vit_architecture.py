@@ -68,19 +68,33 @@ def _supported_list() -> str:
     return ", ".join(STARTING_POINTS)
 
 
+def _supported() -> str:
+    return f"the supported starting points are {_supported_list()} (docs/starting_points.md)"
+
+
 @functools.lru_cache(maxsize=None)
 def _timm_model(tag: str, source: str, overrides: tuple) -> nn.Module:
     """timm's model of ``tag`` on the meta device: its modules and shapes, no weights, no download."""
     import timm
 
     if not timm.is_model(tag):
-        raise VitArchitectureError(f"{source} {tag}: timm {timm.__version__} knows no such model; the supported "
-                                   f"starting points are {_supported_list()} (docs/starting_points.md)")
+        raise VitArchitectureError(f"{source} {tag}: timm {timm.__version__} knows no such model; {_supported()}")
     try:
         with torch.device("meta"):
             return timm.create_model(tag, pretrained=False, **dict(overrides))
     except Exception as e:  # an unknown pretrained tag, keywords the model does not take
-        raise VitArchitectureError(f"{source} {tag}: timm cannot build it ({' '.join(str(e).split())})") from None
+        raise VitArchitectureError(f"{source} {tag}: timm cannot build it ({' '.join(str(e).split())}); "
+                                   f"{_what_timm_has(tag)}") from None
+
+
+def _what_timm_has(tag: str) -> str:
+    """The pretrained tags timm has of ``tag``'s model, and the supported starting points: what would fit."""
+    import timm
+
+    name = vit_arch_name(tag)
+    tags = timm.list_pretrained(f"{name}.*")
+    have = f"timm's pretrained tags of {name}: {', '.join(tags)}; " if tags else f"timm has no pretrained {name}; "
+    return have + _supported()
 
 
 def _unsupported(model: nn.Module) -> List[str]:
@@ -102,6 +116,11 @@ def _unsupported(model: nn.Module) -> List[str]:
         (isinstance(block.ls1, nn.Identity) and isinstance(block.attn.q_norm, nn.Identity), "LayerScale or qk-norm"),
         (isinstance(block.norm1, nn.LayerNorm), f"{type(block.norm1).__name__} instead of LayerNorm"),
         (getattr(block.mlp.act, "approximate", "none") == "none", "the tanh approximation of GELU"),
+        (block.attn.proj.bias is not None and block.mlp.fc1.bias is not None, "linear layers without bias"),
+        (model.pos_embed is not None, "no position embedding"),
+        (isinstance(model.patch_embed.norm, nn.Identity), "a norm after the patch embedding"),
+        (not model.dynamic_img_size and not getattr(model.patch_embed, "dynamic_img_pad", False),
+         "a dynamic image size or padding"),
     ]
     return [what for ok, what in checks if not ok]
 
@@ -116,7 +135,7 @@ def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> 
     problems = _unsupported(model)
     if problems:
         raise VitArchitectureError(f"{source} {tag}: the encoder cannot be built as this model ({'; '.join(problems)})"
-                                   f"; the supported starting points are {_supported_list()}")
+                                   f"; {_supported()}")
     block = model.blocks[0]
     act_layer = type(block.mlp.act)
     notes = " ".join(model.pretrained_cfg.get("notes") or ())

@@ -167,6 +167,27 @@ def test_unknown_and_unbuildable_architectures_are_config_errors():
         read_vit_architecture("vit_nonexistent_9")
 
 
+def test_an_unknown_pretrained_tag_names_the_tags_that_exist():
+    with pytest.raises(ConfigError) as refused:
+        make_config("b16", data_path="/d", vit_weights="vit_base_patch16_224.nosuchtag")
+    message = str(refused.value)
+    assert "Invalid pretrained tag" in message and "timm's pretrained tags of vit_base_patch16_224:" in message
+    assert "vit_base_patch16_224.augreg2_in21k_ft_in1k" in message  # timm's, not only the supported ones
+    assert "the supported starting points are vit_base_patch16_224.orig_in21k" in message
+
+
+@pytest.mark.parametrize("keywords, what", [
+    (dict(proj_bias=False), "linear layers without bias"),
+    (dict(pos_embed="none"), "no position embedding"),
+    (dict(embed_norm_layer=torch.nn.LayerNorm), "a norm after the patch embedding"),
+    (dict(dynamic_img_size=True), "a dynamic image size"),
+    (dict(dynamic_img_pad=True), "a dynamic image size or padding"),
+])
+def test_vits_the_encoder_does_not_build_are_refused(keywords, what):
+    with pytest.raises(VitArchitectureError, match=f"cannot be built as this model \\({what}"):
+        read_vit_architecture("vit_base_patch16_224", depth=1, **keywords)
+
+
 def test_old_runs_keep_todays_architecture_and_resume():
     from utils.config import config_from_saved, resume_differences
 
