@@ -33,7 +33,7 @@ from utils.config import DEFAULT_VIT_ARCH, INPUT_NORMS, STEM_NORMS, is_timm_tag
 from utils.presets import get_architecture
 
 from .vit_architecture import (HEAD_PREFIXES, STEM_PREFIX, check_fits_preset, fitting_starting_points,
-                               read_vit_architecture, timm_state_dict_shapes)
+                               read_vit_architecture, timm_state_dict_shapes, what_fits)
 from .weight_errors import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
 
 _logger = logging.getLogger(__name__)
@@ -368,10 +368,12 @@ def _state_dict_from_timm_tag(tag: str) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _match_keys(target: Dict[str, torch.Tensor], source_sd: Dict[str, torch.Tensor], source: str) -> dict:
-    """The checkpoint's keys sorted against a ViT's state dict ``target``: ``loaded`` (``resampled``: a position
+def _match_keys(vit: VisionTransformer, source_sd: Dict[str, torch.Tensor], source: str) -> dict:
+    """The checkpoint's keys sorted against the state dict of ``vit``: ``loaded`` (``resampled``: a position
     embedding of another grid, key -> (its shape, the ViT's)), ``ignored_head``, ``unexpected``, and the ViT's keys
-    it lacks: ``random_init`` (the stem) and ``missing``. A shape that cannot be made to fit: WeightMismatchError."""
+    it lacks: ``random_init`` (the stem) and ``missing``. A shape that cannot be made to fit: WeightMismatchError
+    naming what would."""
+    target = vit.state_dict()
     report = dict(source=source, loaded=[], missing=[], unexpected=[], ignored_head=[], random_init=[], resampled={})
     for key, value in source_sd.items():
         if key.startswith(HEAD_PREFIXES):
@@ -383,8 +385,9 @@ def _match_keys(target: Dict[str, torch.Tensor], source_sd: Dict[str, torch.Tens
         want = target[key].shape
         if value.shape != want:
             if not (key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]):
+                fits = what_fits(vit.patch_embed.patch_size[0], vit.embed_dim, vit.patch_embed.img_size[0])
                 raise WeightMismatchError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint "
-                                          f"but {tuple(want)} in the encoder")
+                                          f"but {tuple(want)} in the encoder; {fits} fits (docs/starting_points.md)")
             report["resampled"][key] = (tuple(value.shape), tuple(want))  # e.g. a 384 px checkpoint
         report["loaded"].append(key)
     if not report["loaded"]:
@@ -444,7 +447,7 @@ def check_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Opt
     not downloaded): its report, or the error it would raise. train.py calls it before reading any data."""
     source = os.fspath(source)
     source_sd = _source_state_dict(source, download=False)
-    report = _match_keys(encoder.vit.state_dict(), source_sd, source)
+    report = _match_keys(encoder.vit, source_sd, source)
     if not allow_partial:
         _refuse_mismatch(report, source_sd, vit_arch)
     return report
@@ -466,7 +469,7 @@ def load_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Opti
     """
     source = os.fspath(source)
     source_sd = _source_state_dict(source, download=True)
-    reports = [_match_keys(vit.state_dict(), source_sd, source) for vit in encoder.vits()]
+    reports = [_match_keys(vit, source_sd, source) for vit in encoder.vits()]
     if not allow_partial:
         _refuse_mismatch(reports[0], source_sd, vit_arch)
     for vit, vit_report in zip(encoder.vits(), reports):

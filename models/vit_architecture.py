@@ -27,7 +27,7 @@ from .weight_errors import WeightMismatchError
 _logger = logging.getLogger(__name__)
 
 __all__ = ["STARTING_POINTS", "VitArchitecture", "VitArchitectureError", "read_vit_architecture",
-           "check_fits_preset", "fitting_starting_points", "timm_state_dict_shapes"]
+           "check_fits_preset", "what_fits", "fitting_starting_points", "timm_state_dict_shapes"]
 
 # The supported starting points (tests/test_starting_points.py, docs/starting_points.md): timm tag -> what its
 # weights were trained on.
@@ -160,6 +160,16 @@ def _describe(sizes: dict) -> str:
             f"{sizes['num_heads']} heads, MLP ratio {sizes['mlp_ratio']:g}")
 
 
+def what_fits(patch_size: int, embed_dim: int, img_size: int) -> str:
+    """The checkpoints an encoder of these sizes takes, for messages: the patch size fixes the token grid, which
+    must be the VxL sampler's; of the b16 preset's sizes, the supported starting points."""
+    b16 = get_architecture("b16").encoder
+    examples = f", e.g. {_supported_list()}" if (patch_size, embed_dim) == (b16.patch_size, b16.embed_dim) else ""
+    grid = img_size // patch_size
+    return (f"a ViT of patch {patch_size} and width {embed_dim} (a {grid}x{grid} token grid at {img_size} px, the "
+            f"VxL sampler's mask){examples}")
+
+
 def check_fits_preset(vit_arch: str, preset: str) -> VitArchitecture:
     """``vit_arch``'s architecture when it has the sizes of preset ``preset``'s encoder (its input size aside: the
     position embedding is resampled); VitArchitectureError naming both otherwise. The patch size fixes the token
@@ -171,9 +181,7 @@ def check_fits_preset(vit_arch: str, preset: str) -> VitArchitecture:
     if have != wanted:
         ours = f"the {preset} preset's encoder is {_describe(wanted)}"
         if preset == "b16":
-            grid = want.img_size // want.patch_size
-            fix = (f" (a {grid}x{grid} token grid at {want.img_size} px, the VxL sampler's mask): choose a ViT-B/16, "
-                   f"e.g. {_supported_list()}")
+            fix = f": choose {what_fits(want.patch_size, want.embed_dim, want.img_size)}"
         else:
             fix = ": leave --vit_arch out (none) for this preset"
         raise VitArchitectureError(f"--vit_arch {vit_arch} is a ViT of {_describe(have)}; {ours}{fix}")

@@ -120,6 +120,15 @@ def test_a_clip_file_with_another_vit_arch_is_refused_naming_what_fits(tmp_path,
     assert report["unexpected"] == ["norm_pre.bias", "norm_pre.weight"] and "patch_embed.proj.bias" in caplog.text
 
 
+def test_a_vit_of_another_patch_size_is_refused_naming_what_fits(tmp_path, monkeypatch, caplog):
+    b32 = {k: torch.zeros(v.shape) for k, v in timm_state_dict_shapes("vit_base_patch32_224", depth=1).items()}
+    save_file(b32, str(tmp_path / "b32.safetensors"))
+    message = _train_refuses(monkeypatch, caplog, tmp_path, "--vit_weights", tmp_path / "b32.safetensors")
+    assert "b32.safetensors: key 'patch_embed.proj.weight' has shape (768, 3, 32, 32)" in message
+    assert ("a ViT of patch 16 and width 768 (a 14x14 token grid at 224 px, the VxL sampler's mask), e.g. "
+            "vit_base_patch16_224.orig_in21k") in message and message.endswith("fits (docs/starting_points.md)")
+
+
 def _train_refuses(monkeypatch, caplog, tmp_path, *flags) -> str:
     """train.py's one-line message and exit status 2 for ``flags``, with no data read."""
     import datasets
