@@ -197,6 +197,21 @@ def test_vits_the_encoder_does_not_build_are_refused(keywords, what):
         read_vit_architecture("vit_base_patch16_224", depth=1, **keywords)
 
 
+def test_a_vit_arch_given_alone_names_the_weights_or_is_refused():
+    from models import check_starting_weights
+
+    clip = make_config("b16", data_path="/d", vit_arch=CLIP_TAGS[0])
+    assert clip.model.vit_weights == clip.model.vit_arch == CLIP_TAGS[0]  # not the default orig_in21k weights
+    check_starting_weights(clip)  # they fit the encoder (no download: timm's keys and shapes)
+    plain = make_config("b16", data_path="/d", vit_arch="vit_base_patch16_224")
+    assert plain.model.vit_weights == "vit_base_patch16_224.orig_in21k"  # the default weights fit that network
+    with pytest.raises(ConfigError, match=r"--vit_weights is still the default vit_base_patch16_224\.orig_in21k.*"
+                                          r"pass --vit_weights with a file of vit_base_patch16_clip_quickgelu_224's"):
+        make_config("b16", data_path="/d", vit_arch="vit_base_patch16_clip_quickgelu_224")
+    given = make_config("b16", data_path="/d", vit_arch=CLIP_TAGS[0], vit_weights=None)
+    assert given.model.vit_weights is None  # --vit_weights given: kept
+
+
 def test_old_runs_keep_todays_architecture_and_resume():
     from utils.config import config_from_saved, resume_differences
 

@@ -11,7 +11,8 @@ Where a value comes from, last wins: the preset of ``--arch``, a ``--config`` fi
 flat; an earlier run's ``args.json`` is one), the command line. A few defaults follow other settings unless
 given (:func:`derive`): the preset follows ``--data_path``, the split ``--dataset``, the triplet distance
 ``--variant``, the margin the distance, the pseudo-sketches the instance-loss weight, the encoder's architecture a
-timm tag in ``--vit_weights``, the LayerNorm eps the architecture.
+timm tag in ``--vit_weights``, the starting weights a ``--vit_arch`` tag given alone, the LayerNorm eps the
+architecture.
 """
 from __future__ import annotations
 
@@ -128,7 +129,9 @@ class ModelConfig:
                         choices=_preset_names, policy=DEFINES)
     vit_weights: Optional[str] = setting(
         "vit_base_patch16_224.orig_in21k", "starting ViT: a local timm-format .safetensors/.pth, a timm tag "
-        "(downloaded only if online), or none (from scratch)", policy=IGNORED)
+        "(downloaded only if online), or none (from scratch); unless given, a --vit_arch tag given alone names the "
+        "weights, e.g. --vit_arch vit_base_patch16_clip_quickgelu_224.openai starts from OpenAI's CLIP tower",
+        policy=IGNORED)
     vit_arch: Optional[str] = setting(
         "vit_base_patch16_224.orig_in21k", "timm architecture of the starting ViT, built with its pre-norm, "
         "activation and LayerNorm eps (docs/starting_points.md); name it for a --vit_weights file, e.g. "
@@ -349,13 +352,33 @@ def vit_arch_name(vit_arch: Optional[str]) -> str:
     return (vit_arch or DEFAULT_VIT_ARCH).split(".", 1)[0]
 
 
+def _weights_of(vit_arch: Optional[str], default: str) -> str:
+    """The starting weights of a --vit_arch given without --vit_weights, whose default is the timm tag ``default``:
+    the weights ``vit_arch`` names when it is a tag with a pretrained tag (``...clip_quickgelu_224.openai``: asked
+    for by name), ``default`` when they fit ``vit_arch``'s network; ConfigError otherwise, rather than a run
+    refused later with a hint to undo the --vit_arch."""
+    if vit_arch is not None and "." in vit_arch:
+        return vit_arch
+    if vit_arch_name(vit_arch) == vit_arch_name(default):
+        return default
+    raise ConfigError(f"--vit_arch {vit_arch} without --vit_weights: --vit_weights is still the default {default}, "
+                      f"weights of another network ({vit_arch_name(default)}): pass --vit_weights with a file of "
+                      f"{vit_arch}'s weights, or none (from scratch); docs/starting_points.md")
+
+
 def _derive_starting_point(config: RunConfig, given: set) -> dict:
-    """The encoder's architecture follows a timm tag in --vit_weights, and its LayerNorm eps the architecture."""
+    """The encoder's architecture follows a timm tag in --vit_weights, the default weights a --vit_arch given alone
+    (:func:`_weights_of`), and the LayerNorm eps the architecture."""
     model, changes = config.model, {}
     vit_arch, source = model.vit_arch, "--vit_arch"
-    if "vit_arch" not in given and model.vit_weights and is_timm_tag(model.vit_weights):
+    tag = bool(model.vit_weights) and is_timm_tag(model.vit_weights)
+    if "vit_arch" not in given and tag:
         vit_arch = changes["vit_arch"] = model.vit_weights
         source = "--vit_weights"
+    elif tag and "vit_weights" not in given:  # --vit_arch given alone
+        weights = _weights_of(vit_arch, model.vit_weights)
+        if weights != model.vit_weights:
+            changes["vit_weights"] = weights
     if vit_arch is not None and "ln_eps" not in given:
         # Lazily: timm builds the architecture's model (on the meta device) only for runs that name one.
         from models.vit_architecture import VitArchitectureError, read_vit_architecture
