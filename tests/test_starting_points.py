@@ -163,6 +163,22 @@ def test_bad_starting_points_stop_train_with_one_line_before_any_data(monkeypatc
     assert "patch 32" in message and "14x14 token grid" in message and "vit_base_patch16_224.orig_in21k" in message
 
 
+def test_submit_refuses_a_starting_point_that_does_not_fit_before_queueing(tmp_path, monkeypatch, capsys):
+    import tools.submit as submit
+
+    def no_queue(*args, **kwargs):
+        raise AssertionError("a job was queued")
+
+    monkeypatch.setattr(submit, "make_executor", no_queue)
+    clip_file = _save_timm_checkpoint(_timm_model(CLIP_TAGS[0]), tmp_path / "openai_tower.safetensors")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        submit.main(["--cluster", "local", "--", "--data_path", str(tmp_path / "data"), "--output_dir",
+                     str(tmp_path / "runs"), "--exp", "x", "--vit_weights", clip_file])
+    assert exc.value.code == 2
+    assert "openai_tower.safetensors does not fit the encoder" in capsys.readouterr().err
+
+
 def test_unknown_and_unbuildable_architectures_are_config_errors():
     with pytest.raises(ConfigError, match=r"^--vit_weights vit_nonexistent_9\.x: timm [\d.]+ knows no such model"):
         make_config("b16", data_path="/d", vit_weights="vit_nonexistent_9.x")

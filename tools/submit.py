@@ -47,7 +47,6 @@ DEFAULT_SIGNAL_DELAY_S = 90
 # a job that never gets that far would be requeued without progress (README "Clusters" gives what was measured).
 MIN_START_S = 60
 DEFAULT_MAX_REQUEUES = 10
-WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")  # a --vit_weights value naming a file, not a timm tag
 JOB_EXIT = re.compile(r"train\.py exited with status (-?\d+)")  # in the failed task's traceback (see JobExit)
 
 
@@ -163,7 +162,8 @@ def _check_this_machine(args) -> None:
 def check_training(args, train_argv: list[str]):
     """train.py's configuration (``utils.config.RunConfig``) for its flags, read by train.py's own parser, then what
     a task would refuse only at its start on the cluster: the experiment folder (exists, --resume, another run's
-    lock), the global batch against the job's tasks, devices and input paths. Nothing is written."""
+    lock), the global batch against the job's tasks, devices, input paths and the starting weights. Nothing is
+    written."""
     import train
     from utils.config import parse_config
     from utils.experiment import ExperimentError, check_output_dir
@@ -189,15 +189,21 @@ def check_training(args, train_argv: list[str]):
     if missing:
         flag, path = missing[0]
         raise ToolError(f"--{flag} {path}: no such file or folder here (the job's tasks would read the same path).")
+    if not runtime.resume:  # as train.py: a resumed run's weights come from its checkpoint
+        from models import check_starting_weights
+
+        check_starting_weights(config)  # a --vit_weights that does not fit: refused here, not after the queue
     return config
 
 
 def _missing_inputs(config) -> list[tuple[str, str]]:
+    from utils.config import is_timm_tag
+
     model = config.model
     wanted = [("data_path", config.data.data_path), ("vxl_cache", model.vxl_cache)]
     if model.clip_weights and model.clip_weights != "openai":
         wanted.append(("clip_weights", model.clip_weights))
-    if model.vit_weights and (model.vit_weights.endswith(WEIGHT_SUFFIXES) or os.sep in model.vit_weights):
+    if model.vit_weights and not is_timm_tag(model.vit_weights):
         wanted.append(("vit_weights", model.vit_weights))
     return [(flag, path) for flag, path in wanted if path and not Path(path).expanduser().exists()]
 
