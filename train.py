@@ -172,7 +172,9 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     from models import build_model, check_starting_weights, model_summary
 
     config = run.config
-    check_starting_weights(config)  # a --vit_weights that does not fit stops the run before any data is read
+    resume = config.runtime.resume
+    if not resume:  # resumed, the checkpoint gives every weight: --vit_weights is neither checked nor read
+        check_starting_weights(config)  # a --vit_weights that does not fit stops the run before any data is read
     mask_cache = None
     if config.model.vxl_cache:
         from models.vxl_cache import load_mask_cache_for_training
@@ -183,7 +185,8 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
     data = build_datasets(config, mask_cache=mask_cache)
     log.info("data: %s", json.dumps(data["split"].summary()))
     config = config.replace(num_seen_classes=len(data["train"].label_names))  # the class head's size
-    model = build_model(config, with_sampler=mask_cache is None).to(run.device)
+    built_as = config.replace(vit_weights=None) if resume else config
+    model = build_model(built_as, with_sampler=mask_cache is None).to(run.device)
     log.info("model: %s", json.dumps(model_summary(model)))
     criterion = build_criterion(config).to(run.device)
     state = TrainState.for_training(config, model, criterion, output_dir=run.output_dir, amp_dtype=run.amp_dtype,

@@ -179,6 +179,20 @@ def test_submit_refuses_a_starting_point_that_does_not_fit_before_queueing(tmp_p
     assert "openai_tower.safetensors does not fit the encoder" in capsys.readouterr().err
 
 
+def test_resume_reads_no_starting_weights(bench, tmp_path):
+    """The checkpoint gives every weight: the starting file may be gone, the tag would not be downloaded again."""
+    from conftest import train_args  # tests/ is on sys.path
+
+    vit = build_model(make_config("tiny"), with_sampler=False).encoder.vit.state_dict()
+    save_file({k: v for k, v in vit.items() if not k.startswith("patch_embed.stem.")},
+              str(tmp_path / "vit.safetensors"))
+    short = ["--datasetLen", "4", "--batch_size", "4", "--eval_per_class", "1", "--vit_weights",
+             tmp_path / "vit.safetensors"]
+    assert train.main(train_args(bench, tmp_path, "run", "--epoch", "1", *short))["global_step"] == 1
+    (tmp_path / "vit.safetensors").unlink()
+    assert train.main(train_args(bench, tmp_path, "run", "--epoch", "2", "--resume", *short))["global_step"] == 2
+
+
 def test_unknown_and_unbuildable_architectures_are_config_errors():
     with pytest.raises(ConfigError, match=r"^--vit_weights vit_nonexistent_9\.x: timm [\d.]+ knows no such model"):
         make_config("b16", data_path="/d", vit_weights="vit_nonexistent_9.x")
