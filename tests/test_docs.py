@@ -4,6 +4,7 @@
 - every ``python train.py|test.py|-m tools.X|-m datasets.X ...`` line in a fenced block (``torchrun ...
   train.py`` and ``tools.submit ... -- <train.py flags>`` included) parses with that program's own argparse
   parser: a renamed flag or a choice that no longer exists fails here instead of misleading a reader;
+- docs/training.md's flag tables are what ``python -m tools.docs_flags`` generates from utils/config.py;
 - docs/troubleshooting.md lists exactly the error classes that end a command with exit status 2.
 """
 from __future__ import annotations
@@ -263,6 +264,16 @@ def test_the_training_page_lists_every_flag_of_train_py():
     flags = {o for a in train.get_args_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert not flags - documented, f"add to docs/training.md's tables: {sorted(flags - documented)}"
     assert not documented - flags, f"not flags of train.py: {sorted(documented - flags)}"
+
+
+def test_the_flag_tables_are_generated_from_the_settings():
+    """docs/training.md's flag tables are tools.docs_flags' output: a help text, preset value or choice changed in
+    utils/config.py or utils/presets.py fails here until the page is regenerated."""
+    from tools.docs_flags import REGENERATE, flag_tables, generated_block
+
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    assert generated_block(page) == flag_tables(), (
+        f"docs/training.md's flag tables differ from utils/config.py's settings; regenerate them: {REGENERATE}")
 
 
 # ---------------------------------------------------------------- troubleshooting: the exit-2 error classes
