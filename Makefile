@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXP    ?= synthetic_demo
+# pytest-xdist processes of make test (0: the whole suite in this process)
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
 DEMO_ARGS ?=
@@ -25,7 +27,7 @@ run: venv
 	$(PY) test.py --exp $(EXP) --no_progress
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 demo: venv
 	test -f results/$(EXP)/best.pth || $(MAKE) run EXP=$(EXP)

@@ -47,6 +47,18 @@ def _repository_left_unchanged():
                     + "; ".join(changed), pytrace=False)
 
 
+# `make test` runs the suite on pytest-xdist workers that each take whole modules (--dist loadscope
+# --no-loadscope-reorder), so a module- or session-scoped run is made once. The modules that run longest go first
+# (the shared learning run, the submitit jobs, the two-process runs, the signal tests), so that the workers finish
+# together instead of one starting the longest module last.
+LONGEST_MODULES = ("test_train_e2e.py", "test_submit.py", "test_distributed.py", "test_robustness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Every test module starts with one thread, whatever an earlier module (e.g. an end-to-end run) set."""
@@ -302,8 +314,8 @@ LEARN_CELL = {"name": "learn_cell", "layout": "sketchy", "seen": 8, "unseen": 4,
               "photo_styles": ("flat", "noisy"), "sketch_styles": ("clean",), "parts": (1, 1), "sketch_size": 64,
               "photo_size": (64, 64), "seed": 11}
 # A brief schedule of the tiny preset's defaults: 7 epochs of 25 steps of 16 triplets (175 updates), evaluated once,
-# after the last epoch. The run learns between steps 100 and 175 (test_family.py's learning test has the figures);
-# short epochs make the last epoch's training figures those of its last 25 steps.
+# after the last epoch. The run learns between steps 100 and 175; short epochs make the last epoch's training
+# figures those of its last 25 steps.
 LEARN_SCHEDULE = {"epoch": 7, "datasetLen": 400, "batch_size": 16}
 
 
@@ -311,7 +323,7 @@ LEARN_SCHEDULE = {"epoch": 7, "datasetLen": 400, "batch_size": 16}
 def learned_run(tmp_path_factory):
     """The session's one training run that learns: train.main with the tiny preset's defaults on
     :data:`LEARN_CELL` for :data:`LEARN_SCHEDULE` (seed 0; TensorBoard pictures on). The longest run of the suite,
-    made once for every test that needs a run that learns: test_family.py's learning bars, test_train_e2e.py's
+    made once for every test that needs a run that learns: test_train_e2e.py's learning bars, its
     checks of the loop, the experiment folder and test.py.
 
     A namespace: ``spec`` (the FamilySpec), ``root`` (its data root, ``--data_path``), ``argv`` (train.py's),
