@@ -274,6 +274,7 @@ class VxLSampler(nn.Module):
             quick_gelu = True
         else:
             state_dict = _read_openai_checkpoint(os.fspath(path))
+            _check_is_clip(state_dict, model_name, model_cfg, os.fspath(path))  # before it is asked its activation
             model_name, cfg, quick_gelu = _clip_config_for(os.fspath(path), state_dict, model_name, model_cfg)
             model = open_clip.CLIP(**cfg)
             load_openai_state_dict(model, state_dict, source=os.fspath(path))
@@ -324,10 +325,17 @@ def build_tiny_clip(image_size: Optional[int] = None, patch_size: Optional[int] 
 
 # --------------------------------------------------------------------- OpenAI checkpoints
 def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """State dict of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a state dict."""
+    """State dict of an OpenAI-format CLIP file: a TorchScript archive (as OpenAI ships), a state dict, or a
+    ``.safetensors`` file (open_clip's ``open_clip_model.safetensors`` on the Hugging Face hub)."""
     if not os.path.isfile(path):
         raise WeightFileNotFoundError(
             f"CLIP checkpoint not found: {path} (pass OpenAI's ViT-B-16.pt, or 'openai' to download it)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightMismatchError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from e
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -355,18 +363,40 @@ def load_openai_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     Any missing, unexpected or wrongly shaped key raises ``ValueError`` naming it.
     """
     target = model.state_dict()
+    state_dict = _check_clip_keys(target, state_dict, source)
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def _check_is_clip(state_dict: Dict[str, torch.Tensor], model_name: str, model_cfg: Optional[dict],
+                   source: str) -> None:
+    """WeightMismatchError unless ``state_dict`` has the keys and shapes of the CLIP ``model_cfg`` (or open_clip's
+    ``model_name``), read off the model built on the meta device (no weights)."""
+    import open_clip
+
+    cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    with torch.device("meta"):
+        target = open_clip.CLIP(**_copy_clip_cfg(cfg)).state_dict()
+    _check_clip_keys(target, state_dict, source)
+
+
+def _check_clip_keys(target: Dict[str, torch.Tensor], state_dict: Dict[str, torch.Tensor],
+                     source: str) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without OpenAI's non-weight entries when it has exactly the keys and shapes of ``target``;
+    WeightMismatchError naming the first that differ otherwise."""
     state_dict = {k: v for k, v in state_dict.items() if not (k in _OPENAI_NON_WEIGHT_KEYS and k not in target)}
     for key, value in state_dict.items():
         if key in target and value.shape != target[key].shape:
             raise WeightMismatchError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                             f"{tuple(target[key].shape)} in the CLIP model (is it a ViT-B/16 checkpoint?)")
+                                      f"{tuple(target[key].shape)} in the CLIP model (is it a ViT-B/16 checkpoint?)")
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
     if missing or unexpected:
-        raise WeightMismatchError(f"{source}: not an OpenAI-format CLIP checkpoint of this architecture; "
-                         f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
+        raise WeightMismatchError(f"{source}: not an OpenAI-format CLIP checkpoint of this architecture (its keys: "
+                                  f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                  f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
+    return state_dict
 
 
 def clip_file_activation(path: str, state_dict: Dict[str, torch.Tensor]) -> tuple[Optional[bool], str]:

@@ -279,22 +279,26 @@ def _beside(path: Path, quick_gelu=None) -> None:
     (path.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
 
 
-def test_a_clip_file_says_its_activation_or_is_refused(tmp_path, monkeypatch):
-    # Small stand-ins for open_clip's ViT-B-16 / ViT-B-16-quickgelu, so that the b16 path loads in a moment.
+@pytest.fixture
+def tiny_b(monkeypatch):
+    """Small stand-ins for open_clip's ViT-B-16 / ViT-B-16-quickgelu, so that the b16 path loads in a moment."""
     from open_clip import factory
 
     monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-B", dict(tiny_clip_cfg(), quick_gelu=False))
     monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-B-quickgelu", tiny_clip_cfg())
+
+
+def _act(sampler: VxLSampler) -> str:
+    return type(sampler.clip.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_a_clip_file_says_its_activation_or_is_refused(tmp_path, tiny_b):
     openai = _clip_checkpoint(tmp_path, "openai", quick_gelu=True, openai_entries=True)
     laion = _clip_checkpoint(tmp_path, "laion", quick_gelu=False)
     _beside(laion)
     unsaid = _clip_checkpoint(tmp_path, "unsaid", quick_gelu=False)
-
-    def act(sampler):
-        return type(sampler.clip.visual.transformer.resblocks[0].mlp.gelu).__name__
-
-    assert act(VxLSampler.from_pretrained(str(openai), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "QuickGELU"
-    assert act(VxLSampler.from_pretrained(str(laion), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "GELU"
+    assert _act(VxLSampler.from_pretrained(str(openai), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "QuickGELU"
+    assert _act(VxLSampler.from_pretrained(str(laion), model_name="Tiny-B-quickgelu", surgery_depth=2)) == "GELU"
     assert clip_file_activation(str(laion), {})[0] is False
     _beside(laion, quick_gelu=True)
     assert clip_file_activation(str(laion), {})[0] is True
@@ -303,3 +307,24 @@ def test_a_clip_file_says_its_activation_or_is_refused(tmp_path, monkeypatch):
     assert "unsaid/weights.pt" in str(refused.value) and "\n" not in str(refused.value)
     with pytest.raises(WeightMismatchError, match="QuickGELU weights.*uses GELU"):  # the preset's config says GELU
         VxLSampler.from_pretrained(str(openai), model_cfg=dict(tiny_clip_cfg(), quick_gelu=False), surgery_depth=2)
+
+
+def test_open_clips_safetensors_file_loads(tmp_path, tiny_b):
+    """LAION's hub repositories ship open_clip_model.safetensors beside their open_clip_config.json."""
+    state_dict = torch.load(_clip_checkpoint(tmp_path, "laion", quick_gelu=False), weights_only=True)
+    path = tmp_path / "laion" / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    _beside(path)
+    sampler = VxLSampler.from_pretrained(str(path), model_name="Tiny-B-quickgelu", surgery_depth=2)
+    assert _act(sampler) == "GELU"
+    torch.testing.assert_close(sampler.clip.state_dict()["visual.proj"], state_dict["visual.proj"])
+
+
+@pytest.mark.parametrize("content", ["timm", "random"])
+def test_a_file_that_is_no_clip_is_refused_by_its_keys_before_its_activation(tmp_path, tiny_b, content):
+    state_dict = (dict(_timm_model("vit_base_patch16_224").state_dict()) if content == "timm"  # [2 blocks]
+                  else {"weight": torch.zeros(3)})
+    torch.save(state_dict, tmp_path / "weights.pt")  # and no open_clip_config.json: the activation unsaid
+    with pytest.raises(WeightMismatchError, match="not an OpenAI-format CLIP checkpoint.*its keys: missing") as no:
+        VxLSampler.from_pretrained(str(tmp_path / "weights.pt"), model_name="Tiny-B-quickgelu", surgery_depth=2)
+    assert "QuickGELU" not in str(no.value)
