@@ -160,8 +160,24 @@ def announce(run: Run) -> None:
     if run.config.synthetic and run.is_main:
         log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.",
                  run.config.model.arch)
+    if run.is_main:
+        warn_other_ln_eps(run.config)
     if run.device.type == "cuda":  # fixed image sizes: let cuDNN time and keep the fastest stem convolutions
         torch.backends.cudnn.benchmark = True
+
+
+def warn_other_ln_eps(config: RunConfig) -> None:
+    """A warning when --ln_eps (the flag's, or a --config file's) is not the eps of the architecture the encoder is
+    built as: allowed (the released ViT's 1e-5), but the starting weights were trained with the other."""
+    from models.vit_architecture import read_vit_architecture
+    from utils.config import DEFAULT_VIT_ARCH
+
+    model = config.model
+    vit_arch = model.vit_arch or DEFAULT_VIT_ARCH
+    eps = read_vit_architecture(vit_arch).ln_eps
+    if model.ln_eps != eps:
+        log.warning("--ln_eps %g is not the LayerNorm eps of %s, %g: the encoder's LayerNorms use %g", model.ln_eps,
+                    vit_arch, eps, model.ln_eps)
 
 
 def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:

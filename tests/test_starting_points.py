@@ -242,6 +242,24 @@ def test_a_vit_arch_given_alone_names_the_weights_or_is_refused():
     assert given.model.vit_weights is None  # --vit_weights given: kept
 
 
+def test_an_ln_eps_other_than_the_architectures_is_warned(tmp_path, caplog):
+    older = tmp_path / "args.json"  # a run from before --vit_arch that started from OpenAI's tower
+    older.write_text(json.dumps({"model": {"vit_weights": CLIP_TAGS[0], "ln_eps": 1e-6}}))
+    configs = {"flag": make_config("b16", data_path="/d", ln_eps=1e-5),
+               "--config": make_config(given={**read_config_file(older), "data_path": "/d"}),
+               "b16": make_config("b16", data_path="/d"), "tiny": make_config("tiny"),
+               "same": make_config("b16", data_path="/d", vit_arch=CLIP_TAGS[0], ln_eps=1e-5)}
+    warned = {}
+    for name, config in configs.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            train.warn_other_ln_eps(config)
+        warned[name] = caplog.text
+    assert "--ln_eps 1e-05 is not the LayerNorm eps of vit_base_patch16_224.orig_in21k, 1e-06" in warned["flag"]
+    assert f"--ln_eps 1e-06 is not the LayerNorm eps of {CLIP_TAGS[0]}, 1e-05" in warned["--config"]
+    assert warned["b16"] == warned["tiny"] == warned["same"] == ""
+
+
 def test_old_runs_keep_todays_architecture_and_resume():
     from utils.config import config_from_saved, resume_differences
 
