@@ -1,8 +1,8 @@
 """``--markdown FILE`` of the measuring tools: a measured table as a Markdown results page.
 
-The pages under ``docs/results/`` are written by the tool that measured them, never retyped: each holds the
-table with the date, the commit, the machine and the command line that made it, so a reader can rerun the
-command and compare.
+A page written this way holds the table with the date, the commit, the machine and the command line that made
+it, so a reader can rerun the command and compare, and a page is regenerated rather than retyped
+(docs/results/README.md says which pages are still kept by hand).
 """
 
 from __future__ import annotations
