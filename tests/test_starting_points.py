@@ -129,6 +129,17 @@ def test_a_vit_of_another_patch_size_is_refused_naming_what_fits(tmp_path, monke
             "vit_base_patch16_224.orig_in21k") in message and message.endswith("fits (docs/starting_points.md)")
 
 
+def test_the_refusal_quoted_in_the_docs_is_the_codes(tmp_path, monkeypatch):
+    page = (REPO / "docs/starting_points.md").read_text()
+    quoted = next(line for line in page.splitlines() if line.startswith("clip_b16.safetensors does not fit"))
+    monkeypatch.chdir(tmp_path)  # the file named as the page's command names it
+    _save_timm_checkpoint(_timm_model(CLIP_TAGS[0]), tmp_path / "clip_b16.safetensors")
+    with pytest.raises(WeightMismatchError) as refused:
+        load_vit_weights(_encoder_as("vit_base_patch16_224"), "clip_b16.safetensors",
+                         vit_arch=make_config("b16", data_path="/d", vit_weights="clip_b16.safetensors").model.vit_arch)
+    assert str(refused.value) == quoted
+
+
 def _train_refuses(monkeypatch, caplog, tmp_path, *flags) -> str:
     """train.py's one-line message and exit status 2 for ``flags``, with no data read."""
     import datasets
