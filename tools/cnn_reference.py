@@ -94,7 +94,8 @@ def train_reference(data: dict, *, steps: int = 500, batch_size: int = 32, lr: f
         pos = torch.randint(len(classes), (batch_size,), generator=gen)
         neg = (pos + torch.randint(1, len(classes), (batch_size,), generator=gen)) % len(classes)
         s, p, n = model(pick(sketches, pos), "sketch"), model(pick(photos, pos), "photo"), model(pick(photos, neg), "photo")
-        # 1 - s.p on unit vectors: losses.cosine_distance in value, kept in this form for the README's figures
+        # 1 - s.p on unit vectors: losses.cosine_distance in value, kept in this form for the yardstick's figures
+        # (docs/results/learning_matrix.md)
         loss_tri = F.triplet_margin_with_distance_loss(
             s, p, n, distance_function=lambda x, y: 1 - (x * y).sum(1), margin=0.2)
         logits = 16 * F.normalize(classifier.weight, dim=1) @ torch.cat([s, p, n]).T  # [K, 3B]

@@ -42,8 +42,8 @@ UNKNOWN_CLASS = ""  # gallery images directly in the gallery folder have no clas
 INDEX_KINDS = ("exact", "faiss", "auto")
 
 # ``--index auto`` searches exactly up to this many gallery photos and through FAISS above. Measured with
-# ``python -m tools.bench_search`` on the 2-core CPU (clustered 768-d vectors; README, "Searching large
-# galleries"): exact search takes a median 3.1 ms per query at 10k photos, 30 ms at 100k and 746 ms at 1M;
+# ``python -m tools.bench_search`` on the 2-core CPU (clustered 768-d vectors; docs/results/bench_search.md):
+# exact search takes a median 3.1 ms per query at 10k photos, 30 ms at 100k and 746 ms at 1M;
 # IVF-Flat with the defaults below 0.12 / 0.93 / 11 ms at recall@10 1.000, after a build of 0.5 s / 13 s /
 # 7 min (cached). Exact search is exact and needs no build, so it is kept while a query stays well inside
 # an interactive budget: it passes 20 ms per query at about 58k photos (a line through the three sizes),

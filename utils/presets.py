@@ -104,15 +104,15 @@ ARCHITECTURES: Dict[str, Architecture] = {
 
 
 def _tiny_run() -> RunConfig:
-    # Why each aid (measured in the README, "Does it learn beyond the synthetic benchmark?"): the stem BatchNorm
-    # keeps the from-scratch ViT from collapsing under the triplet loss (all embeddings equal); no dropout, as a
-    # few hundred from-scratch steps underfit; each photo standardised on its own, since the contrast of a shape
-    # against its background varies from photo to photo and batch statistics do not undo it; the cosine triplet
-    # and the seen-class cross-entropy, since the paper's Euclidean triplet alone fits the seen triplets and
-    # stays near chance on unseen classes; the instance loss (each positive photo against its own outlines drawn
-    # as a sketch), a match that does not depend on the seen classes; the warm-up, since a constant rate's first
-    # Adam steps squeeze the embeddings together; crops and flips, since a from-scratch model fits a few seen
-    # classes long before it learns what transfers to unseen ones.
+    # Why each aid (docs/tiny_preset.md; measured in docs/results/learning_matrix.md and synthetic.md): the stem
+    # BatchNorm keeps the from-scratch ViT from collapsing under the triplet loss (all embeddings equal); no
+    # dropout, as a few hundred from-scratch steps underfit; each photo standardised on its own, since the contrast
+    # of a shape against its background varies from photo to photo and batch statistics do not undo it; the cosine
+    # triplet and the seen-class cross-entropy, since the paper's Euclidean triplet alone fits the seen triplets and
+    # stays near chance on unseen classes; the instance loss (each positive photo against its own outlines drawn as
+    # a sketch), a match that does not depend on the seen classes; the warm-up, since a constant rate's first Adam
+    # steps squeeze the embeddings together; crops and flips, since a from-scratch model fits a few seen classes
+    # long before it learns what transfers to unseen ones.
     return RunConfig(
         data=DataConfig(datasetLen=1600, image_size=64, augment="crop_flip", pseudo_sketch=True),
         # vit_arch None: timm's plain ViT at the tiny sizes; no checkpoint to take another architecture from.
