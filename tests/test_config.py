@@ -175,6 +175,23 @@ def test_every_recipe_file_parses_and_builds_its_model_and_criterion():
     assert by_name["quickdraw.yaml"].data.test_class == "test_class_quickdraw30"
 
 
+def test_the_command_in_each_recipe_file_has_what_its_run_needs():
+    """The train.py command a configs/ file's header shows runs as written: a b16 run with VxL masks and no mask
+    cache names the CLIP its sampler needs (without --clip_weights train.py exits 2)."""
+    import shlex
+
+    from utils.presets import get_architecture
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        header = "\n".join(line[1:] for line in path.read_text().splitlines() if line.startswith("#"))
+        commands = [c for c in header.replace("\\\n", " ").splitlines() if c.strip().startswith("python train.py")]
+        assert len(commands) == 1, path
+        config = parse(*shlex.split(commands[0])[2:])
+        needs_clip = (config.model.variant == "puxim" and not config.model.vxl_cache
+                      and get_architecture(config.model.arch).sampler.random_clip is None)
+        assert config.model.clip_weights or not needs_clip, f"{path}: {commands[0].strip()} lacks --clip_weights"
+
+
 def test_the_resume_check_compares_what_defines_the_run():
     config = make_config("tiny")
     defining, resumable = resume_differences(config.replace(lr=1e-3, batch_size=16, exp="other"), config)
