@@ -12,7 +12,7 @@ class SeenClassHead(nn.Module):
     """``logits = scale · cos(embedding, w_c)`` for each seen class ``c``: ``[B, D] -> [B, C]``.
 
     Trained from scratch, a small ViT under the triplet loss alone fits the seen triplets but its CLS
-    embeddings stay near chance on unseen classes (README, "Does it learn beyond the synthetic benchmark?");
+    embeddings stay near chance on unseen classes (docs/tiny_preset.md, "What it adds, and why");
     a cross-entropy over the seen classes on the same L2-normalised embeddings, as the small-CNN
     yardstick (``tools.cnn_reference``) uses, gives every class its own direction. Cosine logits keep the
     head from pushing the embedding norm instead of its direction; ``scale`` 16 is the usual temperature

@@ -97,7 +97,7 @@ class DataConfig:
     dataset: str = setting("sketchy_extend", "benchmark under --data_path (sketchy_am: Sketchy-AM)",
                            choices=_dataset_names, policy=DEFINES)
     test_class: str = setting(
-        "test_class_sketchy25", "the zero-shot split (README: sketchy25=zeroshot1, sketchy21=zeroshot0, ...); "
+        "test_class_sketchy25", "the zero-shot split (sketchy25=zeroshot1, sketchy21=zeroshot0, ...: docs/data.md); "
         "unless given, the dataset's first", choices=_test_classes, policy=DEFINES)
     custom_split: bool = setting(
         False, "your own split: take the unseen classes from cname_cid_zero.txt without checking them against "
