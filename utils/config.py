@@ -141,9 +141,10 @@ class ModelConfig:
         False, "load a --vit_weights file that does not fit the encoder anyway: the matching keys load, the others "
         "keep their init and are listed as warnings (without it: refused)", cli="store_true", policy=IGNORED)
     clip_weights: Optional[str] = setting(
-        None, "CLIP ViT-B/16 file in OpenAI's key names (.pt state dict or TorchScript), or 'openai' to download: "
-        "OpenAI's release loads with QuickGELU, another file with the activation its open_clip_config.json beside "
-        "it says (LAION's: GELU), a file that says none is refused; tiny: a fixed random tiny CLIP when none",
+        None, "CLIP ViT-B/16 file in OpenAI's key names (a .pt/.bin state dict, .safetensors or TorchScript), or "
+        "'openai' to download: OpenAI's release loads with QuickGELU, another file with the activation its "
+        "open_clip_config.json beside it says (LAION's: GELU), a file that says none is refused; tiny: a fixed "
+        "random tiny CLIP when none",
         policy=DEFINES)
     variant: str = setting("puxim", "non-mask = the ablation without VxL masking (cosine triplet, margin 0.2)",
                            choices=VARIANTS, policy=DEFINES)
