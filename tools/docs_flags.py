@@ -22,7 +22,6 @@ REGENERATE = "python -m tools.docs_flags --write docs/training.md"
 TITLES = {"optim": "Optimisation"}
 # Where the docs say more about a flag than its help text can; links relative to docs/training.md.
 SEE_ALSO = {
-    "test_class": "[data.md](data.md#layout)",
     "batch_size": "[the released schedule](#the-released-schedule)",
     "on_collapse": "[troubleshooting.md](troubleshooting.md#collapse-collapsed-and-not-learning)",
 }
