@@ -376,18 +376,20 @@ def _derive_starting_point(config: RunConfig, given: set) -> dict:
     if "vit_arch" not in given and tag:
         vit_arch = changes["vit_arch"] = model.vit_weights
         source = "--vit_weights"
-    elif tag and "vit_weights" not in given:  # --vit_arch given alone
-        weights = _weights_of(vit_arch, model.vit_weights)
-        if weights != model.vit_weights:
-            changes["vit_weights"] = weights
-    if vit_arch is not None and "ln_eps" not in given:
+    if vit_arch is not None:  # first: an architecture the encoder cannot be built as is the error to report
         # Lazily: timm builds the architecture's model (on the meta device) only for runs that name one.
         from models.vit_architecture import VitArchitectureError, read_vit_architecture
 
         try:
-            changes["ln_eps"] = read_vit_architecture(vit_arch, source=source).ln_eps
+            ln_eps = read_vit_architecture(vit_arch, source=source).ln_eps
         except VitArchitectureError as e:
             raise ConfigError(str(e)) from None
+        if "ln_eps" not in given:
+            changes["ln_eps"] = ln_eps
+    if tag and "vit_arch" in given and "vit_weights" not in given:  # --vit_arch given alone
+        weights = _weights_of(vit_arch, model.vit_weights)
+        if weights != model.vit_weights:
+            changes["vit_weights"] = weights
     return changes
 
 
