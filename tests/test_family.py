@@ -68,7 +68,7 @@ def test_single_shape_classes_are_distinct_simple_shapes_and_composites_are_unch
     kinds = [class_glyph(8, k, (1, 1)) for k in range(16)]
     assert all(len(g) == 1 and g[0]["centre"] == (0.0, 0.0) for g in kinds)
     assert len({g[0]["kind"] for g in kinds}) == 16  # a permutation of the 16 outlines
-    # Composite glyphs draw as before the single-shape option existed (the figures of docs/results/learning_matrix.md).
+    # Composite glyphs are pinned: docs/results/learning_matrix.md measured benchmarks drawn with them.
     assert [p["kind"] for p in class_glyph(0, 0)] == ["halfdisc", "hexagon", "bar"]
     assert [p["kind"] for p in class_glyph(0, 0, (2, 4))] == ["halfdisc", "hexagon", "bar"]
     with pytest.raises(DatasetError, match="at most 16 classes"):
