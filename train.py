@@ -24,6 +24,8 @@ import torch
 
 import engine
 from datasets.loaders import build_loaders
+from models import compile_model
+from models.vit_architecture import ln_eps_mismatch
 from utils import distributed as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig, add_config_flags, parse_config
@@ -47,12 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple:
-    """What train.py reports as a message and exit status 2 (with UserError), not as a traceback."""
+    """What train.py reports as a message and exit status 2, not as a traceback."""
     from datasets.filelist import DatasetError  # bad data
     from datasets.mask_cache import MaskCacheError
     from models.encoder import WeightLoadError
 
-    return (ExperimentError, CheckpointError, engine.NonFiniteLossError, DatasetError, MaskCacheError,
+    return (UserError, ExperimentError, CheckpointError, engine.NonFiniteLossError, DatasetError, MaskCacheError,
             WeightLoadError)
 
 
@@ -84,10 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     output_dir = Path(config.runtime.output_dir) / config.runtime.exp
     device = select_device(config.runtime)
     rank, world, _ = dist_utils.init_distributed(device.type)
-    if config.optim.batch_size % world:  # before anything is built or written
-        dist_utils.cleanup()
-        raise UserError(f"--batch_size {config.optim.batch_size} (the global batch) is not divisible by the {world} "
-                        f"processes of torchrun: use a multiple of {world}.")
+    dist_utils.check_global_batch(config.optim.batch_size, world)  # before anything is built or written
     if rank == 0:
         prepare_output_dir(output_dir, resume=config.runtime.resume, overwrite=config.runtime.overwrite)
     dist_utils.barrier()
@@ -160,24 +159,10 @@ def announce(run: Run) -> None:
     if run.config.synthetic and run.is_main:
         log.info("no --data_path: training the '%s' preset on the built-in synthetic benchmark.",
                  run.config.model.arch)
-    if run.is_main:
-        warn_other_ln_eps(run.config)
+    if run.is_main and (eps_note := ln_eps_mismatch(run.config.model)):
+        log.warning("%s", eps_note)
     if run.device.type == "cuda":  # fixed image sizes: let cuDNN time and keep the fastest stem convolutions
         torch.backends.cudnn.benchmark = True
-
-
-def warn_other_ln_eps(config: RunConfig) -> None:
-    """A warning when --ln_eps (the flag's, or a --config file's) is not the eps of the architecture the encoder is
-    built as: allowed (the released ViT's 1e-5), but the starting weights were trained with the other."""
-    from models.vit_architecture import read_vit_architecture
-    from utils.config import DEFAULT_VIT_ARCH
-
-    model = config.model
-    vit_arch = model.vit_arch or DEFAULT_VIT_ARCH
-    eps = read_vit_architecture(vit_arch).ln_eps
-    if model.ln_eps != eps:
-        log.warning("--ln_eps %g is not the LayerNorm eps of %s, %g: the encoder's LayerNorms use %g", model.ln_eps,
-                    vit_arch, eps, model.ln_eps)
 
 
 def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
@@ -214,11 +199,7 @@ def prepare_model(state: TrainState, run: Run) -> torch.nn.Module:
     """torch.compile (--compile), then SyncBatchNorm and DDP (several processes): what trains and evaluates."""
     runtime = run.config.runtime
     if runtime.compile:
-        from models import compile_model
-
         compile_model(state.model, backend=runtime.compile_backend, mode=runtime.compile_mode)
-        log.info("torch.compile (%s) on the encoder and the interaction head: the first steps trace and "
-                 "compile, later steps run the compiled code.", runtime.compile_backend)
     state.model, trained = dist_utils.wrap_ddp(state.model, run.device, run.world)
     return trained
 
@@ -313,7 +294,6 @@ def stop_if_signalled(run: Run, t: Training, epoch: int) -> None:
                     run.stop.signal or "a signal to another rank", epoch)
         t.loop.exp_logger.close()
         raise SystemExit(run.stop.exit_code)
-
 
 
 if __name__ == "__main__":

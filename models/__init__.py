@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 import torch
@@ -17,6 +18,8 @@ from .interaction import InteractionHead
 from .puxim import PuXIM
 from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
 from .vxl_sampler import VxLSampler, build_vxl_sampler
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead", "SeenClassHead", "PuXIMWithPseudoSketches",
@@ -97,4 +100,6 @@ def compile_model(model: PuXIM, *, backend: str = "inductor", mode: str | None =
     """
     model.encoder.compile(backend=backend, mode=mode)
     model.interaction.compile(backend=backend, mode=mode)
+    _logger.info("torch.compile (%s) on the encoder and the interaction head: the first steps trace and compile, "
+                 "later steps run the compiled code.", backend)
     return model

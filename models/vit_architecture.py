@@ -145,8 +145,8 @@ def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> 
         name=vit_arch_name(tag), sizes=VitSizes(
             img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
             embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
-            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim), pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
+            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity), act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
 
 
 @functools.lru_cache(maxsize=None)  # once per tag
@@ -203,3 +203,16 @@ def fitting_starting_points(keys: Iterable[str]) -> List[str]:
     """The supported starting points (:data:`STARTING_POINTS`) whose checkpoints have the key names ``keys`` have."""
     layout = _layout(keys)
     return [tag for tag in STARTING_POINTS if _layout(timm_state_dict_shapes(tag)) == layout]
+
+
+def ln_eps_mismatch(model_config) -> str | None:
+    """A warning when ``--ln_eps`` (the flag's, or a ``--config`` file's) is not the eps of the architecture the
+    encoder is built as: allowed (the released ViT's 1e-5), but the starting weights were trained with the other."""
+    from utils.config import DEFAULT_VIT_ARCH
+
+    vit_arch = model_config.vit_arch or DEFAULT_VIT_ARCH
+    eps = read_vit_architecture(vit_arch).ln_eps
+    if model_config.ln_eps == eps:
+        return None
+    return (f"--ln_eps {model_config.ln_eps:g} is not the LayerNorm eps of {vit_arch}, {eps:g}: the encoder's "
+            f"LayerNorms use {model_config.ln_eps:g}")

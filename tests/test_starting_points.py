@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 import train
 from models import build_model
 from models.encoder import SketchPhotoEncoder, load_vit_weights
-from models.vit_architecture import (STARTING_POINTS, VitArchitectureError, read_vit_architecture,
-                                     timm_state_dict_shapes)
+from models.vit_architecture import (STARTING_POINTS, VitArchitectureError, ln_eps_mismatch,
+                                     read_vit_architecture, timm_state_dict_shapes)
 from models.vxl_sampler import VxLSampler, clip_file_activation, tiny_clip_cfg
 from models.weight_errors import WeightMismatchError
 from utils.config import ConfigError, make_config, read_config_file
@@ -260,12 +260,7 @@ def test_an_ln_eps_other_than_the_architectures_is_warned(tmp_path, caplog):
                "--config": make_config(given={**read_config_file(older), "data_path": "/d"}),
                "b16": make_config("b16", data_path="/d"), "tiny": make_config("tiny"),
                "same": make_config("b16", data_path="/d", vit_arch=CLIP_TAGS[0], ln_eps=1e-5)}
-    warned = {}
-    for name, config in configs.items():
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="train"):
-            train.warn_other_ln_eps(config)
-        warned[name] = caplog.text
+    warned = {name: ln_eps_mismatch(config.model) or "" for name, config in configs.items()}
     assert "--ln_eps 1e-05 is not the LayerNorm eps of vit_base_patch16_224.orig_in21k, 1e-06" in warned["flag"]
     assert f"--ln_eps 1e-06 is not the LayerNorm eps of {CLIP_TAGS[0]}, 1e-05" in warned["--config"]
     assert warned["b16"] == warned["tiny"] == warned["same"] == ""

@@ -56,6 +56,16 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """Refuse (exit 2) a global ``--batch_size`` the ``world`` processes cannot split evenly."""
+    if batch_size % world:
+        from utils.runtime import UserError
+
+        cleanup()
+        raise UserError(f"--batch_size {batch_size} (the global batch) is not divisible by the {world} "
+                        f"processes of torchrun: use a multiple of {world}.")
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()
