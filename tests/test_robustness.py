@@ -214,22 +214,27 @@ def test_stale_lock_and_half_written_checkpoint_of_dead_process(bench, baseline,
 # 2. SIGTERM (a scheduler) and SIGINT (Ctrl-C): checkpoint mid-epoch, exit 143/130, resume exactly
 # ------------------------------------------------------------------------------------------------
 @POSIX_PROC
+def signal_once_training(argv: list, log_path: Path, signum: int) -> tuple[int, str]:
+    """Spawn train.py, send ``signum`` as soon as it trains; its exit status and output."""
+    proc = spawn(argv, log_path)
+    try:
+        wait_until_training(proc, log_path)
+        proc.send_signal(signum)
+        rc = proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, output_of(log_path)
+
+
 def test_sigterm_and_sigint_checkpoint_mid_epoch_and_resume_exactly(bench, baseline, tmp_path, caplog):
     out = tmp_path / "results"
     folder = out / "sig"
     log_path = tmp_path / "sig.out"
 
     # SIGTERM to a train.py process as soon as it trains: it finishes the step, saves, exits 143
-    proc = spawn(train_args(bench, out, "sig", *SCHEDULE), log_path)
-    try:
-        wait_until_training(proc, log_path)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = output_of(log_path)
+    rc, text = signal_once_training(train_args(bench, out, "sig", *SCHEDULE), log_path, signal.SIGTERM)
     assert rc == 143, text
     assert "SIGTERM" in text and "--resume" in text and "Traceback" not in text, text
     first = load_checkpoint(folder / "checkpoint.pth")
