@@ -36,6 +36,8 @@ from datasets.mask_cache import (CACHE_FORMAT, MaskCache, MaskCacheError, MaskCa
 from utils.config import RunConfig
 from utils.presets import get_architecture
 
+from .weight_errors import WeightFileNotFoundError, WeightMismatchError
+
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
     "cache_key", "clip_identity", "compare_keys", "expected_cache_key", "file_sha256",
@@ -73,13 +75,13 @@ def clip_identity(arch: str, clip_weights: Optional[str]) -> dict:
     model = sampler.clip_model if sampler.random_clip is None else arch  # a random CLIP: named by its preset
     if clip_weights is None:
         if sampler.random_clip is None:
-            raise ValueError(f"the {arch} preset needs --clip_weights (OpenAI's ViT-B-16.pt or 'openai')")
+            raise WeightMismatchError(f"the {arch} preset needs --clip_weights (OpenAI's ViT-B-16.pt or 'openai')")
         return {"model": model, "source": "random", "seed": RANDOM_CLIP_SEED,
                 "weights_sha256": tensor_sha256(build_random_clip(sampler.random_clip))}
     if os.fspath(clip_weights) == "openai":
         return {"model": model, "source": "open_clip", "pretrained": "openai"}
     if not os.path.isfile(clip_weights):
-        raise FileNotFoundError(f"CLIP checkpoint not found: {clip_weights}")
+        raise WeightFileNotFoundError(f"CLIP checkpoint not found: {clip_weights}")
     identity = {"model": model, "source": "file", "sha256": file_sha256(clip_weights)}
     # The activation of a file that does not carry OpenAI's entries comes from the open_clip config beside it
     # (models.vxl_sampler.clip_file_activation), so that file is part of what the masks depend on.

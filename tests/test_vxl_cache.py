@@ -279,3 +279,20 @@ def test_clip_identity_follows_the_open_clip_config_beside_the_file(tmp_path):
     quick = clip_identity("tiny", str(weights))
     assert gelu["sha256"] == quick["sha256"] == bare["sha256"]
     assert len({gelu["open_clip_config_sha256"], quick["open_clip_config_sha256"]}) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--arch", "b16", "--vit_weights", "none"), "the b16 preset needs --clip_weights"),
+    (("--clip_weights", "missing_clip.pt", "--augment", "none"), "CLIP checkpoint not found: "),
+])
+def test_a_cache_without_its_clip_is_a_one_line_error(tmp_path, caplog, extra, message):
+    """--vxl_cache is checked against the CLIP that made it: without that CLIP, train.py says so and exits 2."""
+    import train
+
+    extra = tuple(str(tmp_path / e) if e.endswith(".pt") else e for e in extra)
+    argv = train_args(tmp_path / "data", tmp_path / "out", "x", "--vxl_cache", str(tmp_path / "masks.npz"), *extra)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in caplog.text, caplog.text
