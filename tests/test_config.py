@@ -101,7 +101,10 @@ def test_a_config_file_grouped_or_flat_under_the_command_line(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("optim: {lr: [1, 2]", "does not parse"),
     ("optim:\n  learning_rate: 0.1\n", "unknown key 'optim.learning_rate'"),
-    ("loss:\n  lr: 0.1\n", "unknown key 'loss.lr'"),
+    ("loss:\n  lr: 0.1\n", "key 'loss.lr': lr belongs to the group 'optim'"),
+    ("optim: 3\n", "'optim' is a group: a mapping of its settings"),
+    ("runtime:\n  resume: true\n", "'runtime.resume' is an action of one command"),
+    ("model:\n  keep_ratio: 1.5\n", r"--keep_ratio must be in \(0, 1\), got 1.5"),
     ("optim:\n  epoch: ten\n", "epoch must be int, got 'ten'"),
     ("model:\n  variant: half\n", r"variant must be one of \['puxim', 'non-mask'\], got 'half'"),
     ("- lr\n", "a configuration is a mapping of settings, got list"),

@@ -498,9 +498,15 @@ def parse_config(namespace: argparse.Namespace) -> RunConfig:
     """The configuration of a parsed command line: ``--config FILE`` (when given) under the flags given."""
     given = {k: v for k, v in vars(namespace).items() if k in FIELD_GROUP}
     config_file = getattr(namespace, "config", None)
-    if config_file is not None:
-        given = {**read_config_file(config_file), **given}
-    return make_config(given=given)
+    if config_file is None:
+        return make_config(given=given)
+    from_file = read_config_file(config_file)
+    try:
+        return make_config(given={**from_file, **given})
+    except ConfigError as e:  # a value the file set: name the file, as its other errors do
+        if any(f"--{name} " in str(e) for name in from_file if name not in given):
+            raise ConfigError(f"--config {config_file}: {e}") from None
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -531,25 +537,30 @@ def read_config_file(path: str | Path) -> dict:
         if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] != "yaml":
             raise
         raise ConfigError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
-    return flat_settings(content, str(path))
+    return flat_settings(content, str(path), from_file=True)
 
 
 # Settings that format-1 runs did not save because they did not exist yet: the value those runs had.
 _FORMAT1_ABSENT = {"w_cls": 0.0, "w_inst": 0.0, "augment": "none", "input_norm": "none", "warmup_steps": 0}
 
 
-def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
+def flat_settings(content: Any, source: str, *, legacy: bool = False, from_file: bool = False) -> dict:
     """Check and flatten a mapping of settings (grouped or flat, or an args.json); ``legacy``: a saved
-    ``vars(args)`` of format 1, whose None meant "the preset's"."""
+    ``vars(args)`` of format 1, whose None meant "the preset's"; ``from_file``: a --config file, in which a
+    recipe (not a saved run) may not ask for a one-command action such as ``resume``."""
+    recipe = from_file
     if isinstance(content, dict) and isinstance(content.get("config"), dict):
-        content = content["config"]
+        content, recipe = content["config"], False
     elif isinstance(content, dict) and isinstance(content.get("args"), dict):
-        content, legacy = content["args"], True
+        content, legacy, recipe = content["args"], True, False
     if not isinstance(content, dict):
         raise ConfigError(f"{source}: a configuration is a mapping of settings, got {type(content).__name__}")
     flat: dict = {}
     for key, value in content.items():
-        if key in GROUPS and isinstance(value, dict):
+        if key in GROUPS and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key!r} is a group: a mapping of its settings "
+                              f"({', '.join(n for n, g in FIELD_GROUP.items() if g == key)}), got {value!r}")
+        if key in GROUPS:
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
@@ -558,9 +569,14 @@ def flat_settings(content: Any, source: str, *, legacy: bool = False) -> dict:
         name = key.split(".", 1)[-1]
         if name in _SAVED_EXTRAS:
             continue
-        if name not in FIELD_GROUP or ("." in key and FIELD_GROUP[name] != key.split(".")[0]):
+        if name in FIELD_GROUP and "." in key and FIELD_GROUP[name] != key.split(".")[0]:
+            raise ConfigError(f"{source}: key {key!r}: {name} belongs to the group {FIELD_GROUP[name]!r}")
+        if name not in FIELD_GROUP:
             raise ConfigError(f"{source}: unknown key {key!r}; the settings are: {', '.join(FIELD_GROUP)}")
         if not FIELDS[name].metadata["files"]:
+            if recipe and value:
+                raise ConfigError(f"{source}: {key!r} is an action of one command, not a setting a file keeps: "
+                                  f"pass --{name} on the command line")
             continue
         if legacy and value is None and not field_type(name)[1]:
             continue  # format 1 saved None for "the preset's value"
