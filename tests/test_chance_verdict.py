@@ -24,3 +24,8 @@ def test_the_final_line_of_the_newcomers_run():
     line = final_summary(metrics, {"mAP@all": 0.0955, "epoch": 9})
     assert f"({ratios['mAP@all']:.2f}x chance)" in line and "BELOW" not in line
     assert "P@100 below 2x chance (mAP@all reaches it)" in line
+
+
+def test_the_final_line_without_a_chance_level_gives_no_ratio():
+    line = final_summary({"mAP@all": 0.0, "P@100": 0.0, "chance_mAP": 0.0}, {"mAP@all": 0.0, "epoch": 0})
+    assert "x chance" not in line and "no chance level" in line and "Best mAP@all 0.0000 at epoch 0." in line

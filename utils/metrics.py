@@ -537,7 +537,11 @@ def chance_verdict(ratios: Mapping[str, float], bar: float = 2.0) -> str:
 
 def final_summary(metrics: Mapping, best: Mapping) -> str:
     """The line a training run ends with: the last evaluation against chance, and the best one."""
+    best_part = f"Best mAP@all {best['mAP@all']:.4f} at epoch {best['epoch']}."
+    if not metrics.get("chance_mAP"):  # no query has a relevant photo: there is no chance level to compare with
+        return (f"final unseen-class mAP@all {metrics['mAP@all']:.4f}, P@100 {metrics['P@100']:.4f}; no chance level "
+                f"(no gallery photo shares a query's class). {best_part}")
     ratios, verdict = chance_ratios(metrics)
     return (f"final unseen-class mAP@all {metrics['mAP@all']:.4f} ({ratios['mAP@all']:.2f}x chance), P@100 "
             f"{metrics['P@100']:.4f} ({ratios['P@100']:.2f}x chance); chance level {metrics['chance_mAP']:.4f}: "
-            f"{verdict}. Best mAP@all {best['mAP@all']:.4f} at epoch {best['epoch']}.")
+            f"{verdict}. {best_part}")
