@@ -13,7 +13,7 @@ from utils.config import (DEFINES, FIELD_GROUP, GROUPS, IGNORED, POLICIES, RESUM
 from utils.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-# Every flag train.py had before the configuration was typed: each keeps working.
+# The flat flag names a user's scripts call train.py with: each keeps working.
 FLAGS_BEFORE = ("exp output_dir resume overwrite seed data_path dataset test_class datasetLen testall eval_per_class "
                 "custom_split synthetic_dir image_size augment num_workers max_bad_fraction arch vit_weights "
                 "clip_weights variant keep_ratio prompt vxl_norm clip_input_norm int_memory separate_encoders "

@@ -393,7 +393,7 @@ def test_resume_argument_check_accepts_same_run_and_logs_harmless_changes(tmp_pa
     saved = {"data_path": str(data), "batch_size": 8, "seed": 0, "lr": 1e-5, "epoch": 10}
     monkeypatch.chdir(tmp_path)
 
-    def check(saved_args, **ours):  # a format-1 checkpoint: tri_distance / w_cls / ... absent, as before the flags
+    def check(saved_args, **ours):  # a format-1 checkpoint: tri_distance / w_cls / ... absent from it
         settings = {**dict(data_path="data", batch_size=8, seed=0, lr=1e-4, epoch=20), **ours}  # a relative path
         check_resume_config(make_config("b16", **settings), {"args": saved_args}, tmp_path / "checkpoint.pth")
 
