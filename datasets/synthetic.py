@@ -843,6 +843,57 @@ def _benchmark_config(seed, sketches_per_class, photos_per_class, unseen_per_cla
             "unseen_per_class": unseen_per_class, "classes": list(classes)}
 
 
+def _seen_and_unseen(classes: Sequence[str], counts: dict) -> tuple[list, list]:
+    """The seen and unseen classes of ``classes`` in :data:`CLASSES` order; ``counts`` checked positive."""
+    for name in classes:
+        _check_class(name)
+    seen = [c for c in CLASSES if c in classes and c not in UNSEEN_CLASSES]
+    unseen = [c for c in CLASSES if c in classes and c in UNSEEN_CLASSES]
+    if not seen or not unseen:
+        raise SyntheticBenchmarkError(f"need at least one seen and one unseen class, got {list(classes)}")
+    for key, val in counts.items():
+        if int(val) < 1:
+            raise SyntheticBenchmarkError(f"{key} must be positive, got {val}")
+    return seen, unseen
+
+
+def _drawing_jobs(seen: list, unseen: list, sketches_per_class: int, photos_per_class: int,
+                  unseen_per_class: int) -> list:
+    """Every image to draw: (class, kind, index, relative path, label, split)."""
+    jobs = []
+    for split, names, n_sketch, n_photo in (("train", seen, sketches_per_class, photos_per_class),
+                                            ("zero", unseen, unseen_per_class, unseen_per_class)):
+        for label, name in enumerate(names):
+            jobs += [(name, "sketch", i, f"{SKETCH_DIR}/{name}/{name}_{i:04d}.png", label, split)
+                     for i in range(n_sketch)]
+            jobs += [(name, "photo", i, f"{PHOTO_DIR}/{name}/{name}_{i:04d}.jpg", label, split)
+                     for i in range(n_photo)]
+    return jobs
+
+
+def _write_split_files(split_dir: Path, seen: list, unseen: list, lists: dict) -> None:
+    """The class-id tables and the four file lists, as the released Sketchy split folders have them."""
+    split_dir.mkdir(parents=True)
+    (split_dir / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
+    (split_dir / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
+    for split in ("train", "zero"):
+        (split_dir / f"sketch_tx_000000000000_ready_filelist_{split}.txt").write_text(
+            "\n".join(lists[("sketch", split)]) + "\n")
+        (split_dir / f"all_photo_filelist_{split}.txt").write_text("\n".join(lists[("photo", split)]) + "\n")
+
+
+def _replace_folder(new: Path, root: Path) -> None:
+    """Put the complete folder ``new`` at ``root``, moving an old one aside first (rename cannot replace a
+    folder)."""
+    if root.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+        os.replace(root, old / "x")
+        os.replace(new, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, root)
+
+
 def make_synthetic_benchmark(root: str | Path, *, seed: int = 0, sketches_per_class: int = 60,
                              photos_per_class: int = 60, unseen_per_class: int = 40, size: int = 128,
                              classes: Sequence[str] | None = None, progress: bool = True) -> Path:
@@ -857,29 +908,15 @@ def make_synthetic_benchmark(root: str | Path, *, seed: int = 0, sketches_per_cl
     from utils.progress import progress_bar
 
     classes = tuple(CLASSES if classes is None else classes)
-    for name in classes:
-        _check_class(name)
-    seen = [c for c in CLASSES if c in classes and c not in UNSEEN_CLASSES]
-    unseen = [c for c in CLASSES if c in classes and c in UNSEEN_CLASSES]
-    if not seen or not unseen:
-        raise SyntheticBenchmarkError(f"need at least one seen and one unseen class, got {list(classes)}")
-    for key, val in (("sketches_per_class", sketches_per_class), ("photos_per_class", photos_per_class),
-                     ("unseen_per_class", unseen_per_class), ("size", size)):
-        if int(val) < 1:
-            raise SyntheticBenchmarkError(f"{key} must be positive, got {val}")
+    counts = dict(sketches_per_class=sketches_per_class, photos_per_class=photos_per_class,
+                  unseen_per_class=unseen_per_class)
+    seen, unseen = _seen_and_unseen(classes, {**counts, "size": size})
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         base = tmp / "Sketchy"
-        jobs = []  # (class, kind, index, relative path, label, split)
-        for split, names, n_sketch, n_photo in (("train", seen, sketches_per_class, photos_per_class),
-                                                ("zero", unseen, unseen_per_class, unseen_per_class)):
-            for label, name in enumerate(names):
-                jobs += [(name, "sketch", i, f"{SKETCH_DIR}/{name}/{name}_{i:04d}.png", label, split)
-                         for i in range(n_sketch)]
-                jobs += [(name, "photo", i, f"{PHOTO_DIR}/{name}/{name}_{i:04d}.jpg", label, split)
-                         for i in range(n_photo)]
+        jobs = _drawing_jobs(seen, unseen, **counts)
         for name in seen + unseen:
             (base / SKETCH_DIR / name).mkdir(parents=True)
             (base / PHOTO_DIR / name).mkdir(parents=True)
@@ -895,27 +932,13 @@ def make_synthetic_benchmark(root: str | Path, *, seed: int = 0, sketches_per_cl
                 _render_photo(name, rng, size, tuple(c for c in pool if c != name)).save(
                     base / rel, format="JPEG", quality=92)
             lists.setdefault((kind, split), []).append(f"{rel} {label}")
-        split_dir = base / SPLIT_DIR
-        split_dir.mkdir(parents=True)
-        (split_dir / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
-        (split_dir / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
-        for split in ("train", "zero"):
-            (split_dir / f"sketch_tx_000000000000_ready_filelist_{split}.txt").write_text(
-                "\n".join(lists[("sketch", split)]) + "\n")
-            (split_dir / f"all_photo_filelist_{split}.txt").write_text(
-                "\n".join(lists[("photo", split)]) + "\n")
+        _write_split_files(base / SPLIT_DIR, seen, unseen, lists)
         stamp = _benchmark_config(seed, sketches_per_class, photos_per_class, unseen_per_class, size,
                                   [c for c in CLASSES if c in classes])
         stamp.update(seen_classes=seen, unseen_classes=unseen,
                      num_images={f"{k}_{s}": len(v) for (k, s), v in sorted(lists.items())})
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
-        if root.exists():  # swap: move the old one aside first (rename cannot replace a folder)
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "x")
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        _replace_folder(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
