@@ -107,7 +107,9 @@ class DataConfig:
                             cli="bool", policy=DEFINES)
     eval_per_class: Optional[int] = setting(
         None, "quick validation: at most this many queries and gallery photos per class", policy=DEFINES)
-    synthetic_dir: Optional[str] = setting(None, "cache folder of the synthetic benchmark", policy=IGNORED)
+    synthetic_dir: Optional[str] = setting(
+        None, "cache folder of the synthetic benchmark; none: $PUXIM_CACHE or ~/.cache/puxim of the machine that "
+        "runs (left unresolved so that a saved run reruns on another machine)", policy=IGNORED)
     image_size: int = setting(224, "input size", policy=DEFINES)
     augment: str = setting(
         "none", "training images: none (the paper's) or crop_flip (each image of a triplet its own random square "
@@ -224,8 +226,9 @@ class RuntimeConfig:
                                           "evaluation keeps embeddings across calls)", choices=COMPILE_MODES,
                                           policy=RESUMABLE)
     eval_every: int = setting(1, "evaluate every N epochs (and after the last)", policy=RESUMABLE)
-    eval_batch_size: Optional[int] = setting(None, "evaluation batch; none: 2x the per-process batch",
-                                             policy=RESUMABLE)
+    eval_batch_size: Optional[int] = setting(
+        None, "evaluation batch per process; none: 2x the per-process training batch, which depends on how many "
+        "processes the run (or its resumption) has", policy=RESUMABLE)
     log_every: int = setting(10, "interval in steps of the TensorBoard step losses and health/ figures",
                              policy=RESUMABLE)
     on_collapse: str = setting(
