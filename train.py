@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import engine
+from datasets import check_data_root
 from datasets.loaders import build_loaders
-from models import compile_model
-from models.vit_architecture import ln_eps_mismatch
+from models import compile_model, ln_eps_mismatch
 from utils import distributed as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig, add_config_flags, parse_config
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world, _ = dist_utils.init_distributed(device.type)
     dist_utils.check_global_batch(config.optim.batch_size, world)  # before anything is built or written
     if rank == 0:
+        check_data_root(config.data)  # a mistyped --data_path stops the run before its folder is made
         prepare_output_dir(output_dir, resume=config.runtime.resume, overwrite=config.runtime.overwrite)
     dist_utils.barrier()
     setup_logging(output_dir if rank == 0 else None, rank=rank)
@@ -181,8 +182,6 @@ def build(run: Run) -> tuple[dict, TrainState, torch.nn.Module]:
         from models.vxl_cache import load_mask_cache_for_training
 
         mask_cache = load_mask_cache_for_training(config.model.vxl_cache, config)  # checks settings, no CLIP
-        log.info("VxL masks from %s (%d photos): CLIP is not run during training.", config.model.vxl_cache,
-                 len(mask_cache))
     data = build_datasets(config, mask_cache=mask_cache)
     log.info("data: %s", json.dumps(data["split"].summary()))
     config = config.replace(num_seen_classes=len(data["train"].label_names))  # the class head's size

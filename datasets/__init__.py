@@ -5,20 +5,30 @@ arguments.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from utils.config import DataConfig, RunConfig
 
-from .benchmarks import DATASETS, BenchmarkSplit, load_benchmark
+from .benchmarks import DATASETS, BenchmarkSplit, load_benchmark, resolve_split, split_folders
 from .filelist import DatasetError, read_class_file, read_file_list
 from .sampling import (ImageListDataset, PseudoSketches, RandomCropFlips, TripletDataset, TripletIndexSampler,
                        subsample_per_class)
 from .transforms import ImageLoadError, load_image, preprocess_photo, preprocess_sketch
 
 __all__ = [
-    "build_datasets", "load_split", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
+    "build_datasets", "check_data_root", "load_split", "load_benchmark", "BenchmarkSplit", "DATASETS", "DatasetError",
     "ImageLoadError", "read_class_file", "read_file_list", "TripletDataset",
     "TripletIndexSampler", "ImageListDataset", "subsample_per_class", "load_image", "PseudoSketches", "RandomCropFlips",
     "preprocess_sketch", "preprocess_photo", "training_extras",
 ]
+
+
+def check_data_root(data) -> None:
+    """The data root and split folder of ``data`` (a ``utils.config.DataConfig``) exist (DatasetError saying what
+    to pass): a check that reads no list, made before a run writes anything."""
+    if data.data_path is not None:
+        key, test_class, spec = resolve_split(data.dataset, data.test_class)
+        split_folders(Path(data.data_path).expanduser(), spec, key, test_class)
 
 
 def load_split(data, *, progress: bool = True, check_files: bool = True) -> BenchmarkSplit:

@@ -231,7 +231,7 @@ def load_benchmark(
     """
     key, test_class, spec = resolve_split(dataset, test_class)
     data_path = Path(data_path).expanduser()
-    root, split_dir = _split_folders(data_path, spec, key, test_class)
+    root, split_dir = split_folders(data_path, spec, key, test_class)
 
     seen = read_class_file(split_dir / spec.seen_class_file)
     unseen = read_class_file(split_dir / spec.unseen_class_file)
@@ -258,7 +258,7 @@ def load_benchmark(
     return split
 
 
-def _split_folders(data_path: Path, spec: SplitSpec, key: str, test_class: str) -> tuple[Path, Path]:
+def split_folders(data_path: Path, spec: SplitSpec, key: str, test_class: str) -> tuple[Path, Path]:
     """``(dataset folder, split folder)`` under the data root; an error that says what to pass if one is missing."""
     if not data_path.is_dir():
         raise DatasetError(

@@ -16,6 +16,7 @@ from .class_head import SeenClassHead
 from .encoder import SketchPhotoEncoder, build_encoder, check_vit_weights, load_vit_weights
 from .interaction import InteractionHead
 from .puxim import PuXIM
+from .vit_architecture import ln_eps_mismatch
 from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
 from .vxl_sampler import VxLSampler, build_vxl_sampler
 
@@ -24,7 +25,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "PuXIM", "SketchPhotoEncoder", "VxLSampler", "InteractionHead", "SeenClassHead", "PuXIMWithPseudoSketches",
     "PuXIMWithSeenClassHead", "PuXIMWithTrainingAids", "build_model", "build_encoder", "build_vxl_sampler",
-    "load_vit_weights", "check_starting_weights", "model_summary", "compile_model",
+    "load_vit_weights", "check_starting_weights", "model_summary", "compile_model", "ln_eps_mismatch",
 ]
 
 

@@ -26,6 +26,7 @@ ones in a near-tie patch; both are valid masks).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -37,6 +38,8 @@ from utils.config import RunConfig
 from utils.presets import get_architecture
 
 from .weight_errors import WeightFileNotFoundError, WeightMismatchError
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_FORMAT", "PREPROCESSING", "MaskCache", "MaskCacheError", "MaskCacheMissError", "RootedMaskLookup",
@@ -147,4 +150,6 @@ def load_mask_cache_for_training(path: str | os.PathLike, config: RunConfig) -> 
     No CLIP is built (except the tiny preset's random one, to hash it). Coverage of the training
     photos is checked by ``datasets.build_datasets(config, mask_cache=...)``.
     """
-    return MaskCache.load(path, expected_key=expected_cache_key(config))
+    cache = MaskCache.load(path, expected_key=expected_cache_key(config))
+    _logger.info("VxL masks from %s (%d photos): CLIP is not run during training.", path, len(cache))
+    return cache

@@ -279,6 +279,16 @@ def parse_train_args(argv):
     return parse_config(train.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def empty_data_root(root: Path, dataset: str = "sketchy_extend", test_class: str | None = None) -> Path:
+    """A data root with the dataset and split folders of ``dataset``/``test_class`` and nothing in them: what
+    train.py checks before it writes anything, for tests of errors that must come before any data is read."""
+    from datasets.benchmarks import resolve_split
+
+    _, _, spec = resolve_split(dataset, test_class)
+    (root / spec.dataset_dir / spec.split_dir).mkdir(parents=True, exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_sampler():
     """The tiny preset's VxL sampler (what ``build_vxl_sampler("tiny")`` builds): a seeded random tiny CLIP,

@@ -242,3 +242,20 @@ def test_build_datasets_synthetic_default(tmp_path, make_benchmark, monkeypatch)
     assert calls[-1] is None and out["split"].name == "sketchy_extend/test_class_sketchy25"
     build_datasets(make_config("b16", no_progress=True))  # train.py --no_progress: no drawing bar
     assert bars == [True, True, False]
+
+
+@pytest.mark.parametrize("make", ["nothing", "root only", "dataset folder"])
+def test_a_missing_root_stops_train_py_before_its_experiment_folder(tmp_path, caplog, make):
+    """A mistyped --data_path, or one without the dataset or split folder: one line, exit 2, no results/EXP."""
+    import train
+    from conftest import train_args
+
+    root = tmp_path / "data"
+    if make != "nothing":
+        (root / ("Sketchy" if make == "dataset folder" else "")).mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(root, tmp_path / "results", "typo", custom_split=False))
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "not found" in errors[0], errors
+    assert not (tmp_path / "results").exists()

@@ -22,6 +22,7 @@ from models.vxl_sampler import VxLSampler, clip_file_activation, tiny_clip_cfg
 from models.weight_errors import WeightMismatchError
 from utils.config import ConfigError, make_config, read_config_file
 from utils.presets import VitSizes
+from conftest import empty_data_root  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = 2  # timm's real architectures, two blocks deep: the values are checked without ViT-B's 12 blocks
@@ -148,8 +149,8 @@ def _train_refuses(monkeypatch, caplog, tmp_path, *flags) -> str:
         raise AssertionError("the data was read before the starting point was checked")
 
     monkeypatch.setattr(datasets, "build_datasets", no_data)
-    argv = ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs"), "--device", "cpu",
-            "--no_progress", *map(str, flags)]
+    argv = ["--data_path", str(empty_data_root(tmp_path / "data")), "--output_dir", str(tmp_path / "runs"),
+            "--device", "cpu", "--no_progress", *map(str, flags)]
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
         train.main(argv)
     assert exc.value.code == 2

@@ -17,7 +17,7 @@ from models.vxl_cache import (
 )
 from models.vxl_sampler import VxLSampler, build_tiny_clip, build_vxl_sampler
 from tools import precompute_masks
-from conftest import parse_train_args, train_args  # tests/ is on sys.path
+from conftest import empty_data_root, parse_train_args, train_args  # tests/ is on sys.path
 
 SEEN = ["alarm clock", "cat", "café crème"]  # spaces and unicode in class names and paths
 UNSEEN = ["cup", "sun"]
@@ -290,7 +290,8 @@ def test_a_cache_without_its_clip_is_a_one_line_error(tmp_path, caplog, extra, m
     import train
 
     extra = tuple(str(tmp_path / e) if e.endswith(".pt") else e for e in extra)
-    argv = train_args(tmp_path / "data", tmp_path / "out", "x", "--vxl_cache", str(tmp_path / "masks.npz"), *extra)
+    argv = train_args(empty_data_root(tmp_path / "data"), tmp_path / "out", "x", "--vxl_cache",
+                      str(tmp_path / "masks.npz"), *extra)
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2
