@@ -43,11 +43,12 @@ INDEX_KINDS = ("exact", "faiss", "auto")
 
 # ``--index auto`` searches exactly up to this many gallery photos and through FAISS above. Measured with
 # ``python -m tools.bench_search`` on the 2-core CPU (clustered 768-d vectors; docs/results/bench_search.md):
-# exact search takes a median 3.1 ms per query at 10k photos, 30 ms at 100k and 746 ms at 1M;
-# IVF-Flat with the defaults below 0.12 / 0.93 / 11 ms at recall@10 1.000, after a build of 0.5 s / 13 s /
-# 7 min (cached). Exact search is exact and needs no build, so it is kept while a query stays well inside
-# an interactive budget: it passes 20 ms per query at about 58k photos (a line through the three sizes),
-# rounded down here. On a GPU exact search is far faster; the constant is the CPU's, the slowest case.
+# exact search takes a median 2.1 ms per query at 10k photos, 24 ms at 100k and 239 ms at 1M;
+# IVF-Flat with the defaults below 0.10 / 0.74 / 6.6 ms at recall@10 1.000, after a build of 0.3 s / 10 s /
+# 2 min (cached). Exact search is exact and needs no build, so it is kept while a query stays well inside
+# an interactive budget: it passes 20 ms per query at about 85k photos there (a line through the three sizes),
+# and 50k leaves room for a slower or busier CPU. On a GPU exact search is far faster; the constant is the
+# CPU's, the slowest case.
 FAISS_MIN_GALLERY = 50_000
 
 EXACT_CHUNK = 1 << 16  # gallery rows per matrix product: scores [Q, 65536] fp32, 256 KiB per query
