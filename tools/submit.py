@@ -44,8 +44,7 @@ DEFAULT_TIMEOUT_MIN = 1440
 # step, save checkpoint.pth and requeue (raise it when an epoch's evaluation or the checkpoint write is longer).
 DEFAULT_SIGNAL_DELAY_S = 90
 # The time a job must have before its stop signal, to start (imports, data, model, --resume) and train a step:
-# a job that never gets that far would be requeued without progress (measured start times:
-# docs/results/submit_local.md).
+# a job that never gets that far would be requeued without progress.
 MIN_START_S = 60
 DEFAULT_MAX_REQUEUES = 10
 JOB_EXIT = re.compile(r"train\.py exited with status (-?\d+)")  # in the failed task's traceback (see JobExit)
