@@ -157,16 +157,22 @@ def test_output_dir_under_a_file_is_refused(tmp_path):
 
 
 def test_overwrite_with_a_bad_data_path_loses_nothing(tmp_path):
+    """--overwrite with a mistyped data root stops before the old run is touched; with a root whose split lacks its
+    lists, the old run is set aside (.overwritten) when the error comes, not deleted."""
     import train
+    from conftest import empty_data_root
 
     out = tmp_path / "results" / "e"
     out.mkdir(parents=True)
     (out / "best.pth").write_bytes(b"weights")
     (out / "args.json").write_text("{}")
-    with pytest.raises(SystemExit) as exc:
-        train.main(["--exp", "e", "--output_dir", str(tmp_path / "results"), "--overwrite", "--data_path",
-                    str(tmp_path / "typo"), "--arch", "tiny", "--device", "cpu", "--no_progress"])
-    assert exc.value.code == 2
+    for root in (tmp_path / "typo", empty_data_root(tmp_path / "no_lists")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--exp", "e", "--output_dir", str(tmp_path / "results"), "--overwrite", "--data_path",
+                        str(root), "--arch", "tiny", "--device", "cpu", "--no_progress"])
+        assert exc.value.code == 2
+        if root.name == "typo":
+            assert (out / "best.pth").read_bytes() == b"weights" and not (out / ".overwritten").exists()
     assert (out / ".overwritten" / "best.pth").read_bytes() == b"weights"
 
 

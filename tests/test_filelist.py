@@ -150,15 +150,16 @@ def test_read_class_names_keeps_spaces():
 
 
 def test_quickdraw_sized_list_parses_fast(tmp_path):
-    """92,291 lines (the QuickDraw unseen-sketch list) must parse in under 2 s."""
+    """92,291 lines (the QuickDraw unseen-sketch list) must parse in under 2 s of this process's CPU time (not wall
+    time: the suite's other worker and its subprocesses share the cores)."""
     classes = [f"class {i}" for i in range(30)]
     n = 92_291
     lines = [f"sketches/{classes[i % 30]}/{4522163761577984 + i}.png {i % 30}" for i in range(n)]
     path = tmp_path / "sketch_zero.txt"
     path.write_text("\n".join(lines) + "\n")
-    start = time.perf_counter()
+    start = time.process_time()
     items = read_file_list(path, classes)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(items) == n and items[-1] == (lines[-1].rsplit(" ", 1)[0], classes[(n - 1) % 30])
     assert elapsed < 2.0, f"parsing took {elapsed:.2f} s"
 
