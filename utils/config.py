@@ -529,16 +529,11 @@ def read_config_file(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}).") from None
-    try:
-        if path.suffix == ".json":
-            content = json.loads(text)
-        else:
-            import yaml
+    import yaml
 
-            content = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] != "yaml":
-            raise
+    try:
+        content = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
     return flat_settings(content, str(path), from_file=True)
 
