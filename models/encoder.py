@@ -446,11 +446,17 @@ def check_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Opt
     """What :func:`load_vit_weights` would load, without loading (``encoder`` may be on the meta device, a tag is
     not downloaded): its report, or the error it would raise. train.py calls it before reading any data."""
     source = os.fspath(source)
-    source_sd = _source_state_dict(source, download=False)
-    report = _match_keys(encoder.vit, source_sd, source)
+    return _matched_reports((encoder.vit,), _source_state_dict(source, download=False), source, vit_arch=vit_arch,
+                            allow_partial=allow_partial)[0]
+
+
+def _matched_reports(vits, source_sd: Dict[str, torch.Tensor], source: str, *, vit_arch: Optional[str],
+                     allow_partial: bool) -> list:
+    """:func:`_match_keys`' report for each ViT; a checkpoint that does not fit is refused unless ``allow_partial``."""
+    reports = [_match_keys(vit, source_sd, source) for vit in vits]
     if not allow_partial:
-        _refuse_mismatch(report, source_sd, vit_arch)
-    return report
+        _refuse_mismatch(reports[0], source_sd, vit_arch)
+    return reports
 
 
 def load_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Optional[str] = None,
@@ -469,9 +475,7 @@ def load_vit_weights(encoder: SketchPhotoEncoder, source: str, *, vit_arch: Opti
     """
     source = os.fspath(source)
     source_sd = _source_state_dict(source, download=True)
-    reports = [_match_keys(vit, source_sd, source) for vit in encoder.vits()]
-    if not allow_partial:
-        _refuse_mismatch(reports[0], source_sd, vit_arch)
+    reports = _matched_reports(encoder.vits(), source_sd, source, vit_arch=vit_arch, allow_partial=allow_partial)
     for vit, vit_report in zip(encoder.vits(), reports):
         _load_into_vit(vit, source_sd, vit_report)
     _log_report(reports[0], len(reports))
