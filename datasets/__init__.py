@@ -23,9 +23,9 @@ __all__ = [
 ]
 
 
-def check_data_root(data) -> None:
-    """The data root and split folder of ``data`` (a ``utils.config.DataConfig``) exist (DatasetError saying what
-    to pass): a check that reads no list, made before a run writes anything."""
+def check_data_root(data: DataConfig) -> None:
+    """The data root and split folder of ``data`` exist (DatasetError saying what to pass): a check that reads no
+    list, made before a run writes anything."""
     if data.data_path is not None:
         key, test_class, spec = resolve_split(data.dataset, data.test_class)
         split_folders(Path(data.data_path).expanduser(), spec, key, test_class)

@@ -146,7 +146,8 @@ def read_vit_architecture(tag: str, source: str = "--vit_arch", **overrides) -> 
             img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
             embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
             mlp_ratio=block.mlp.fc1.out_features / model.embed_dim),
-        pre_norm=not isinstance(model.norm_pre, nn.Identity), act_layer=act_layer, ln_eps=float(block.norm1.eps), qkv_bias=block.attn.qkv.bias is not None)
+        pre_norm=not isinstance(model.norm_pre, nn.Identity), act_layer=act_layer, ln_eps=float(block.norm1.eps),
+        qkv_bias=block.attn.qkv.bias is not None)
 
 
 @functools.lru_cache(maxsize=None)  # once per tag
