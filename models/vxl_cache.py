@@ -72,7 +72,7 @@ def tensor_sha256(module: torch.nn.Module) -> str:
 
 def clip_identity(arch: str, clip_weights: Optional[str]) -> dict:
     """Identity of the CLIP that ``build_vxl_sampler(arch, clip_weights)`` would load (see module doc)."""
-    from .vxl_sampler import OPEN_CLIP_CONFIG_FILE, RANDOM_CLIP_SEED, build_random_clip
+    from .vxl_sampler import RANDOM_CLIP_SEED, build_random_clip, open_clip_config_beside
 
     sampler = get_architecture(arch).sampler
     model = sampler.clip_model if sampler.random_clip is None else arch  # a random CLIP: named by its preset
@@ -88,7 +88,7 @@ def clip_identity(arch: str, clip_weights: Optional[str]) -> dict:
     identity = {"model": model, "source": "file", "sha256": file_sha256(clip_weights)}
     # The activation of a file that does not carry OpenAI's entries comes from the open_clip config beside it
     # (models.vxl_sampler.clip_file_activation), so that file is part of what the masks depend on.
-    config_path = os.path.join(os.path.dirname(os.path.abspath(clip_weights)), OPEN_CLIP_CONFIG_FILE)
+    config_path = open_clip_config_beside(clip_weights)
     if os.path.isfile(config_path):
         identity["open_clip_config_sha256"] = file_sha256(config_path)
     return identity

@@ -399,6 +399,11 @@ def _check_clip_keys(target: Dict[str, torch.Tensor], state_dict: Dict[str, torc
     return state_dict
 
 
+def open_clip_config_beside(path: str) -> str:
+    """Where open_clip's Hugging Face repositories keep a checkpoint's model configuration: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG_FILE)
+
+
 def clip_file_activation(path: str, state_dict: Dict[str, torch.Tensor]) -> tuple[Optional[bool], str]:
     """``(quick_gelu, why)`` of the CLIP weights read from ``path``: True for QuickGELU, False for GELU, None when
     the file does not say. Weights carry no activation: OpenAI's release (a TorchScript archive or a state dict,
@@ -407,7 +412,7 @@ def clip_file_activation(path: str, state_dict: Dict[str, torch.Tensor]) -> tupl
     keeps beside them (``quick_gelu``, GELU when absent)."""
     if any(key in state_dict for key in _OPENAI_RELEASE_KEYS):
         return True, "OpenAI's release (its entries input_resolution, context_length, vocab_size)"
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG_FILE)
+    config_path = open_clip_config_beside(path)
     if not os.path.isfile(config_path):
         return None, (f"neither OpenAI's release (none of its entries {list(_OPENAI_RELEASE_KEYS)}) nor beside an "
                       f"{OPEN_CLIP_CONFIG_FILE}")
