@@ -18,7 +18,7 @@ from .interaction import InteractionHead
 from .puxim import PuXIM
 from .training_aids import PuXIMWithPseudoSketches, PuXIMWithSeenClassHead, PuXIMWithTrainingAids, puxim_class
 from .vit_architecture import ln_eps_mismatch
-from .vxl_sampler import VxLSampler, build_vxl_sampler
+from .vxl_sampler import VxLSampler, build_vxl_sampler, sampler_for
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_model(config: RunConfig, with_sampler: bool = True) -> PuXIM:
     use_mask = model.variant == "puxim"
     sampler = None
     if use_mask and with_sampler:
-        sampler = build_vxl_sampler(model.arch, model.clip_weights, **model.sampler_settings())
+        sampler = sampler_for(model)
     # The encoder after the sampler: a missing --clip_weights fails before the slow ViT build.
     encoder = _build_encoder(model, separate_photo_encoder=model.separate_encoders)
     if model.vit_weights:

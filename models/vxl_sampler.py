@@ -40,7 +40,7 @@ from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchErr
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["VxLSampler", "build_vxl_sampler", "sampler_keywords", "build_tiny_clip", "build_random_clip",
+__all__ = ["VxLSampler", "build_vxl_sampler", "sampler_for", "sampler_keywords", "build_tiny_clip", "build_random_clip",
            "load_openai_state_dict", "clip_file_activation", "TINY_CLIP_CFG", "CLIP_MODEL_NAME"]
 
 # The `tiny` preset's random CLIP (utils.presets.ARCHITECTURES["tiny"].sampler: its config and surgery depth),
@@ -489,3 +489,8 @@ def build_vxl_sampler(arch: str, clip_weights: Optional[str] = None, *, keep_rat
                                           model_cfg=_copy_clip_cfg(cfg.random_clip), **kwargs)
     import open_clip
     return VxLSampler(build_random_clip(cfg.random_clip), open_clip.get_tokenizer(cfg.clip_model), **kwargs)
+
+
+def sampler_for(model: ModelConfig) -> VxLSampler:
+    """The VxL sampler of a run's model settings: the one ``models.build_model`` builds and the mask tools use."""
+    return build_vxl_sampler(model.arch, model.clip_weights, **model.sampler_settings())

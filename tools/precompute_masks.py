@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from utils.progress import progress_bar
 
 from tools import ToolError, run_tool, select_device
-from utils.config import DEVICES, RunConfig, RuntimeConfig, add_config_flags, make_config
+from utils.config import DEVICES, SAMPLER_SETTINGS, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("precompute_masks")
 
 
 # train.py's settings that decide the masks: the same flags, read into the same configuration.
 MASK_SETTINGS = {"data_path", "dataset", "test_class", "custom_split", "synthetic_dir", "image_size", "arch",
-                 "clip_weights", "keep_ratio", "prompt", "vxl_norm", "clip_input_norm"}
+                 "clip_weights", *SAMPLER_SETTINGS}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,11 +99,9 @@ def _open_cache(out: str, key: dict, num_patches: int):
 def _build_sampler(config: RunConfig, key: dict, device: torch.device):
     """The VxL sampler of ``config`` (models.build_model's builder), checked against ``key``."""
     from models.vxl_cache import mask_cache_key
-    from models.vxl_sampler import build_vxl_sampler
+    from models.vxl_sampler import sampler_for
 
-    model = config.model
-    sampler = build_vxl_sampler(model.arch, model.clip_weights,
-                                **model.sampler_settings()).to(device)
+    sampler = sampler_for(config.model).to(device)
     built_key = mask_cache_key(sampler, image_size=config.data.image_size, clip=key["clip"])
     if built_key != key:  # expected_cache_key has drifted from build_vxl_sampler: a bug, say where
         raise RuntimeError(f"models.vxl_cache.expected_cache_key disagrees with the sampler built by "

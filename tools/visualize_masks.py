@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from tools import ToolError, run_tool, select_device
+from tools import ToolError, precompute_masks, run_tool, select_device
 from utils.config import DEVICES, RunConfig, RuntimeConfig, add_config_flags, make_config
 
 log = logging.getLogger("visualize_masks")
 
-# train.py's settings that decide which photos and which masks (its flags, read into its configuration).
-MASK_SETTINGS = {"data_path", "dataset", "test_class", "custom_split", "synthetic_dir", "arch", "clip_weights",
-                 "keep_ratio", "prompt", "vxl_norm", "clip_input_norm"}
+# train.py's settings that decide which photos and which masks (its flags, read into its configuration); the image
+# size is not among them: the photos are shown at the sampler's input size.
+MASK_SETTINGS = precompute_masks.MASK_SETTINGS - {"image_size"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,12 +95,10 @@ def choose_photos(args, config: RunConfig) -> list[tuple[str, str]]:
 
 def build_sampler(config: RunConfig, device: torch.device):
     """The VxL sampler exactly as ``models.build_model`` builds it for training."""
-    from models.vxl_sampler import build_vxl_sampler
+    from models.vxl_sampler import sampler_for
 
-    model = config.model
     try:
-        sampler = build_vxl_sampler(model.arch, model.clip_weights,
-                                    **model.sampler_settings())
+        sampler = sampler_for(config.model)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise ToolError(str(e)) from None
     return sampler.to(device)
