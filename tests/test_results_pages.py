@@ -53,7 +53,8 @@ def test_learning_matrix_markdown_from_made_up_cells(tmp_path):
     cells = [cell, {**cell, "seed": 1, "mAP_x": 2.5}, {"benchmark": "lowcontrast_thick", "seed": 0,
                                                         "error": "train.py exited 2: boom"}]
     argv = ["--seeds", "0", "1", "--reference", "none", "--markdown", "page.md"]
-    learning_matrix.write_markdown(tmp_path / "matrix.md", cells, "tiny", argv)
+    learning_matrix.write_markdown(tmp_path / "matrix.md", learning_matrix.format_table(cells),
+                                   learning_matrix.verdict(cells)[0], "tiny", argv)
     page = (tmp_path / "matrix.md").read_text()
     _provenance(page, "python -m tools.learning_matrix " + " ".join(argv))
     assert "| issue_shapes | 0 | 0.584 (1.75x) | 0.440 (1.32x; 1.80x) | 0.333 | 0.88 | 0.925 | no | 21.7 |" in page

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tools.results_page import write_page
+from tools.results_page import add_markdown_flag, write_page
 from utils.metrics import metrics_from_ranks, relevant_ranks, retrieval_metrics
 
 
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=int, default=1024)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
+    add_markdown_flag(p)
     return p
 
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.markdown:
         write_page(args.markdown, "Retrieval metrics: vectorised vs the released per-query procedure",
                    markdown_table(args, device, result), program="tools.bench_metrics",
-                   argv=sys.argv[1:] if argv is None else argv)
+                   argv=argv)
     return result
 
 

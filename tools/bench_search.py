@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tools import ToolError, run_tool
-from tools.results_page import write_page
+from tools.results_page import add_markdown_flag, write_page
 from tools.search import ExactIndex, FaissIndex, default_nprobe, import_faiss
 
 DIM = 768  # a ViT-B/16 embedding
@@ -52,13 +52,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_ms", type=float, default=20.0,
                    help="latency budget of one search: the size where exact search passes it is printed (default 20)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where exact search runs (default cpu)")
-    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
+    add_markdown_flag(p)
     return p
 
 
 def main(argv=None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
-    args.command_argv = sys.argv[1:] if argv is None else list(argv)
+    args.command_argv = argv  # None: the page gives this process's command line
     return run_tool("tools.bench_search", run, args)
 
 
@@ -205,11 +205,12 @@ def run(args) -> list[dict]:
     summary = "" if limit is None else (f"exact search reaches a median of {args.budget_ms:g} ms per query at about "
                                         f"{limit:,} gallery vectors (a line through the exact rows)")
     print(setup + "\n")
-    print(markdown(rows, args.k))
+    table = markdown(rows, args.k)
+    print(table)
     if summary:
         print("\n" + summary)
     if args.markdown:
-        write_page(args.markdown, "Gallery search: exact vs FAISS IVF-Flat", markdown(rows, args.k),
+        write_page(args.markdown, "Gallery search: exact vs FAISS IVF-Flat", table,
                    program="tools.bench_search", argv=args.command_argv, notes=f"{setup}.\n\n{summary}")
     return rows
 

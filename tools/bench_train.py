@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 
-from tools.results_page import write_page
+from tools.results_page import add_markdown_flag, write_page
 from utils.config import make_config
 from utils.presets import ARCHITECTURES, get_architecture
 
@@ -90,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak for MFU (default: looked up from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as a Markdown results page (date, commit, machine, command) to FILE")
+    add_markdown_flag(p)
     return p
 
 
@@ -443,7 +442,7 @@ def main(argv=None) -> dict:
     print(format_report(result))
     if args.markdown:
         write_page(args.markdown, f"Training step, arch {args.arch}, on {result['device_name']}",
-                   markdown_table(result), program="tools.bench_train", argv=sys.argv[1:] if argv is None else argv,
+                   markdown_table(result), program="tools.bench_train", argv=argv,
                    notes=f"{args.steps} timed steps per configuration after {args.warmup} warm-up, interleaved; "
                          f"ratios of the mean step time against (a).")
     return result

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from datasets.family import FAMILY, make_family_benchmark
 from datasets.synthetic import default_cache_dir
-from tools.results_page import write_page
+from tools.results_page import add_markdown_flag, write_page
 from utils.health import alarm_in
 
 TARGET_MIN, TARGET_MEDIAN = 1.5, 2.0
@@ -60,8 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: tabulate the cells whose runs are already in --out (e.g. after an "
                         "interrupted matrix); cells without a finished run are listed as missing")
-    p.add_argument("--markdown", default=None, metavar="FILE",
-                   help="also write the table and its verdict as a Markdown results page (date, commit, machine, command) to FILE")
+    add_markdown_flag(p, "the table and its verdict")
     return p
 
 
@@ -190,17 +189,17 @@ def verdict(cells: list[dict]) -> tuple[str, bool]:
     return text, ok
 
 
-def write_markdown(path, cells: list[dict], arch: str, argv: list[str]) -> Path:
-    """The matrix as a results page: its table and verdict, with the date, commit, machine and command."""
-    text, _ = verdict(cells)
-    return write_page(path, f"Learning matrix: the {arch} preset on the benchmark family", format_table(cells),
+def write_markdown(path, table: str, text: str, arch: str, argv: list[str] | None) -> Path:
+    """The matrix as a results page: its table (:func:`format_table`) and verdict (:func:`verdict`), with the date,
+    commit, machine and command (``argv`` None: this process's)."""
+    return write_page(path, f"Learning matrix: the {arch} preset on the benchmark family", table,
                       program="tools.learning_matrix", argv=argv,
                       notes=text.replace("\n", "\n\n") + "\n\nminutes: training time of the cell (its epochs).")
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    args.command_argv = sys.argv[1:] if argv is None else list(argv)
+    args.command_argv = argv  # None: the page gives this process's command line
     unknown = [b for b in args.benchmarks if b not in FAMILY]
     if unknown:
         print(f"learning_matrix: error: unknown benchmark(s) {unknown}; choose from {list(FAMILY)}", file=sys.stderr)
@@ -240,7 +239,7 @@ def _report(cells: list[dict], args) -> int:
     print(table)
     print(text)
     if args.markdown:
-        write_markdown(args.markdown, cells, args.arch, args.command_argv)
+        write_markdown(args.markdown, table, text, args.arch, args.command_argv)
     failed = [c for c in cells if "error" in c]
     for c in failed:
         print(f"cell {c['benchmark']} seed {c['seed']} FAILED: {c['error']}", file=sys.stderr)

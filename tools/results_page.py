@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["machine_description", "provenance", "write_page"]
+__all__ = ["add_markdown_flag", "machine_description", "provenance", "write_page"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,12 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def add_markdown_flag(parser, what: str = "the table") -> None:
+    """The measuring tools' ``--markdown FILE``: ``what`` also written as a results page (:func:`write_page`)."""
+    parser.add_argument("--markdown", default=None, metavar="FILE",
+                        help=f"also write {what} as a Markdown results page (date, commit, machine, command) to FILE")
 
 
 def commit_description() -> str:
