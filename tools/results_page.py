@@ -11,20 +11,12 @@ import datetime
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from utils.experiment import git_output
+
 __all__ = ["add_markdown_flag", "machine_description", "provenance", "write_page"]
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def add_markdown_flag(parser, what: str = "the table") -> None:
@@ -36,10 +28,10 @@ def add_markdown_flag(parser, what: str = "the table") -> None:
 def commit_description() -> str:
     """The short commit, with "+ uncommitted changes" when tracked files differ from it (the table was then
     measured with code that no commit holds)."""
-    commit = _git("rev-parse", "--short", "HEAD")
+    commit = git_output("rev-parse", "--short", "HEAD")
     if not commit:
         return "unknown (not a git checkout)"
-    return commit + (" + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + (" + uncommitted changes" if git_output("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine_description() -> str:

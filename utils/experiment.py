@@ -199,15 +199,17 @@ class RunLock:
         self.release()
 
 
-def git_commit() -> str | None:
+def git_output(*args: str) -> str:
+    """The output of ``git args`` in the repository; "" when git or the checkout is missing."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True, text=True, timeout=5,
-        )
-        return out.stdout.strip() or None
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return ""
+
+
+def git_commit() -> str | None:
+    return git_output("rev-parse", "HEAD") or None
 
 
 def environment_info() -> dict:
