@@ -161,8 +161,9 @@ def print_table(metrics: dict, ckpt_path: Path) -> None:
     for key, what in rows:
         if key in metrics:
             print(f"  {key:<13} {metrics[key]:.4f}   {what}")
-    if metrics.get("chance_mAP"):
-        ratios, verdict = chance_ratios(metrics)
+    comparison = chance_ratios(metrics)
+    if comparison is not None:
+        ratios, verdict = comparison
         print(f"  mAP@all is {ratios['mAP@all']:.2f}x and P@100 {ratios['P@100']:.2f}x the chance level: "
               f"{verdict}")
     sys.stdout.flush()

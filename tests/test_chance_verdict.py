@@ -27,5 +27,6 @@ def test_the_final_line_of_the_newcomers_run():
 
 
 def test_the_final_line_without_a_chance_level_gives_no_ratio():
+    assert chance_ratios({"mAP@all": 0.0, "P@100": 0.0, "chance_mAP": 0.0}) is None
     line = final_summary({"mAP@all": 0.0, "P@100": 0.0, "chance_mAP": 0.0}, {"mAP@all": 0.0, "epoch": 0})
     assert "x chance" not in line and "no chance level" in line and "Best mAP@all 0.0000 at epoch 0." in line

@@ -511,11 +511,14 @@ def chance_level(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> fl
     return float(counts[q].double().mean() / max(g.numel(), 1))
 
 
-def chance_ratios(metrics: Mapping) -> tuple[dict, str]:
+def chance_ratios(metrics: Mapping) -> tuple[dict, str] | None:
     """``({"mAP@all": r, "P@100": r}, verdict)``: each metric over ``chance_mAP`` (the fraction of the gallery
     that is relevant: what a random ranking scores on both), and a verdict naming which of them reach the
-    2x-chance bar that ``make run`` is held to (:func:`chance_verdict`)."""
-    chance = max(float(metrics["chance_mAP"]), 1e-12)
+    2x-chance bar that ``make run`` is held to (:func:`chance_verdict`); None without a chance level (no gallery
+    photo shares a query's class)."""
+    chance = float(metrics.get("chance_mAP") or 0.0)
+    if chance <= 0.0:
+        return None
     ratios = {k: metrics[k] / chance for k in ("mAP@all", "P@100")}
     return ratios, chance_verdict(ratios)
 
@@ -538,10 +541,11 @@ def chance_verdict(ratios: Mapping[str, float], bar: float = 2.0) -> str:
 def final_summary(metrics: Mapping, best: Mapping) -> str:
     """The line a training run ends with: the last evaluation against chance, and the best one."""
     best_part = f"Best mAP@all {best['mAP@all']:.4f} at epoch {best['epoch']}."
-    if not metrics.get("chance_mAP"):  # no query has a relevant photo: there is no chance level to compare with
+    comparison = chance_ratios(metrics)
+    if comparison is None:
         return (f"final unseen-class mAP@all {metrics['mAP@all']:.4f}, P@100 {metrics['P@100']:.4f}; no chance level "
                 f"(no gallery photo shares a query's class). {best_part}")
-    ratios, verdict = chance_ratios(metrics)
+    ratios, verdict = comparison
     return (f"final unseen-class mAP@all {metrics['mAP@all']:.4f} ({ratios['mAP@all']:.2f}x chance), P@100 "
             f"{metrics['P@100']:.4f} ({ratios['P@100']:.2f}x chance); chance level {metrics['chance_mAP']:.4f}: "
             f"{verdict}. {best_part}")
