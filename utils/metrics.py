@@ -377,9 +377,10 @@ class _MetricTotals:
 
 
 def _sum_metrics_by_class(q: torch.Tensor, g: torch.Tensor, q_codes: np.ndarray, g_codes: np.ndarray,
-                          keys: Sequence[str], device: torch.device, *, chunk_size: int, rank_backend: str,
+                          device: torch.device, *, chunk_size: int, rank_backend: str,
                           ks_map: Sequence[int], ks_precision: Sequence[int]) -> _MetricTotals:
     """Sums of the per-query metrics over all queries, one class (and block of its queries) at a time."""
+    keys = _metric_keys(ks_map, ks_precision)
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
     valid = {k: 0 for k in keys}
     class_ap: dict[int, float] = {}
@@ -455,7 +456,7 @@ def retrieval_metrics(
     device = _compute_device(query_feats, device)
     q, g, q_codes, g_codes, uniques = _encoded_inputs(query_feats, query_labels, gallery_feats, gallery_labels,
                                                       device)
-    totals = _sum_metrics_by_class(q, g, q_codes, g_codes, _metric_keys(ks_map, ks_precision), device,
+    totals = _sum_metrics_by_class(q, g, q_codes, g_codes, device,
                                    chunk_size=chunk_size, rank_backend=rank_backend, ks_map=ks_map,
                                    ks_precision=ks_precision)
     result: dict[str, Any] = totals.means()
