@@ -329,14 +329,21 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def read_safetensors(path: str, what_fits: str = "") -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (ViT or CLIP weights); WeightLoadError naming the file, why, and
+    ``what_fits`` when given."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise WeightLoadError(f"{path}: not a readable safetensors file ({_first_line(e)})"
+                              + (f"; {what_fits}" if what_fits else "")) from e
+
+
 def _read_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """Read a timm-format state dict from ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise WeightLoadError(f"{path}: not a readable safetensors file ({_first_line(e)}); {_WHAT_FITS}") from e
+        return read_safetensors(path, _WHAT_FITS)
     if path.endswith(".npz"):
         raise WeightLoadError(
             f"{path}: JAX .npz checkpoints are not read here; convert it with timm "

@@ -36,7 +36,7 @@ from utils.normalization import ENCODER_MEAN, ENCODER_STD  # the encoder's, undo
 from utils.config import ModelConfig
 from utils.presets import CLIP_MODEL_NAME, SamplerConfig, get_architecture  # CLIP_MODEL_NAME re-exported
 
-from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError
+from .encoder import WeightFileNotFoundError, WeightLoadError, WeightMismatchError, read_safetensors
 
 _logger = logging.getLogger(__name__)
 
@@ -331,11 +331,7 @@ def _read_openai_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         raise WeightFileNotFoundError(
             f"CLIP checkpoint not found: {path} (pass OpenAI's ViT-B-16.pt, or 'openai' to download it)")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise WeightMismatchError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from e
+        return read_safetensors(path)
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
         try:
